@@ -1,0 +1,55 @@
+# One entry point for students, readers and instructors.
+# Every target creates (once) and reuses a local virtual environment in .venv.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+PYTHON_BOOT ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# pip warns about every local index folder missing on the course machines: keep only real messages
+PIP_INSTALL = $(PY) -m pip install --quiet
+QUIET_INDEX = 2>&1 | { grep -v 'is ignored: it is neither a file nor a directory' || true; }
+PORT ?= 8888
+NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
+
+.PHONY: help venv demo book lab refresh test test-lib test-notebooks test-book clean
+
+help:  ## list the commands
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	@$(PYTHON_BOOT) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "Python 3.11 is required, found " + sys.version.split()[0])'
+	@test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
+	$(PIP_INSTALL) -r requirements-dev.txt $(QUIET_INDEX)
+	$(PIP_INSTALL) --no-deps -e . $(QUIET_INDEX)
+	@touch $@
+
+venv: $(STAMP)  ## create or update the virtual environment
+
+demo: $(STAMP)  ## run the full pipeline demo (train, export, quantize, serve, check)
+	$(PY) code/serve_model.py
+
+book: $(STAMP)  ## build the static HTML book into _build/html (no re-execution)
+	$(VENV)/bin/jupyter-book build . --builder html --warningiserror --keep-going --quiet
+
+lab: $(STAMP)  ## open the notebooks in JupyterLab
+	$(VENV)/bin/jupyter lab notebooks/
+
+refresh: $(STAMP)  ## re-execute every notebook in place (updates stored outputs)
+	$(PY) -m mldeploy.notebooks refresh $(NOTEBOOKS)
+
+test-lib: $(STAMP)
+	$(PY) -m pytest tests -m "not book"
+
+test-notebooks: $(STAMP)
+	$(PY) -m pytest --nbval --nbval-sanitize-with tests/sanitize.cfg -p no:cacheprovider $(NOTEBOOKS)
+
+test-book: $(STAMP)
+	$(PY) -m pytest tests -m book
+
+test: $(STAMP)  ## unit + service tests, nbval over every notebook, book build
+	$(PY) -m pytest tests --nbval --nbval-sanitize-with tests/sanitize.cfg $(NOTEBOOKS)
+
+clean:  ## remove built and generated files (keeps .venv)
+	rm -rf _build artifacts .pytest_cache

@@ -1,0 +1,7 @@
+"""mldeploy — companion library of the chapter "模型部署基础 · Model Deployment Basics".
+
+Every notebook, the demo script (``code/serve_model.py``) and the tests import from here, so the
+code a reader sees in a notebook is the code that runs everywhere else.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,107 @@
+"""Notebook housekeeping: re-execute notebooks in place (``make refresh``) and turn a
+percent-format script into a notebook when writing a new section.
+
+    python -m mldeploy.notebooks refresh notebooks/5.1-model-export.ipynb
+    python -m mldeploy.notebooks from-script draft.py notebooks/5.x-name.ipynb
+
+A percent-format script separates cells with ``# %%`` (code) and ``# %% [markdown]`` lines; the
+markdown cell's lines start with ``# ``. Cell tags go in brackets: ``# %% tags=["hide-input"]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+
+KERNEL = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
+_HEADER = re.compile(r"^# %%(?P<md> \[markdown\])?(?: tags=(?P<tags>\[.*\]))?\s*$")
+
+
+def from_script(text: str) -> nbformat.NotebookNode:
+    """Build a notebook from percent-format text."""
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = KERNEL
+    nb.metadata["language_info"] = {"name": "python"}
+    kind, tags, lines = None, [], []
+
+    def flush() -> None:
+        if kind is None:
+            return
+        body = "\n".join(lines).strip("\n")
+        if kind == "markdown":
+            body = "\n".join(line[2:] if line.startswith("# ") else line.lstrip("#") for line in body.split("\n"))
+            cell = nbformat.v4.new_markdown_cell(body)
+        else:
+            cell = nbformat.v4.new_code_cell(body)
+        if tags:
+            cell.metadata["tags"] = tags
+        nb.cells.append(cell)
+
+    for line in text.split("\n"):
+        match = _HEADER.match(line)
+        if match:
+            flush()
+            kind = "markdown" if match.group("md") else "code"
+            tags = json.loads(match.group("tags")) if match.group("tags") else []
+            lines = []
+        elif kind is not None:
+            lines.append(line)
+    flush()
+    return nb
+
+
+def clean(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    """Drop per-run metadata (timestamps, widget state) so re-running changes only real outputs."""
+    nb.metadata.pop("widgets", None)
+    for number, cell in enumerate(nb.cells):
+        cell.metadata.pop("execution", None)
+        cell.metadata.pop("collapsed", None)
+        cell.metadata.pop("scrolled", None)
+        cell["id"] = f"cell-{number:03d}"  # stable ids: re-running must not churn the file
+    nbformat.validator.normalize(nb)
+    return nb
+
+
+def execute(path: Path, timeout: int = 600) -> float:
+    """Execute a notebook top to bottom in its own folder and write it back; return seconds taken."""
+    nb = nbformat.read(path, as_version=4)
+    start = time.perf_counter()
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}})
+    client.execute()
+    elapsed = time.perf_counter() - start
+    nb = clean(nb)
+    nbformat.write(nb, path)
+    return elapsed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    refresh = sub.add_parser("refresh", help="re-execute notebooks in place")
+    refresh.add_argument("notebooks", nargs="+", type=Path)
+    convert = sub.add_parser("from-script", help="percent-format script -> notebook (unexecuted)")
+    convert.add_argument("script", type=Path)
+    convert.add_argument("notebook", type=Path)
+    args = parser.parse_args(argv)
+    if args.command == "from-script":
+        nbformat.write(from_script(args.script.read_text(encoding="utf-8")), args.notebook)
+        print(f"wrote {args.notebook}")
+        return 0
+    for path in args.notebooks:
+        if not path.is_file():
+            print(f"error: no notebook at {path}", file=sys.stderr)
+            return 2
+        print(f"executing {path} ...", flush=True)
+        print(f"  done in {execute(path):.1f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""ONNX Runtime inference and its parity check against PyTorch."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import nn
+
+
+def make_session(path: str | Path, *, threads: int = 1, spinning: bool = False) -> ort.InferenceSession:
+    """A CPU session with a fixed thread count; spinning off so idle threads do not burn CPU."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    options.log_severity_level = 3  # errors only
+    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def run_session(session: ort.InferenceSession, x: np.ndarray) -> np.ndarray:
+    """First output of the session for one float32 input batch."""
+    name = session.get_inputs()[0].name
+    return session.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+
+@dataclass(frozen=True)
+class ParityRow:
+    batch_size: int
+    max_abs_diff: float
+
+
+def check_parity(
+    model: nn.Module,
+    session: ort.InferenceSession,
+    batch_sizes: Sequence[int],
+    *,
+    n_features: int = 2,
+    tolerance: float = 1e-5,
+    seed: int = 0,
+) -> list[ParityRow]:
+    """Compare PyTorch and ONNX Runtime outputs on random batches; raise if any differs by > tolerance."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    model.eval()
+    for batch in batch_sizes:
+        x = rng.normal(size=(batch, n_features)).astype(np.float32)
+        with torch.no_grad():
+            expected = model(torch.from_numpy(x)).numpy()
+        diff = float(np.abs(run_session(session, x) - expected).max())
+        rows.append(ParityRow(batch, diff))
+        if not diff <= tolerance:
+            raise AssertionError(f"ONNX Runtime differs from PyTorch by {diff:.3g} at batch size {batch}")
+    return rows
+
+
+def median_seconds(fn: Callable[[], object], *, repeats: int = 50, warmup: int = 5) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` calls (noise-robust)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))

@@ -1,0 +1,75 @@
+"""A small, seeded training loop for classifiers on in-memory arrays."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def set_seed(seed: int) -> None:
+    """Seed PyTorch and NumPy's global generators so model initialisation is reproducible."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+
+
+def train_classifier(
+    model: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    epochs: int = 60,
+    batch_size: int = 64,
+    lr: float = 1e-2,
+    seed: int = 0,
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """Train with Adam and cross-entropy; return the mean loss of every epoch.
+
+    ``on_epoch(epoch, loss)`` is called after each epoch (1-based) so callers can show progress.
+    """
+    if epochs < 1 or batch_size < 1:
+        raise ValueError("epochs and batch_size must be positive")
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    xs, ys = torch.from_numpy(x), torch.from_numpy(y)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    loss_fn = nn.CrossEntropyLoss()
+    history: list[float] = []
+    model.train()
+    for epoch in range(1, epochs + 1):
+        order = torch.randperm(len(xs), generator=generator)
+        total = 0.0
+        for start in range(0, len(xs), batch_size):
+            idx = order[start : start + batch_size]
+            optimizer.zero_grad()
+            loss = loss_fn(model(xs[idx]), ys[idx])
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(idx)
+        history.append(total / len(xs))
+        if on_epoch is not None:
+            on_epoch(epoch, history[-1])
+    model.eval()
+    return history
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: np.ndarray) -> np.ndarray:
+    """Logits of a PyTorch model for a float32 array, in eval mode."""
+    model.eval()
+    return model(torch.from_numpy(np.asarray(x, dtype=np.float32))).numpy()
+
+
+def accuracy(logits: np.ndarray, y: np.ndarray) -> float:
+    """Share of rows whose arg-max equals the label."""
+    return float((np.asarray(logits).argmax(axis=1) == np.asarray(y)).mean())
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Numerically stable softmax over the last axis."""
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
