@@ -13,7 +13,7 @@ QUIET_INDEX = 2>&1 | { grep -v 'is ignored: it is neither a file nor a directory
 PORT ?= 8888
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
 
-.PHONY: help venv demo book lab refresh test test-lib test-notebooks test-book clean
+.PHONY: help venv demo serve book lab refresh test test-lib test-notebooks test-book clean
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -29,6 +29,9 @@ venv: $(STAMP)  ## create or update the virtual environment
 
 demo: $(STAMP)  ## run the full pipeline demo (train, export, quantize, serve, check)
 	$(PY) code/serve_model.py
+
+serve: $(STAMP)  ## serve the demo's ONNX model on 127.0.0.1:$(PORT) (run `make demo` first)
+	$(VENV)/bin/uvicorn --factory mldeploy.serving:create_app_from_env --host 127.0.0.1 --port $(PORT)
 
 book: $(STAMP)  ## build the static HTML book into _build/html (no re-execution)
 	$(VENV)/bin/jupyter-book build . --builder html --warningiserror --keep-going --quiet

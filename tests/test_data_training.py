@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from mldeploy import data, models, training
+from mldeploy import data, models, runtime, training
 
 
 def test_moons_are_seeded_balanced_and_split_as_the_chapter_says():
@@ -40,5 +40,5 @@ def test_simple_mlp_matches_the_draft_architecture():
 
 
 def test_softmax_rows_sum_to_one():
-    p = training.softmax(np.array([[1000.0, 0.0], [-3.0, 2.0]]))
+    p = runtime.softmax(np.array([[1000.0, 0.0], [-3.0, 2.0]]))
     assert np.allclose(p.sum(axis=1), 1.0) and np.isfinite(p).all()

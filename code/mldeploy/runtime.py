@@ -1,4 +1,7 @@
-"""ONNX Runtime inference and its parity check against PyTorch."""
+"""ONNX Runtime inference and its parity check against PyTorch.
+
+Imports no torch at module level: the serving image runs this module without PyTorch installed.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-import torch
-from torch import nn
 
 
 def make_session(path: str | Path, *, threads: int = 1, spinning: bool = False) -> ort.InferenceSession:
@@ -35,8 +36,15 @@ class ParityRow:
     max_abs_diff: float
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Numerically stable softmax over the last axis."""
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
 def check_parity(
-    model: nn.Module,
+    model: "torch.nn.Module",
     session: ort.InferenceSession,
     batch_sizes: Sequence[int],
     *,
@@ -45,6 +53,8 @@ def check_parity(
     seed: int = 0,
 ) -> list[ParityRow]:
     """Compare PyTorch and ONNX Runtime outputs on random batches; raise if any differs by > tolerance."""
+    import torch
+
     rng = np.random.default_rng(seed)
     rows = []
     model.eval()

@@ -1,6 +1,7 @@
 """A FastAPI inference service for the two-moons classifier, and a helper to run it in-process.
 
-Endpoints: ``GET /health`` (liveness and whether the model is loaded), ``POST /predict`` (one
+Only numpy, onnxruntime, FastAPI and uvicorn are needed at import time (no torch), so the same
+module runs in the slim serving image. Endpoints: ``GET /health`` (liveness and whether the model is loaded), ``POST /predict`` (one
 sample) and ``POST /predict_batch`` (a bounded list). The model is loaded once, at start-up.
 """
 
@@ -19,8 +20,7 @@ import uvicorn
 from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
-from mldeploy.runtime import make_session, run_session
-from mldeploy.training import softmax
+from mldeploy.runtime import make_session, run_session, softmax
 
 N_FEATURES = 2
 MAX_BATCH_ITEMS = 256
@@ -90,6 +90,26 @@ class BatchResponse(BaseModel):
 class HealthResponse(BaseModel):
     status: str
     model_loaded: bool
+
+
+def create_app_from_env() -> FastAPI:
+    """App factory for ``uvicorn --factory mldeploy.serving:create_app_from_env``.
+
+    ``MLDEPLOY_MODEL`` is the model file (default ``artifacts/demo/model.onnx``) and
+    ``MLDEPLOY_BACKEND`` is ``onnx`` (default) or ``torchscript``.
+    """
+    import os
+
+    backend = os.environ.get("MLDEPLOY_BACKEND", "onnx").lower()
+    default = {"onnx": "artifacts/demo/model.onnx", "torchscript": "artifacts/demo/model_ts_script.pt"}
+    if backend not in default:
+        raise SystemExit(f"MLDEPLOY_BACKEND must be 'onnx' or 'torchscript', got {backend!r}")
+    path = Path(os.environ.get("MLDEPLOY_MODEL", default[backend]))
+    if not path.is_file():
+        raise SystemExit(f"no model file at {path}: run `make demo` (or set MLDEPLOY_MODEL)")
+    if backend == "onnx":
+        return create_app(lambda: OnnxPredictor(path))
+    return create_app(lambda: TorchScriptPredictor(path))
 
 
 def create_app(load_predictor: Callable[[], Predictor], digits: int = 4) -> FastAPI:
