@@ -134,8 +134,8 @@ def explain_export_failure(model: nn.Module, example: torch.Tensor) -> str | Non
         try:
             torch.export.export(model, (example,))
         except Exception as exc:  # the exporter raises several error types; all mean "cannot capture"
-            first_line = str(exc).strip().splitlines()[0]
-            return f"torch.export cannot capture {type(model).__name__}: {type(exc).__name__}: {first_line}"
+            first_sentence = str(exc).strip().splitlines()[0].split(" (")[0].rstrip(".")
+            return f"torch.export cannot capture {type(model).__name__}: {type(exc).__name__}: {first_sentence}"
     return None
 
 

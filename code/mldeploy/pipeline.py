@@ -44,7 +44,7 @@ class DemoResult:
     sizes: dict[str, int] = field(default_factory=dict)
     onnx_accuracy: float = 0.0
     onnx_max_abs_diff: float = 0.0
-    onnx_latency_ms: float = 0.0
+    onnx_latency_us: float = 0.0
     int8_bytes: int = 0
     int8_accuracy: float = 0.0
     api_latency_ms: float = 0.0
@@ -106,11 +106,11 @@ def run_demo(out_dir: Path, *, epochs: int = 60, seed: int = 0, backend: str = "
         if result.onnx_max_abs_diff > 1e-4:
             raise AssertionError(f"ONNX Runtime and PyTorch disagree by {result.onnx_max_abs_diff:.2e}")
         batch = split.x_test[:32]
-        result.onnx_latency_ms = 1e3 * runtime.median_seconds(lambda: runtime.run_session(session, batch), repeats=200)
+        result.onnx_latency_us = 1e6 * runtime.median_seconds(lambda: runtime.run_session(session, batch), repeats=200)
         n = len(split.x_test)
         print(f"{PAD}ONNX Runtime accuracy ({n} samples): {result.onnx_accuracy:.4f}")
         print(f"{PAD}Max |ONNX - PyTorch| ({n} samples): {result.onnx_max_abs_diff:.1e}")
-        print(f"{PAD}Inference time (32 samples):        {result.onnx_latency_ms:.4f} ms (median of 200)")
+        print(f"{PAD}Inference time (32 samples):        {result.onnx_latency_us:.1f} µs (median of 200)")
 
     with _step(6, "Post-training INT8 quantization"):
         int8_path = quantize.quantize_int8_static(onnx_path, out_dir / "model_int8.onnx", split.x_train[:256])
@@ -154,7 +154,8 @@ def _check_endpoints(url: str, result: DemoResult) -> None:
         body = response.json()
         result.api_format = body["model_format"]
         print(f"{PAD}POST /predict -> {response.status_code}")
-        print(f"{PAD}Response:       " + json.dumps(body, indent=1).replace("\n", "\n" + PAD))
+        fields = ",\n".join(f"{PAD} {json.dumps(key)}: {json.dumps(value)}" for key, value in body.items())
+        print(f"{PAD}Response:       {{\n{fields}\n{PAD}}}")
         latencies = []
         for _ in range(50):
             start = time.perf_counter()
