@@ -57,10 +57,23 @@ def from_script(text: str) -> nbformat.NotebookNode:
     return nb
 
 
+def _coalesce_streams(outputs: list) -> list:
+    """Merge consecutive stdout (or stderr) chunks: how the kernel splits a stream is timing noise."""
+    merged: list = []
+    for output in outputs:
+        if merged and output.output_type == "stream" and merged[-1].output_type == "stream" and merged[-1].name == output.name:
+            merged[-1].text += output.text
+        else:
+            merged.append(output)
+    return merged
+
+
 def clean(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
     """Drop per-run metadata (timestamps, widget state) so re-running changes only real outputs."""
     nb.metadata.pop("widgets", None)
     for number, cell in enumerate(nb.cells):
+        if cell.cell_type == "code":
+            cell.outputs = _coalesce_streams(cell.outputs)
         cell.metadata.pop("execution", None)
         cell.metadata.pop("collapsed", None)
         cell.metadata.pop("scrolled", None)
