@@ -37,7 +37,7 @@ book: $(STAMP)  ## build the static HTML book into _build/html (no re-execution)
 	$(VENV)/bin/jupyter-book build . --builder html --warningiserror --keep-going --quiet
 
 lab: $(STAMP)  ## open the notebooks in JupyterLab
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) notebooks/
 
 refresh: $(STAMP)  ## re-execute every notebook in place (updates stored outputs)
 	$(PY) -m mldeploy.notebooks refresh $(NOTEBOOKS)
