@@ -2,7 +2,7 @@
 
 The Dockerfile's runtime stage is replayed on this machine: its build context is filtered through
 ``.dockerignore``, its COPY lines fill a scratch root, ``/opt/venv`` is a virtual environment built
-from ``requirements-serve.txt`` alone (cached in ``.cache/serve-venv/<hash>``), its RUN checks run,
+from ``requirements-serve.txt`` alone (cached in ``artifacts/cache/serve-venv/<hash>``), its RUN checks run,
 and its CMD and HEALTHCHECK run with its ENV, as its unprivileged USER.
 """
 
@@ -31,7 +31,7 @@ from mldeploy.paths import REPO_ROOT
 from mldeploy.serving import OnnxPredictor
 
 REQUIREMENTS = REPO_ROOT / "requirements-serve.txt"
-CACHE = REPO_ROOT / ".cache" / "serve-venv"
+CACHE = REPO_ROOT / "artifacts" / "cache" / "serve-venv"
 VENV_IN_IMAGE = "/opt/venv"
 
 

@@ -304,3 +304,18 @@ def context_files(root: str | Path, rules: list[IgnoreRule]) -> list[str]:
         dirs[:] = sorted(d for d in dirs if not is_ignored(rel + d, rules) or _exception_inside(rel + d, rules))
         kept.extend(rel + f for f in files if not is_ignored(rel + f, rules))
     return sorted(kept)
+
+
+def stage_text(text: str, name: str) -> str:
+    """The raw lines of one stage, from its ``FROM`` to the last instruction before the next stage.
+
+    Comment blocks just above the next ``FROM`` belong to that stage, so they are left out.
+    """
+    parsed = parse(text)
+    lines = text.splitlines()
+    starts = [s.line for s in parsed.stages] + [len(lines) + 1]
+    index = [s.name for s in parsed.stages].index(name)
+    block = lines[starts[index] - 1 : starts[index + 1] - 1]
+    while block and (not block[-1].strip() or block[-1].lstrip().startswith("#")):
+        block.pop()
+    return "\n".join(block)

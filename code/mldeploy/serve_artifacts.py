@@ -85,3 +85,19 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def ensure(out_dir: str | Path, **kwargs: int) -> ServeArtifacts | None:
+    """Build the artifacts unless both models are already there and match their checksums.
+
+    Returns the new build, or ``None`` when the existing files were kept (their accuracy is not re-measured).
+    """
+    from mldeploy.checksums import ChecksumError
+
+    out = Path(out_dir)
+    try:
+        for name in (ONNX_NAME, TORCHSCRIPT_NAME):
+            verify_checksum(out / name)
+    except ChecksumError:
+        return build(out, **kwargs)
+    return None
