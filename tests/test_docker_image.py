@@ -179,3 +179,17 @@ def test_healthcheck_rejects_a_bad_port_setting(port):
     proc = subprocess.run([sys.executable, "-m", "mldeploy.healthcheck"], env={"UVICORN_PORT": port, "PATH": "/usr/bin"},
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 1 and "UVICORN_PORT" in proc.stdout and proc.stderr == ""
+
+
+@pytest.mark.parametrize("args, message", [(["--epochs", "zero"], "positive whole number"), (["--epochs", "0"], "positive")])
+def test_make_artifacts_rejects_bad_arguments_with_a_message(args, message):
+    proc = subprocess.run([sys.executable, "-m", "mldeploy.serve_artifacts", *args], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_make_artifacts_refuses_a_file_as_output_folder(tmp_path):
+    blocker = tmp_path / "serve"
+    blocker.write_text("not a folder")
+    proc = subprocess.run([sys.executable, "-m", "mldeploy.serve_artifacts", "--out", str(blocker)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "is not a folder" in proc.stderr and "Traceback" not in proc.stderr
