@@ -24,11 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from mldeploy import dockerfile, footprint
 from mldeploy.paths import REPO_ROOT
-from mldeploy.serving import OnnxPredictor
+from mldeploy import runtime
 
 REQUIREMENTS = REPO_ROOT / "requirements-serve.txt"
 CACHE = REPO_ROOT / "artifacts" / "cache" / "serve-venv"
@@ -240,10 +241,8 @@ def test_container_serves_as_non_root_and_its_healthcheck_follows_it(container, 
     body = answer.json()
     assert body["model_format"] == "ONNX" and abs(sum(body["probabilities"]) - 1) < 1e-3
     # the same model file, loaded here with the course environment, gives the same class
-    local = OnnxPredictor(REPO_ROOT / "artifacts" / "serve" / "model.onnx")
-    import numpy as np
-
-    assert body["prediction"] == int(local.predict_proba(np.array([[0.5, -0.3]], dtype=np.float32)).argmax())
+    session = runtime.make_session(REPO_ROOT / "artifacts" / "serve" / "model.onnx")
+    assert body["prediction"] == int(runtime.run_session(session, np.array([[0.5, -0.3]], dtype=np.float32)).argmax())
     bad = httpx.post(url + "/predict", json={"features": [0.5]}, timeout=5)
     assert bad.status_code == 422
 

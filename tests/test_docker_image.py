@@ -11,7 +11,7 @@ import pytest
 
 from mldeploy import checksums, dockerfile, footprint, healthcheck
 from mldeploy.paths import REPO_ROOT
-from mldeploy.serving import BackgroundServer, create_app
+from mldeploy.serving import BackgroundServer, create_app_from_env
 
 HADOLINT = Path(sys.executable).with_name("hadolint")
 DOCKERFILE = REPO_ROOT / "Dockerfile"
@@ -154,17 +154,10 @@ def test_checksum_round_trip_and_tampering(tmp_path):
         checksums.verify_checksum(model)
 
 
-class _Fixed:
-    model_format = "fixed"
-
-    def predict_proba(self, x):
-        import numpy as np
-
-        return np.tile([[0.25, 0.75]], (len(x), 1))
-
-
-def test_healthcheck_reports_healthy_then_down():
-    with BackgroundServer(create_app(_Fixed)) as server:
+def test_healthcheck_reports_healthy_then_down(exported, monkeypatch):
+    monkeypatch.setenv("MLDEPLOY_MODEL", str(exported["ONNX (.onnx)"]))
+    monkeypatch.setenv("MLDEPLOY_BACKEND", "onnx")
+    with BackgroundServer(create_app_from_env()) as server:
         assert healthcheck.check(f"{server.url}/health") == (True, "healthy")
         ok, message = healthcheck.check(f"{server.url}/nope")
         assert not ok and "HTTP 404" in message

@@ -10,7 +10,7 @@ import yaml
 
 from mldeploy import dockerfile
 from mldeploy.paths import REPO_ROOT
-from mldeploy.serving import create_app
+from mldeploy import serving
 
 K8S = REPO_ROOT / "deploy" / "k8s"
 VERSION = kubernetes_validate.latest_version()
@@ -57,9 +57,12 @@ def test_deployment_matches_the_image(manifests):
         assert {"cpu", "memory"} <= set(container["resources"][kind])
 
 
-def test_every_probe_hits_a_get_route_of_the_app(manifests):
+def test_every_probe_hits_a_get_route_of_the_app(manifests, exported, monkeypatch):
     (container,) = manifests["Deployment"]["spec"]["template"]["spec"]["containers"]
-    routes = {route.path for route in create_app(lambda: None).routes if "GET" in getattr(route, "methods", set())}
+    monkeypatch.setenv("MLDEPLOY_MODEL", str(exported["ONNX (.onnx)"]))
+    monkeypatch.setenv("MLDEPLOY_BACKEND", "onnx")
+    app = serving.create_app_from_env()  # the factory the image's CMD uses
+    routes = {route.path for route in app.routes if "GET" in getattr(route, "methods", set())}
     named_ports = {p["name"] for p in container["ports"]}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         get = container[probe]["httpGet"]
