@@ -268,3 +268,22 @@ def test_footprint_measured_here_is_the_package_set_the_image_installs(serve_ven
     assert set(measured.sizes) == fresh - {"pip", "setuptools"}
     in_image = footprint.measure(REQUIREMENTS, paths=site)
     assert abs(in_image.total - measured.total) < 0.1 * in_image.total
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("useradd"), reason="useradd --prefix needs root")
+def test_user_creation_line_runs_cleanly_and_makes_the_runtime_user(parsed, tmp_path):
+    # Run the base stage's groupadd/useradd line against a copy of /etc (``--prefix``), as the build would.
+    (run,) = [i for i in parsed.stage("base").all("RUN") if "useradd" in i.args]
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    for name in ("passwd", "group", "shadow", "gshadow", "login.defs"):
+        shutil.copy2(Path("/etc") / name, etc / name)
+    shutil.copytree("/etc/default", etc / "default")
+    for command in run.args.split("&&"):
+        argv = shlex.split(command)
+        proc = subprocess.run([argv[0], "--prefix", str(tmp_path), *argv[1:]], capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 0 and proc.stderr == "", f"line {run.line}: {command.strip()}: {proc.stderr}"
+    entries = {line.split(":")[0]: line.split(":") for line in (etc / "passwd").read_text().splitlines()}
+    uid, _, gid = parsed.final.last("USER").args.partition(":")
+    created = [fields for name, fields in entries.items() if fields[2] == uid]
+    assert len(created) == 1 and created[0][3] == gid and created[0][6].endswith("nologin")
