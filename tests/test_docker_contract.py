@@ -8,6 +8,7 @@ and its CMD and HEALTHCHECK run with its ENV, as its unprivileged USER.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
@@ -140,17 +141,19 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def image_root(parsed, context, serve_venv) -> Iterator[ImageRoot]:
-    stage = parsed.final
+@contextlib.contextmanager
+def _assemble(parsed: dockerfile.Dockerfile, stage: dockerfile.Stage, context: Path, venv: Path) -> Iterator[ImageRoot]:
+    """Replay a runtime stage: COPY into a scratch root, run its RUN checks, resolve its ENV and USER.
+
+    ``venv`` stands in for the ``/opt/venv`` the stage copies from its builder stage.
+    """
     root = Path(tempfile.mkdtemp(prefix="image-root-"))
     root.chmod(0o755)  # the unprivileged user must be able to read it, as in the image
-    mapping = {VENV_IN_IMAGE: serve_venv}
+    mapping = {VENV_IN_IMAGE: venv}
     try:
         for spec in parsed.copies(stage):
             if spec.from_stage:
-                # the builder stage is exactly: python -m venv /opt/venv; pip install -r requirements-serve.txt
-                assert spec.from_stage == "builder" and spec.sources == (VENV_IN_IMAGE,)
+                assert spec.sources == (VENV_IN_IMAGE,), f"line {spec.line}: only the virtual environment comes from a builder"
                 continue
             dest = root / spec.dest.lstrip("/")
             for source in spec.sources:
@@ -161,7 +164,8 @@ def image_root(parsed, context, serve_venv) -> Iterator[ImageRoot]:
                     target = dest / src.name if spec.dest.endswith("/") else dest
                     target.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copy2(src, target)
-                mapping.setdefault("/" + spec.dest.lstrip("/").split("/")[0], root / spec.dest.lstrip("/").split("/")[0])
+                top = spec.dest.lstrip("/").split("/")[0]
+                mapping.setdefault("/" + top, root / top)
         for folder in root.rglob("*"):
             if folder.is_dir():
                 folder.chmod(0o755)
@@ -169,7 +173,7 @@ def image_root(parsed, context, serve_venv) -> Iterator[ImageRoot]:
         env = {name: _rebase(value, mapping) for name, value in image_env.items()}
         uid, _, gid = stage.last("USER").args.partition(":")
         image = ImageRoot(root, env, Path(_rebase(parsed.workdir(stage), mapping)), (int(uid), int(gid or uid)))
-        # the RUN lines of the runtime stage (checksum checks) run where their WORKDIR says
+        # the RUN lines of a runtime stage (checksum checks) run where their WORKDIR says
         workdir = parsed.workdir(stage, before=stage.line)
         for instr in stage.instructions:
             if instr.keyword == "WORKDIR":
@@ -184,6 +188,14 @@ def image_root(parsed, context, serve_venv) -> Iterator[ImageRoot]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def image_root(parsed, context, serve_venv) -> Iterator[ImageRoot]:
+    """The default target; its /opt/venv is the builder stage's: requirements-serve.txt alone."""
+    assert {spec.from_stage for spec in parsed.copies(parsed.final)} - {None} == {"builder"}
+    with _assemble(parsed, parsed.final, context, serve_venv) as image:
+        yield image
+
+
 def test_serve_environment_has_no_torch_but_imports_the_app(image_root):
     no_torch = image_root.run(["python", "-c", "import torch"], timeout=60)
     assert no_torch.returncode != 0 and "No module named 'torch'" in no_torch.stderr
@@ -191,13 +203,12 @@ def test_serve_environment_has_no_torch_but_imports_the_app(image_root):
     assert app.returncode == 0 and app.stdout.strip() == "False", app.stderr
 
 
-@pytest.fixture
-def container(image_root) -> Iterator[tuple[ImageRoot, subprocess.Popen[str], str]]:
-    """The image's CMD with its ENV, as ``docker run -e UVICORN_HOST=127.0.0.1 -e UVICORN_PORT=…`` would start it."""
+@contextlib.contextmanager
+def _start(image: ImageRoot, cmd: list[str]) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """Run CMD as ``docker run -e UVICORN_HOST=127.0.0.1 -e UVICORN_PORT=<free port>`` would; always stop it."""
     port = _free_port()
-    image_root.env.update(UVICORN_HOST="127.0.0.1", UVICORN_PORT=str(port))
-    cmd = dockerfile.load(REPO_ROOT / "Dockerfile").final.last("CMD").exec_form()
-    proc = subprocess.Popen(image_root.argv(cmd), env=image_root.env, cwd=image_root.workdir,
+    image.env.update(UVICORN_HOST="127.0.0.1", UVICORN_PORT=str(port))
+    proc = subprocess.Popen(image.argv(cmd), env=image.env, cwd=image.workdir,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -211,7 +222,7 @@ def container(image_root) -> Iterator[tuple[ImageRoot, subprocess.Popen[str], st
                 pass
             assert time.monotonic() < deadline, "the server did not answer /health within 60 s"
             time.sleep(0.2)
-        yield image_root, proc, url
+        yield proc, url
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -220,6 +231,12 @@ def container(image_root) -> Iterator[tuple[ImageRoot, subprocess.Popen[str], st
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+@pytest.fixture
+def container(image_root, parsed) -> Iterator[tuple[ImageRoot, subprocess.Popen[str], str]]:
+    with _start(image_root, parsed.final.last("CMD").exec_form()) as (proc, url):
+        yield image_root, proc, url
 
 
 def _uids(pid: int) -> list[int]:
@@ -287,3 +304,15 @@ def test_user_creation_line_runs_cleanly_and_makes_the_runtime_user(parsed, tmp_
     uid, _, gid = parsed.final.last("USER").args.partition(":")
     created = [fields for name, fields in entries.items() if fields[2] == uid]
     assert len(created) == 1 and created[0][3] == gid and created[0][6].endswith("nologin")
+
+
+def test_torchscript_target_serves_its_model_with_torch(parsed, context):
+    # Its builder adds torch to the serving set; the course environment (which has both) stands in for it.
+    stage = parsed.stage("runtime-torchscript")
+    assert {spec.from_stage for spec in parsed.copies(stage)} - {None} == {"builder-torch"}
+    with _assemble(parsed, stage, context, Path(sys.prefix)) as image:
+        with _start(image, stage.last("CMD").exec_form()) as (proc, url):
+            answer = httpx.post(url + "/predict", json={"features": [0.5, -0.3]}, timeout=10)
+            assert answer.status_code == 200 and answer.json()["model_format"] == "TorchScript"
+            probe = image.run(stage.last("HEALTHCHECK").exec_form(), timeout=30)
+            assert probe.returncode == 0, probe.stdout + probe.stderr
