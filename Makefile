@@ -56,3 +56,18 @@ test: $(STAMP)  ## unit + service tests, nbval over every notebook, book build
 
 clean:  ## remove built and generated files (keeps .venv)
 	rm -rf _build artifacts .pytest_cache
+
+# --- section 5.4: the serving image -------------------------------------------------------------
+SERVE_DIR := artifacts/serve
+SERVE_SOURCES := $(addprefix code/mldeploy/,serve_artifacts.py export.py models.py training.py data.py checksums.py)
+
+.PHONY: artifacts lint-docker
+
+$(SERVE_DIR)/model.onnx.sha256: $(STAMP) $(SERVE_SOURCES)
+	$(PY) -m mldeploy.serve_artifacts --out $(SERVE_DIR)
+
+artifacts: $(SERVE_DIR)/model.onnx.sha256  ## export the model files the Docker image copies (artifacts/serve/)
+
+lint-docker: $(STAMP)  ## lint the Dockerfile (hadolint) and validate deploy/k8s/ against the Kubernetes schema
+	$(VENV)/bin/hadolint Dockerfile
+	$(VENV)/bin/kubernetes-validate --strict --quiet deploy/k8s/*.yaml

@@ -1,0 +1,101 @@
+"""Installed size of a requirements file's dependency closure, read from an environment's metadata.
+
+No download and no new install: the closure is resolved from the ``Requires-Dist`` metadata of the
+distributions already installed (by default in the running interpreter's environment), and each
+distribution's size is the sum of the files its ``RECORD`` lists, as they lie on disk.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from packaging.markers import default_environment
+from packaging.requirements import Requirement
+
+_OPTION = re.compile(r"^-r\s+|^--requirement[ =]\s*")
+
+
+def canonical(name: str) -> str:
+    """PEP 503 normalised project name (``Foo_Bar`` → ``foo-bar``)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def read_requirements(path: str | Path) -> list[Requirement]:
+    """Requirements of a pip requirements file, following ``-r other.txt`` includes."""
+    path = Path(path)
+    found: list[Requirement] = []
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if _OPTION.match(line):
+            found.extend(read_requirements(path.parent / _OPTION.sub("", line)))
+        elif line.startswith("-"):
+            raise ValueError(f"{path.name}: option {line.split()[0]} is not supported here")
+        else:
+            found.append(Requirement(line))
+    return found
+
+
+def _distributions(paths: list[str] | None) -> dict[str, metadata.Distribution]:
+    dists = metadata.distributions(path=paths) if paths is not None else metadata.distributions()
+    found: dict[str, metadata.Distribution] = {}
+    for dist in dists:
+        found.setdefault(canonical(dist.metadata["Name"]), dist)  # first on the path wins, as in import
+    return found
+
+
+def closure(requirements: Iterable[Requirement], paths: list[str] | None = None) -> dict[str, metadata.Distribution]:
+    """Every installed distribution the requirements pull in (extras and environment markers honoured)."""
+    installed = _distributions(paths)
+    result: dict[str, metadata.Distribution] = {}
+    todo = [(req, "") for req in requirements]
+    seen: set[tuple[str, str]] = set()
+    while todo:
+        req, extra = todo.pop()
+        if req.marker is not None and not req.marker.evaluate({**default_environment(), "extra": extra}):
+            continue
+        name = canonical(req.name)
+        if name not in installed:
+            raise LookupError(f"{req.name} is required but not installed in this environment")
+        for wanted in {""} | set(req.extras):
+            if (name, wanted) in seen:
+                continue
+            seen.add((name, wanted))
+            result[name] = installed[name]
+            todo.extend((Requirement(dep), wanted) for dep in installed[name].requires or [])
+    return result
+
+
+def installed_bytes(dist: metadata.Distribution) -> int:
+    """Bytes on disk of the files a distribution installed (its RECORD), skipping any since removed."""
+    total = 0
+    for file in dist.files or []:
+        located = Path(dist.locate_file(file))
+        if located.is_file():
+            total += located.stat().st_size
+    return total
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Sizes of a requirements closure, per distribution, largest first."""
+
+    sizes: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes.values())
+
+    def top(self, n: int) -> list[tuple[str, int]]:
+        return sorted(self.sizes.items(), key=lambda item: (-item[1], item[0]))[:n]
+
+
+def measure(requirements_file: str | Path, paths: list[str] | None = None) -> Footprint:
+    """Footprint of ``requirements_file``'s closure in the environment found on ``paths`` (default: this one)."""
+    dists = closure(read_requirements(requirements_file), paths)
+    return Footprint({name: installed_bytes(dist) for name, dist in dists.items()})
