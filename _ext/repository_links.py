@@ -34,13 +34,21 @@ def repository_url(srcdir: str) -> str:
     return re.sub(r"\.git$", "", remote) if remote.startswith("https://") else ""
 
 
+JUPYTER_BOOK_DEFAULT = "https://github.com/executablebooks/jupyter-book"  # not this book's
+
+
 def configure(app: Sphinx, config: Config) -> None:
     options = config.html_theme_options
-    url = options.get("repository_url") or repository_url(app.srcdir)
-    if not url:
-        return
+    url = options.get("repository_url", "")
+    if not url or url.rstrip("/") == JUPYTER_BOOK_DEFAULT:
+        url = repository_url(app.srcdir)
     options["repository_url"] = url
-    options.setdefault("repository_branch", os.environ.get("BOOK_REPOSITORY_BRANCH") or "main")
+    if not url:
+        for key in ("use_repository_button", "use_issues_button", "use_edit_page_button", "use_source_button"):
+            options[key] = False  # the theme cannot build these without a repository
+        return
+    if os.environ.get("BOOK_REPOSITORY_BRANCH"):
+        options["repository_branch"] = os.environ["BOOK_REPOSITORY_BRANCH"]
     options["use_repository_button"] = True
     options["use_issues_button"] = "github.com/" in url  # the theme builds issue links for GitHub only
     hub = os.environ.get("BOOK_JUPYTERHUB_URL", "")
