@@ -44,8 +44,10 @@ def configure(app: Sphinx, config: Config) -> None:
         url = repository_url(app.srcdir)
     options["repository_url"] = url
     if not url:
+        # the theme cannot build these links without a repository (launch buttons would crash it)
         for key in ("use_repository_button", "use_issues_button", "use_edit_page_button", "use_source_button"):
-            options[key] = False  # the theme cannot build these without a repository
+            options[key] = False
+        options["launch_buttons"] = {}
         return
     if os.environ.get("BOOK_REPOSITORY_BRANCH"):
         options["repository_branch"] = os.environ["BOOK_REPOSITORY_BRANCH"]

@@ -11,6 +11,8 @@ Outside CI a missing chromium skips these tests; with CI=true it fails them.
 
 from __future__ import annotations
 
+import functools
+import gzip
 import os
 import re
 import shutil
@@ -220,12 +222,14 @@ def test_glossary_links_and_stamp_render(page, pages) -> None:
     sample = next(p for p in pages if SAMPLE.stem in p)
     page.goto(page.base + sample)
     stamp = page.locator(".verified-stamp").inner_text()
-    assert re.search(r"Verified with Python 3\.\d+\.\d+ · torch \S+ · onnxruntime \S+ · .*\d{4}-\d\d-\d\d", stamp), stamp
+    assert re.search(r"验证环境：Verified with Python 3\.\d+\.\d+ · torch \S+ · onnxruntime \S+ · 输出生成于 outputs produced \d{4}-\d\d-\d\d$", stamp), stamp
+    page.get_by_role("button", name="English", exact=True).click()
+    assert page.locator(".verified-stamp").inner_text().startswith("Verified with Python")
     # the solution's source is behind a toggle, its output is shown
     solution = page.locator("article .cell.tag_hide-input").first
     assert not solution.locator(".cell_input pre").first.is_visible()
     assert solution.locator(".cell_output").first.is_visible()
-    page.locator('article a[href$="glossary.html#inference"]').first.click()
+    page.locator('article a[href$="glossary.html#inference"]:visible').first.click()
     page.wait_for_load_state()
     assert page.url.endswith("glossary.html#inference")
     assert page.locator("#inference").count() == 1
@@ -275,6 +279,42 @@ def test_every_local_link_and_image_resolves(site: Path) -> None:
             elif parts.fragment and path.suffix == ".html" and path in parsed and unquote(parts.fragment) not in parsed[path].ids:
                 broken.append(f"{html.relative_to(site)}: {target} (no such anchor)")
     assert not broken, "\n".join(sorted(set(broken)))
+    borrowed = [str(h.relative_to(site)) for h in parsed if "executablebooks/jupyter-book" in h.read_text(encoding="utf-8")]
+    assert not borrowed, f"links to jupyter-book's repository instead of this book's: {borrowed}"
+
+
+PAGE_BUDGET = 4_000_000  # bytes a first visit to one page may transfer
+
+
+def test_page_weight(browser, server, pages, site: Path) -> None:
+    """Bytes a first visit to each page transfers (cold cache), and the whole site on disk.
+
+    Written to _build/page-weight.txt; `make page-weight` prints it.
+    """
+    base, _ = server
+    lines = ["     raw   gzipped  requests  page (first visit, empty cache)"]
+
+    @functools.lru_cache(maxsize=None)
+    def gzipped(url: str) -> int:  # what a web server that compresses would send
+        path = site / unquote(urlsplit(url).path).lstrip("/")
+        return len(gzip.compress(path.read_bytes(), 6)) if path.is_file() else 0
+
+    for name in pages:
+        context = browser.new_context()
+        responses: list[tuple[str, int]] = []
+        tab = context.new_page()
+        tab.on("response", lambda r: responses.append((r.url, int(r.headers.get("content-length", 0)))))
+        tab.goto(base + name, wait_until="networkidle")
+        context.close()
+        raw, packed = sum(n for _, n in responses), sum(gzipped(u) for u, _ in responses)
+        lines.append(f"{raw / 1e6:6.2f} MB {packed / 1e6:6.2f} MB  {len(responses):6d}    {name}")
+        assert raw < PAGE_BUDGET, lines[-1]
+    total = sum(f.stat().st_size for f in site.rglob("*") if f.is_file())
+    lines.append(f"{total / 1e6:6.2f} MB  whole site on disk ({sum(1 for f in site.rglob('*.html'))} HTML files)")
+    report = REPO_ROOT / "_build" / "page-weight.txt"
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print("\n" + "\n".join(lines))
 
 
 def test_student_view_shows_no_raw_markup(browser, tmp_path: Path) -> None:
