@@ -10,9 +10,13 @@ nbformat and JupyterLab's cell list) and the pages ``chapters/*.md`` (located as
 from __future__ import annotations
 
 import json
+import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+import nbformat
 
 CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 LATIN = re.compile(r"[A-Za-z]")
@@ -167,6 +171,15 @@ def _shared_is_fine(text: str) -> str | None:
                 if CJK.search(cell) and not LATIN.search(cell):
                     return f"table cell {cell.strip()!r} has no English (write `中文 · English`)"
         return None
+    items = [line for line in text.split("\n") if line.strip()]
+    if all(re.match(r"\s*([-*+]|\d+\.)\s", line) for line in items):  # a shared list, e.g. of sections
+        for line in items:
+            words = re.sub(r"\]\([^)]*\)", "]", line)  # a link's target is not its text
+            if CJK.search(words) and not LATIN.search(words):
+                return f"list item {line.strip()!r} has no English (write `中文 · English`)"
+            if not CJK.search(line) and not re.fullmatch(r"[^A-Za-z]*\[[^\]]*\]\([^)]*\)[^A-Za-z]*", line.strip()):
+                return "prose outside a <div lang=\"zh\"> / <div lang=\"en\"> block"
+        return None
     # images, anchors, rules, MyST targets: no words of their own
     bare = re.sub(r"!\[[^\]]*\]\([^)]*\)|<[^>]+>|\(\w[\w-]*\)=|^[-*_]{3,}\s*$", "", text, flags=re.M)
     if not (CJK.search(bare) or LATIN.search(bare)):
@@ -312,41 +325,98 @@ def _pattern(name: str, lang: str) -> re.Pattern:
     return re.compile(rf"(?<![\w.-]){stem}{plural}(?![\w-])", flags)
 
 
-def first_use_problems(path: Path, glossary: Path) -> list[str]:
+ANY_LINK = re.compile(r"!?\[[^\]]*\]\([^)]*\)")
+NOT_PROSE = re.compile(r"`[^`]*`|<[^>]+>|https?://\S+")
+
+
+@dataclass
+class Unlinked:
+    """The first use of a term in one language that does not link to the glossary."""
+
+    source: Source
+    index: int  # position in markdown_sources(path)
+    lang: str
+    term: Term
+    offset: int  # in source.text
+    word: str
+
+
+def _block_offset(source: Source, block: Block) -> int:
+    return sum(len(line) + 1 for line in source.text.split("\n")[: block.line - 1])
+
+
+def first_unlinked_uses(path: Path, glossary: Path) -> list[Unlinked]:
     """The first use of each glossary term in each language's prose links to its entry.
 
     A use is the term's name in a block of that language (zh: the Chinese name and names written
     the same in both languages such as ONNX; en: the English name or abbreviation, any case, plural
-    allowed). Inline code, link targets and longer glossary names that contain the name are not uses.
+    allowed). Not uses: inline code, text inside any link, HTML tags, URLs, and longer glossary
+    names that contain the name (动态量化 is not a use of 量化).
     """
     terms = glossary_terms(glossary)
-    problems = []
+    found = []
+    sources = markdown_sources(path)
     for lang in ("zh", "en"):
-        texts: list[tuple[Source, str]] = []
-        for source in markdown_sources(path):
+        texts: list[tuple[int, Source, Block]] = []
+        for index, source in enumerate(sources):
             blocks, _ = split_blocks(source)
-            texts += [(source, b.text) for b in blocks if b.lang == lang]
+            texts += [(index, source, b) for b in blocks if b.lang == lang]
         for term in terms:
             names = term.names(lang)
             longer = [n for t in terms if t is not term for n in t.names(lang) if any(m in n and m != n for m in names)]
-            for source, text in texts:
-                links = list(GLOSSARY_LINK.finditer(text))
-                code = [m.span() for m in re.finditer(r"`[^`]*`", text)]
-                masked = _mask(text, code + [m.span() for m in links])
+            for index, source, block in texts:
+                text = block.text
+                links = [m for m in GLOSSARY_LINK.finditer(text)]
+                masked = _mask(text, [m.span() for m in ANY_LINK.finditer(text)] + [m.span() for m in NOT_PROSE.finditer(text)])
                 masked = _mask(masked, [m.span() for n in longer for m in _pattern(n, lang).finditer(masked)])
-                uses = sorted(m.start() for n in names for m in _pattern(n, lang).finditer(masked))
+                uses = sorted((m.start(), m.group()) for n in names for m in _pattern(n, lang).finditer(masked))
                 linked = [m.start() for m in links if m.group("anchor") == term.anchor]
                 if not uses and not linked:
                     continue
-                if uses and (not linked or uses[0] < linked[0]):
-                    where = f"{path.name}, {source.where}" if path.suffix == ".ipynb" else path.name
-                    word = masked[uses[0]:uses[0] + 30].split("\n")[0]
-                    problems.append(
-                        f"{where}: first {lang} use of {term.en!r} ({word.strip()!r}…) should link to "
-                        f"glossary.md#{term.anchor}"
-                    )
-                break  # only the first source that mentions the term matters
+                if uses and (not linked or uses[0][0] < linked[0]):
+                    offset = _block_offset(source, block) + uses[0][0]
+                    found.append(Unlinked(source, index, lang, term, offset, uses[0][1]))
+                break  # only the first block that mentions the term matters
+    return found
+
+
+def first_use_problems(path: Path, glossary: Path) -> list[str]:
+    """Messages for :func:`first_unlinked_uses`."""
+    problems = []
+    for u in first_unlinked_uses(path, glossary):
+        where = f"{path.name}, {u.source.where}" if path.suffix == ".ipynb" else path.name
+        context = u.source.text[u.offset:u.offset + 30].split("\n")[0]
+        problems.append(
+            f"{where}: first {u.lang} use of {u.term.en!r} ({context!r}…) should be "
+            f"[{u.word}]({_relative(glossary, path)}#{u.term.anchor})"
+        )
     return problems
+
+
+def _relative(glossary: Path, path: Path) -> str:
+    return Path(os.path.relpath(glossary.resolve(), path.resolve().parent)).as_posix()
+
+
+def link_first_uses(path: Path, glossary: Path) -> int:
+    """Turn each first unlinked use into a glossary link, in place; return how many were linked."""
+    count = 0
+    for _ in range(1000):  # each pass links one use; positions move after every edit
+        found = first_unlinked_uses(path, glossary)
+        if not found:
+            break
+        u = found[0]
+        text = u.source.text
+        linked = f"[{u.word}]({_relative(glossary, path)}#{u.term.anchor})"
+        text = text[:u.offset] + linked + text[u.offset + len(u.word):]
+        if path.suffix == ".ipynb":
+            nb = nbformat.read(path, as_version=4)
+            cells = [c for c in nb.cells if c.cell_type == "markdown"]
+            cells[u.index].source = text
+            nbformat.write(nb, path)
+        else:
+            path.write_text(text, encoding="utf-8")
+        count += 1
+    return count
 
 
 # --- exercises and stamps --------------------------------------------------------------------
@@ -402,3 +472,18 @@ def pinned_versions(requirements: Path, packages: tuple[str, ...] = ("torch", "o
     """`name==version` pins of the given packages."""
     pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==([^\s;#]+)", requirements.read_text(encoding="utf-8"), re.M))
     return {p: pins[p] for p in packages if p in pins}
+
+
+def main(argv: list[str]) -> int:
+    """``python tests/bookcheck.py link-first-uses FILE...``: link first uses of glossary terms."""
+    if len(argv) < 2 or argv[0] != "link-first-uses":
+        print(main.__doc__, file=sys.stderr)
+        return 2
+    glossary = Path(__file__).resolve().parents[1] / "chapters" / "glossary.md"
+    for name in argv[1:]:
+        print(f"{name}: linked {link_first_uses(Path(name), glossary)} first uses")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

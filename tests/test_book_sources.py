@@ -4,6 +4,7 @@ exercises with runnable solutions, and a generated verified-with stamp on every 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import nbformat
@@ -78,6 +79,8 @@ BAD_CELLS = {
     "no blank line inside div": '<div lang="zh">\n中文段落。\n</div>\n' + EN,
     "unclosed div": '<div lang="zh">\n\n中文段落。\n',
     "English in the zh block": '<div lang="zh">\n\nOnly English here.\n\n</div>\n' + EN,
+    "Chinese-only list item": "- [5.1 模型导出](../notebooks/5.1.ipynb)\n- [5.2 Serving](x.ipynb)",
+    "English-only list": "- one point\n- another point",
     "Chinese-only table cell": "| 格式 | size |\n|---|---|\n| ONNX | 8.0 |\n\n" + ZH + "\n" + EN,
 }
 
@@ -100,7 +103,8 @@ def test_bilingual_check_names_the_file_and_cell(tmp_path: Path, bad: str) -> No
 def test_bilingual_check_accepts_shared_content(tmp_path: Path) -> None:
     shared = nbformat.v4.new_markdown_cell(
         "## 1.1 大小 · Size\n\n| 格式 · format | KB |\n|---|---:|\n| ONNX | 8.0 |\n\n"
-        "$$\ny = \\frac{x}{s}\n$$\n\n```python\nprint('code')\n```\n\n![](figure.png)\n\n" + ZH + "\n" + EN
+        "$$\ny = \\frac{x}{s}\n$$\n\n```python\nprint('code')\n```\n\n![](figure.png)\n\n"
+        "- [5.1 模型导出 · Model Export](../notebooks/5.1-model-export.ipynb)\n\n" + ZH + "\n" + EN
     )
     assert bookcheck.bilingual_problems(write_notebook(tmp_path, shared)) == []
 
@@ -139,3 +143,21 @@ def test_refresh_writes_the_stamp_from_the_environment() -> None:
     assert verified["torch"].split("+")[0] == PINS["torch"]
     assert verified["onnxruntime"] == PINS["onnxruntime"]
     assert json.dumps(verified)  # plain JSON in the notebook file
+
+
+def test_first_uses_can_be_linked_automatically(tmp_path: Path) -> None:
+    (tmp_path / "notebooks").mkdir()
+    cell = nbformat.v4.new_markdown_cell(
+        '<div lang="zh">\n\n**推理**很快；动态量化不是量化的第一次使用。量化。\n\n</div>\n'
+        '<div lang="en">\n\nInference is fast, see [ONNX Runtime](https://onnxruntime.ai) and `tensor`.\n\n</div>'
+    )
+    path = write_notebook(tmp_path / "notebooks", cell)
+    glossary = tmp_path / "chapters" / "glossary.md"
+    glossary.parent.mkdir()
+    shutil.copy2(GLOSSARY, glossary)
+    assert bookcheck.link_first_uses(path, glossary) == 4
+    assert bookcheck.first_use_problems(path, glossary) == []
+    text = nbformat.read(path, as_version=4).cells[0].source
+    assert "**[推理](../chapters/glossary.md#inference)**很快" in text
+    assert "[动态量化](../chapters/glossary.md#dynamic-quantization)不是[量化](../chapters/glossary.md#quantization)的" in text
+    assert "[Inference](../chapters/glossary.md#inference) is fast, see [ONNX Runtime](https://onnxruntime.ai) and `tensor`." in text
