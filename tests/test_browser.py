@@ -72,7 +72,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (book / "notebooks").mkdir(exist_ok=True)
     shutil.copy2(SAMPLE, book / "notebooks" / SAMPLE.name)
     toc = yaml.safe_load((REPO_ROOT / "_toc.yml").read_text(encoding="utf-8"))
-    present = [f for f in _toc_files(toc)[1:] if any((book / f).with_suffix(s).exists() for s in (".md", ".ipynb"))]
+    # with_suffix would eat "5.1-model-export" after the dot: append instead
+    present = [f for f in _toc_files(toc)[1:] if any((book / (f + s)).exists() for s in ("", ".md", ".ipynb"))]
     sample = f"notebooks/{SAMPLE.stem}"
     chapters = [f for f in present if f.startswith("notebooks/")] + [sample] + [f for f in present if not f.startswith("notebooks/")]
     (book / "_toc.yml").write_text(
@@ -165,10 +166,16 @@ def visible_texts(tab, lang: str) -> list[bool]:
 
 
 def shared_content_visible(tab) -> None:
-    """Headings, code, outputs, tables and figures never hide."""
-    for selector in ["article h1", "article h2", "article .cell:not(.tag_hide-input) .cell_input", "article .cell_output", "article table", "article img"]:
-        for element in tab.query_selector_all(selector):
-            assert element.is_visible(), f"{selector} hidden on {tab.url}"
+    """Headings, code, outputs, tables and figures outside the language blocks never hide."""
+    selectors = ["article h1", "article h2", "article .cell:not(.tag_hide-input) .cell_input", "article .cell_output",
+                 "article table", "article img"]
+    for selector in selectors:
+        hidden = tab.eval_on_selector_all(
+            selector,
+            "els => els.filter(e => !e.parentElement.closest('article [lang]'))"
+            ".filter(e => !(e.offsetParent !== null || e.getClientRects().length > 0)).map(e => e.outerHTML.slice(0, 80))",
+        )
+        assert not hidden, f"{selector} hidden on {tab.url}: {hidden}"
 
 
 def test_switch_hides_the_other_language_on_every_page(page, pages) -> None:
