@@ -16,9 +16,12 @@ import gzip
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import threading
+import time
+import urllib.request
 from functools import partial
 from html.parser import HTMLParser
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -324,8 +327,8 @@ def test_page_weight(browser, server, pages, site: Path) -> None:
     print("\n" + "\n".join(lines))
 
 
-def test_student_view_shows_no_raw_markup(browser, tmp_path: Path) -> None:
-    """What JupyterLab shows: each notebook rendered with nbconvert's lab template."""
+def test_nbconvert_lab_rendering_shows_no_raw_markup(browser, tmp_path: Path) -> None:
+    """Each notebook rendered to HTML with nbconvert's lab template (as exported and on many viewers)."""
     from nbconvert import HTMLExporter
 
     exporter = HTMLExporter(template_name="lab")
@@ -344,5 +347,86 @@ def test_student_view_shows_no_raw_markup(browser, tmp_path: Path) -> None:
             assert tab.locator('.jp-MarkdownOutput div[lang="zh"]').count() == tab.locator('.jp-MarkdownOutput div[lang="en"]').count() > 0
             raw_markdown = re.findall(r"(?m)^\s*(?:\*\*\S|#{1,6} )", joined)
             assert not raw_markdown, f"{notebook.name}: unrendered markdown {raw_markdown[:3]}"
+    finally:
+        context.close()
+
+
+@pytest.fixture(scope="module")
+def jupyterlab(tmp_path_factory: pytest.TempPathFactory):
+    """JupyterLab serving the repository on a free loopback port, without kernels; yields its URL."""
+    home = tmp_path_factory.mktemp("lab")
+    settings = home / "settings" / "@jupyterlab"
+    (settings / "notebook-extension").mkdir(parents=True)
+    (settings / "apputils-extension").mkdir(parents=True)
+    # render every cell up front (JupyterLab 4 otherwise renders only what is on screen); no news popup
+    (settings / "notebook-extension" / "tracker.jupyterlab-settings").write_text('{"windowingMode": "none"}')
+    (settings / "apputils-extension" / "notification.jupyterlab-settings").write_text('{"fetchNews": "false"}')
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {
+        **os.environ,
+        "JUPYTER_CONFIG_DIR": str(home / "config"),
+        "JUPYTER_RUNTIME_DIR": str(home / "runtime"),
+        "JUPYTERLAB_SETTINGS_DIR": str(home / "settings"),
+        "JUPYTERLAB_WORKSPACES_DIR": str(home / "workspaces"),
+    }
+    server = subprocess.Popen(
+        [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", "--ip=127.0.0.1", f"--port={port}",
+         f"--ServerApp.root_dir={REPO_ROOT}", "--IdentityProvider.token=", "--ServerApp.password=",
+         "--KernelSpecManager.allowed_kernelspecs=none",  # reading needs no kernel: none starts
+         "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        for _ in range(200):
+            try:
+                urllib.request.urlopen(url + "api", timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            pytest.fail("JupyterLab did not start")
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def test_student_view_in_jupyterlab_shows_no_raw_markup(browser, jupyterlab) -> None:
+    """What students see: each notebook opened in a real JupyterLab."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    context.set_default_timeout(30_000)
+    try:
+        tab = context.new_page()
+        for notebook in sorted((REPO_ROOT / "notebooks").glob("*.ipynb")) + [SAMPLE]:
+            markdown = sum(c.cell_type == "markdown" for c in nbformat.read(notebook, as_version=4).cells)
+            tab.goto(jupyterlab + "lab/tree/" + notebook.relative_to(REPO_ROOT).as_posix())
+            tab.wait_for_function(  # every markdown cell rendered, with its text
+                "n => { const r = [...document.querySelectorAll('.jp-MarkdownCell .jp-RenderedMarkdown')];"
+                " return r.length >= n && r.every(e => e.textContent.trim().length > 0); }",
+                arg=markdown,
+            )
+            dialog = tab.locator(".jp-Dialog button", has_text="No Kernel")  # asked because no kernel is allowed
+            try:
+                dialog.first.click(timeout=5_000)
+            except PlaywrightTimeout:
+                pass
+            texts = tab.locator(".jp-MarkdownCell .jp-RenderedMarkdown").all_inner_texts()
+            joined = "\n".join(texts)
+            assert "<div" not in joined and "</div>" not in joined, f"{notebook.name}: raw markup visible in JupyterLab"
+            raw_markdown = re.findall(r"(?m)^\s*(?:\*\*\S|#{1,6} |</?\w+[^>]*>$)", joined)
+            assert not raw_markdown, f"{notebook.name}: unrendered markdown {raw_markdown[:3]}"
+            # JupyterLab's sanitizer drops the lang attributes: students always see both languages
+            assert re.search(r"[\u4e00-\u9fff]{8}", joined) and re.search(r"\b(the|and|of)\b", joined), notebook.name
+            tab.screenshot(path=str(SCREENSHOTS / f"jupyterlab-{notebook.stem}.png"))
     finally:
         context.close()
