@@ -50,3 +50,16 @@ def test_stamp_line_names_versions_and_date() -> None:
     assert line.endswith("2026-11-24")
     html = verified_stamp.stamp_html({"python": "3.11.7", "torch": "2.13.0+cpu", "onnxruntime": "1.32.0", "date": "2026-11-24"})
     assert '<span lang="en">Verified with </span>Python 3.11.7 · torch 2.13.0+cpu · onnxruntime 1.32.0' in html
+
+
+def test_a_missing_browser_fails_in_ci_and_skips_elsewhere(monkeypatch, tmp_path) -> None:
+    sys.path.insert(0, str(REPO_ROOT / "tests"))
+    import test_browser
+
+    monkeypatch.setattr(test_browser, "CHROMIUM", tmp_path / "no-chromium")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception):
+        test_browser._require_chromium()
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception):
+        test_browser._require_chromium()
