@@ -235,6 +235,8 @@ def test_glossary_links_and_stamp_render(page, pages) -> None:
     assert re.search(r"验证环境：Verified with Python 3\.\d+\.\d+ · torch \S+ · onnxruntime \S+ · 输出生成于 outputs produced \d{4}-\d\d-\d\d$", stamp), stamp
     page.get_by_role("button", name="English", exact=True).click()
     assert page.locator(".verified-stamp").inner_text().startswith("Verified with Python")
+    # the reader can download the notebook itself
+    assert page.locator(f'a[href$="_sources/notebooks/{SAMPLE.name}"]').count() == 1
     # the solution's source is behind a toggle, its output is shown
     solution = page.locator("article .cell.tag_hide-input").first
     assert not solution.locator(".cell_input pre").first.is_visible()
