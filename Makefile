@@ -13,7 +13,7 @@ QUIET_INDEX = 2>&1 | { grep -v 'is ignored: it is neither a file nor a directory
 PORT ?= 8888
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
 
-.PHONY: help venv demo serve book lab refresh test test-lib test-notebooks test-book clean
+.PHONY: help venv demo serve book lab refresh test test-lib test-notebooks test-book test-browser page-weight clean
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -50,6 +50,12 @@ test-notebooks: $(STAMP)
 
 test-book: $(STAMP)
 	$(PY) -m pytest tests -m book
+
+test-browser: $(STAMP)  ## the built book in headless chromium; screenshots go to _build/screenshots/
+	$(PY) -m pytest tests/test_browser.py
+
+page-weight: $(STAMP)  ## bytes a first visit to each page of the book transfers
+	$(PY) -m pytest tests/test_browser.py -q -k page_weight && cat _build/page-weight.txt
 
 test: $(STAMP)  ## unit + service tests, nbval over every notebook, book build
 	$(PY) -m pytest tests --nbval --nbval-sanitize-with tests/sanitize.cfg $(NOTEBOOKS)

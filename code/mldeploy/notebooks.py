@@ -11,7 +11,10 @@ markdown cell's lines start with ``# ``. Cell tags go in brackets: ``# %% tags=[
 from __future__ import annotations
 
 import argparse
+import datetime
+import importlib.metadata
 import json
+import platform
 import re
 import sys
 import time
@@ -82,6 +85,22 @@ def clean(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
     return nb
 
 
+def stamp(nb: nbformat.NotebookNode) -> dict[str, str]:
+    """Record in the notebook's metadata which versions produced its outputs, and when (UTC date).
+
+    The book shows it under the title (``_ext/verified_stamp.py``); nbval never compares metadata.
+    The kernel runs on this same interpreter, so these are the versions the outputs came from.
+    """
+    verified = {
+        "python": platform.python_version(),
+        "torch": importlib.metadata.version("torch"),
+        "onnxruntime": importlib.metadata.version("onnxruntime"),
+        "date": datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
+    }
+    nb.metadata.setdefault("mldeploy", {})["verified"] = verified
+    return verified
+
+
 def execute(path: Path, timeout: int = 600) -> float:
     """Execute a notebook top to bottom in its own folder and write it back; return seconds taken."""
     nb = nbformat.read(path, as_version=4)
@@ -90,6 +109,7 @@ def execute(path: Path, timeout: int = 600) -> float:
     client.execute()
     elapsed = time.perf_counter() - start
     nb = clean(nb)
+    stamp(nb)
     nbformat.write(nb, path)
     return elapsed
 

@@ -1,0 +1,489 @@
+"""Static checks of the book's sources: bilingual prose, glossary links, exercises, stamps.
+
+Used by tests/test_book_sources.py; each check returns a list of problems ("file, cell N: what"),
+so one test run names every offending cell at once.
+
+Sources are the markdown cells of ``notebooks/*.ipynb`` (located as "cell N", counted from 0 like
+nbformat and JupyterLab's cell list) and the pages ``chapters/*.md`` (located as "line N").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import nbformat
+
+CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+LATIN = re.compile(r"[A-Za-z]")
+OPEN = re.compile(r'^<div lang="(zh|en)">\s*$')
+CLOSE = re.compile(r"^</div>\s*$")
+FENCE = re.compile(r"^\s*(```|~~~)")
+HEADING = re.compile(r"^#{1,6}\s")
+GLOSSARY_LINK = re.compile(r"\[(?P<text>[^\]]*)\]\((?P<path>[^)\s#]*glossary\.md)(?:#(?P<anchor>[^)\s]*))?\)")
+TERM_ANCHOR = re.compile(r'^<a id="(?P<id>[A-Za-z0-9_-]+)"></a>\s*$')
+TERM_HEADING = re.compile(r"^### (?P<zh>.+?) · (?P<en>.+?) (?P<ipa>/[^/]+/)\s*$")
+EXERCISES = re.compile(r"^#{2,3}\s.*练习.*Exercises", re.IGNORECASE)
+SOLUTION_TAG = "hide-input"
+
+
+@dataclass
+class Source:
+    """One markdown source: a notebook's markdown cell or a whole chapter page."""
+
+    path: Path
+    where: str  # "cell 3" or "line 1"
+    text: str
+    first_line: int = 1
+
+
+@dataclass
+class Block:
+    """A stretch of markdown: inside a language block (lang 'zh'/'en') or shared (lang None)."""
+
+    lang: str | None
+    text: str
+    line: int
+
+
+def markdown_sources(path: Path) -> list[Source]:
+    """The markdown a reader sees: every markdown cell of a notebook, or a whole .md page."""
+    if path.suffix == ".ipynb":
+        cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+        return [
+            Source(path, f"cell {i}", "".join(c["source"]))
+            for i, c in enumerate(cells)
+            if c["cell_type"] == "markdown"
+        ]
+    return [Source(path, "line 1", path.read_text(encoding="utf-8"))]
+
+
+def _where(source: Source, line: int) -> str:
+    if source.where.startswith("cell"):
+        return f"{source.path.name}, {source.where} (line {line})"
+    return f"{source.path.name}, line {line}"
+
+
+def split_blocks(source: Source) -> tuple[list[Block], list[str]]:
+    """Cut a source into language blocks and shared paragraphs; report malformed markup.
+
+    Code fences, math blocks and MyST front matter are dropped: they belong to both languages.
+    """
+    lines = source.text.split("\n")
+    problems: list[str] = []
+    blocks: list[Block] = []
+    lang: str | None = None
+    start = 0
+    buffer: list[str] = []
+    fence: str | None = None
+    in_math = False
+    i = 0
+    if lines and lines[0].strip() == "---" and source.path.suffix == ".md":  # front matter
+        end = next((k for k in range(1, len(lines)) if lines[k].strip() == "---"), 0)
+        i = end + 1
+
+    def flush(upto: int) -> None:
+        nonlocal buffer
+        if lang is not None:
+            blocks.append(Block(lang, "\n".join(buffer), start + 1))
+        else:  # shared text: one block per paragraph
+            para: list[str] = []
+            first = start
+            for k, line in enumerate(buffer + [""]):
+                if line.strip():
+                    if not para:
+                        first = start + k
+                    para.append(line)
+                elif para:
+                    blocks.append(Block(None, "\n".join(para), first + 1))
+                    para = []
+        buffer = []
+
+    while i < len(lines):
+        line = lines[i]
+        stripped = line.strip()
+        if fence:
+            if stripped.startswith(fence):
+                fence = None
+            i += 1
+            continue
+        if in_math:
+            in_math = not stripped.endswith("$$")
+            i += 1
+            continue
+        match = FENCE.match(line)
+        if match:
+            fence = match.group(1)
+            i += 1
+            continue
+        if stripped.startswith("$$"):
+            in_math = not (len(stripped) > 2 and stripped.endswith("$$"))
+            i += 1
+            continue
+        opened = OPEN.match(stripped)
+        if opened:
+            if lang is not None:
+                problems.append(f"{_where(source, i + 1)}: <div lang> opened inside another language block")
+            flush(i)
+            lang, start = opened.group(1), i + 1
+            if i + 1 < len(lines) and lines[i + 1].strip():
+                problems.append(
+                    f"{_where(source, i + 1)}: blank line needed after <div lang=\"{lang}\"> "
+                    "(without it JupyterLab and GitHub show the markdown raw)"
+                )
+            i += 1
+            continue
+        if CLOSE.match(stripped) and lang is not None:
+            if i > 0 and lines[i - 1].strip():
+                problems.append(f"{_where(source, i + 1)}: blank line needed before </div>")
+            flush(i)
+            lang, start = None, i + 1
+            i += 1
+            continue
+        if "<div lang" in line:
+            problems.append(f"{_where(source, i + 1)}: write <div lang=\"zh\"> / <div lang=\"en\"> alone on its line")
+        if not buffer and lang is None:
+            start = i
+        buffer.append(line)
+        i += 1
+    if lang is not None:
+        problems.append(f"{_where(source, start)}: <div lang=\"{lang}\"> is never closed")
+    flush(len(lines))
+    return blocks, problems
+
+
+def _shared_is_fine(text: str) -> str | None:
+    """Why a paragraph outside the language blocks is wrong, or None if it belongs to both."""
+    first = text.lstrip().split("\n")[0]
+    if HEADING.match(first):
+        heading = "\n".join(line for line in text.split("\n") if HEADING.match(line))
+        rest = "\n".join(line for line in text.split("\n") if not HEADING.match(line))
+        if not (CJK.search(heading) and LATIN.search(heading)):
+            return "heading is not bilingual (write `## 5.N.k 中文 · English`)"
+        return _shared_is_fine(rest) if rest.strip() else None
+    if first.lstrip().startswith("|"):  # a table: shared, but a Chinese cell needs its English
+        for row in text.split("\n"):
+            for cell in row.strip().strip("|").split("|"):
+                if CJK.search(cell) and not LATIN.search(cell):
+                    return f"table cell {cell.strip()!r} has no English (write `中文 · English`)"
+        return None
+    items = [line for line in text.split("\n") if line.strip()]
+    if all(re.match(r"\s*([-*+]|\d+\.)\s", line) for line in items):  # a shared list, e.g. of sections
+        for line in items:
+            words = re.sub(r"\]\([^)]*\)", "]", line)  # a link's target is not its text
+            if CJK.search(words) and not LATIN.search(words):
+                return f"list item {line.strip()!r} has no English (write `中文 · English`)"
+            if not CJK.search(line) and not re.fullmatch(r"[^A-Za-z]*\[[^\]]*\]\([^)]*\)[^A-Za-z]*", line.strip()):
+                return "prose outside a <div lang=\"zh\"> / <div lang=\"en\"> block"
+        return None
+    # images, anchors, rules, MyST targets: no words of their own
+    bare = re.sub(r"!\[[^\]]*\]\([^)]*\)|<[^>]+>|\(\w[\w-]*\)=|^[-*_]{3,}\s*$", "", text, flags=re.M)
+    if not (CJK.search(bare) or LATIN.search(bare)):
+        return None
+    return "prose outside a <div lang=\"zh\"> / <div lang=\"en\"> block"
+
+
+def bilingual_problems(path: Path) -> list[str]:
+    """Every prose paragraph has a Chinese block followed by its English block."""
+    problems: list[str] = []
+    for source in markdown_sources(path):
+        blocks, malformed = split_blocks(source)
+        problems += malformed
+        order = []
+        for block in blocks:
+            if block.lang is None:
+                reason = _shared_is_fine(block.text)
+                if reason:
+                    snippet = block.text.strip().split("\n")[0][:60]
+                    problems.append(f"{_where(source, block.line)}: {reason}: {snippet!r}")
+                continue
+            order.append(block)
+            if block.lang == "zh" and not CJK.search(block.text):
+                problems.append(f"{_where(source, block.line)}: the zh block has no Chinese text")
+            if block.lang == "en" and (not LATIN.search(block.text) or len(CJK.findall(block.text)) > len(LATIN.findall(block.text))):
+                problems.append(f"{_where(source, block.line)}: the en block is not English text")
+        langs = [b.lang for b in order]
+        for k in range(0, len(langs), 2):
+            pair = langs[k:k + 2]
+            if pair != ["zh", "en"]:
+                line = order[k].line
+                missing = "en" if pair[:1] == ["zh"] else "zh"
+                problems.append(
+                    f"{_where(source, line)}: a {pair[0]} block without its {missing} partner "
+                    "(each paragraph: Chinese block, then English block)"
+                )
+                break
+    return problems
+
+
+# --- glossary --------------------------------------------------------------------------------
+
+
+@dataclass
+class Term:
+    """One glossary entry, as written in chapters/glossary.md."""
+
+    anchor: str
+    zh: str
+    en: str
+    ipa: str
+
+    def names(self, lang: str) -> list[str]:
+        """What counts as a use of the term in a block of that language."""
+        english = re.sub(r"\s*\(([^)]*)\)", "", self.en).strip()
+        abbreviation = re.findall(r"\(([^)]*)\)", self.en)
+        proper = [n for n in [english, *abbreviation] if _is_proper(n)]
+        if lang == "zh":
+            return ([self.zh] if CJK.search(self.zh) else []) + proper
+        return [english, *abbreviation]
+
+
+def _is_proper(name: str) -> bool:
+    """Names written the same in both languages (ONNX, INT8, torch.export)."""
+    return bool(re.search(r"[A-Z0-9.]", name))
+
+
+def glossary_terms(glossary: Path) -> list[Term]:
+    """Entries: an ``<a id>`` line, then ``### 中文 · English /IPA/``."""
+    lines = glossary.read_text(encoding="utf-8").split("\n")
+    terms = []
+    for i, line in enumerate(lines):
+        anchor = TERM_ANCHOR.match(line)
+        if not anchor:
+            continue
+        heading = next((l for l in lines[i + 1:i + 4] if l.strip()), "")
+        match = TERM_HEADING.match(heading)
+        if match:
+            terms.append(Term(anchor.group("id"), match.group("zh"), match.group("en"), match.group("ipa")))
+        else:
+            terms.append(Term(anchor.group("id"), "", "", ""))
+    return terms
+
+
+def glossary_problems(glossary: Path) -> list[str]:
+    """Each entry: a unique anchor, both names, IPA, and a definition in each language."""
+    problems = []
+    terms = glossary_terms(glossary)
+    seen: set[str] = set()
+    for term in terms:
+        if term.anchor in seen:
+            problems.append(f"glossary: anchor #{term.anchor} is used twice")
+        seen.add(term.anchor)
+        if not term.zh:
+            problems.append(f"glossary: #{term.anchor} must be followed by `### 中文 · English /IPA/`")
+    text = glossary.read_text(encoding="utf-8")
+    for term, nxt in zip(terms, terms[1:] + [None]):
+        start = text.index(f'<a id="{term.anchor}">')
+        end = text.index(f'<a id="{nxt.anchor}">') if nxt else len(text)
+        entry = text[start:end]
+        if not (re.search(r'<div lang="zh">\s*\n\s*\S', entry) and re.search(r'<div lang="en">\s*\n\s*\S', entry)):
+            problems.append(f"glossary: #{term.anchor} needs a one-line definition in both languages")
+    return problems
+
+
+def glossary_links(source: Source) -> list[tuple[str, str | None, str]]:
+    """(path, anchor, text) of every glossary link in a source."""
+    return [(m.group("path"), m.group("anchor"), m.group("text")) for m in GLOSSARY_LINK.finditer(source.text)]
+
+
+def link_problems(path: Path, glossary: Path, folder: Path | None = None) -> list[str]:
+    """Every link to the glossary points at the real file and at an existing anchor.
+
+    ``folder`` is where the file sits in the book (default: where it is), for test fixtures.
+    """
+    anchors = {t.anchor for t in glossary_terms(glossary)}
+    problems = []
+    for source in markdown_sources(path):
+        for target, anchor, text in glossary_links(source):
+            where = f"{path.name}, {source.where}" if path.suffix == ".ipynb" else path.name
+            if ((folder or path.parent) / target).resolve() != glossary.resolve():
+                problems.append(f"{where}: [{text}]({target}) does not lead to chapters/glossary.md")
+            elif anchor is not None and anchor not in anchors:
+                problems.append(f"{where}: [{text}](…#{anchor}): no such glossary entry")
+    return problems
+
+
+def _mask(text: str, spans: list[tuple[int, int]]) -> str:
+    chars = list(text)
+    for a, b in spans:
+        chars[a:b] = " " * (b - a)
+    return "".join(chars)
+
+
+def _pattern(name: str, lang: str) -> re.Pattern:
+    if CJK.search(name):
+        return re.compile(re.escape(name))
+    stem = re.escape(name)
+    plural = r"(?:s|es)?" if not name.endswith("y") else ""
+    if name.endswith("y") and not _is_proper(name):
+        stem = re.escape(name[:-1]) + r"(?:y|ies)"
+    flags = 0 if _is_proper(name) else re.IGNORECASE
+    return re.compile(rf"(?<![\w.-]){stem}{plural}(?![\w-])", flags)
+
+
+ANY_LINK = re.compile(r"!?\[[^\]]*\]\([^)]*\)")
+NOT_PROSE = re.compile(r"`[^`]*`|<[^>]+>|https?://\S+")
+
+
+@dataclass
+class Unlinked:
+    """The first use of a term in one language that does not link to the glossary."""
+
+    source: Source
+    index: int  # position in markdown_sources(path)
+    lang: str
+    term: Term
+    offset: int  # in source.text
+    word: str
+
+
+def _block_offset(source: Source, block: Block) -> int:
+    return sum(len(line) + 1 for line in source.text.split("\n")[: block.line - 1])
+
+
+def first_unlinked_uses(path: Path, glossary: Path) -> list[Unlinked]:
+    """The first use of each glossary term in each language's prose links to its entry.
+
+    A use is the term's name in a block of that language (zh: the Chinese name and names written
+    the same in both languages such as ONNX; en: the English name or abbreviation, any case, plural
+    allowed). Not uses: inline code, text inside any link, HTML tags, URLs, and longer glossary
+    names that contain the name (动态量化 is not a use of 量化).
+    """
+    terms = glossary_terms(glossary)
+    found = []
+    sources = markdown_sources(path)
+    for lang in ("zh", "en"):
+        texts: list[tuple[int, Source, Block]] = []
+        for index, source in enumerate(sources):
+            blocks, _ = split_blocks(source)
+            texts += [(index, source, b) for b in blocks if b.lang == lang]
+        for term in terms:
+            names = term.names(lang)
+            longer = [n for t in terms if t is not term for n in t.names(lang) if any(m in n and m != n for m in names)]
+            for index, source, block in texts:
+                text = block.text
+                links = [m for m in GLOSSARY_LINK.finditer(text)]
+                masked = _mask(text, [m.span() for m in ANY_LINK.finditer(text)] + [m.span() for m in NOT_PROSE.finditer(text)])
+                masked = _mask(masked, [m.span() for n in longer for m in _pattern(n, lang).finditer(masked)])
+                uses = sorted((m.start(), m.group()) for n in names for m in _pattern(n, lang).finditer(masked))
+                linked = [m.start() for m in links if m.group("anchor") == term.anchor]
+                if not uses and not linked:
+                    continue
+                if uses and (not linked or uses[0][0] < linked[0]):
+                    offset = _block_offset(source, block) + uses[0][0]
+                    found.append(Unlinked(source, index, lang, term, offset, uses[0][1]))
+                break  # only the first block that mentions the term matters
+    return found
+
+
+def first_use_problems(path: Path, glossary: Path) -> list[str]:
+    """Messages for :func:`first_unlinked_uses`."""
+    problems = []
+    for u in first_unlinked_uses(path, glossary):
+        where = f"{path.name}, {u.source.where}" if path.suffix == ".ipynb" else path.name
+        context = u.source.text[u.offset:u.offset + 30].split("\n")[0]
+        problems.append(
+            f"{where}: first {u.lang} use of {u.term.en!r} ({context!r}…) should be "
+            f"[{u.word}]({_relative(glossary, path)}#{u.term.anchor})"
+        )
+    return problems
+
+
+def _relative(glossary: Path, path: Path) -> str:
+    return Path(os.path.relpath(glossary.resolve(), path.resolve().parent)).as_posix()
+
+
+def link_first_uses(path: Path, glossary: Path) -> int:
+    """Turn each first unlinked use into a glossary link, in place; return how many were linked."""
+    count = 0
+    for _ in range(1000):  # each pass links one use; positions move after every edit
+        found = first_unlinked_uses(path, glossary)
+        if not found:
+            break
+        u = found[0]
+        text = u.source.text
+        linked = f"[{u.word}]({_relative(glossary, path)}#{u.term.anchor})"
+        text = text[:u.offset] + linked + text[u.offset + len(u.word):]
+        if path.suffix == ".ipynb":
+            nb = nbformat.read(path, as_version=4)
+            cells = [c for c in nb.cells if c.cell_type == "markdown"]
+            cells[u.index].source = text
+            nbformat.write(nb, path)
+        else:
+            path.write_text(text, encoding="utf-8")
+        count += 1
+    return count
+
+
+# --- exercises and stamps --------------------------------------------------------------------
+
+
+def exercise_problems(path: Path) -> list[str]:
+    """An exercises section (`## 5.N.k 练习 · Exercises`) followed by runnable solution cells."""
+    cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+    start = next(
+        (i for i, c in enumerate(cells) if c["cell_type"] == "markdown"
+         and any(EXERCISES.match(line) for line in "".join(c["source"]).split("\n"))),
+        None,
+    )
+    if start is None:
+        return [f"{path.name}: no exercises section (a heading `## 5.N.k 练习 · Exercises`)"]
+    solutions = [
+        (i, c) for i, c in enumerate(cells[start:], start)
+        if c["cell_type"] == "code" and SOLUTION_TAG in c.get("metadata", {}).get("tags", [])
+    ]
+    if not solutions:
+        return [f"{path.name}: exercises (cell {start}) have no solution code cell tagged {SOLUTION_TAG!r}"]
+    problems = []
+    for i, cell in solutions:
+        source = "".join(cell["source"])
+        if "NBVAL_SKIP" in source or "raises-exception" in cell.get("metadata", {}).get("tags", []):
+            problems.append(f"{path.name}, cell {i}: a solution must run under nbval, not be skipped")
+        if not source.strip():
+            problems.append(f"{path.name}, cell {i}: empty solution cell")
+    return problems
+
+
+def stamp_problems(path: Path, pins: dict[str, str]) -> list[str]:
+    """`make refresh` wrote a verified-with stamp matching the pinned versions."""
+    verified = json.loads(path.read_text(encoding="utf-8"))["metadata"].get("mldeploy", {}).get("verified")
+    if not verified:
+        return [f"{path.name}: no verified-with stamp in its metadata: run `make refresh` on it"]
+    problems = []
+    for key in ("python", "torch", "onnxruntime", "date"):
+        if not verified.get(key):
+            problems.append(f"{path.name}: stamp lacks {key!r}")
+    for package, pinned in pins.items():
+        produced = str(verified.get(package, "")).split("+")[0]
+        if produced and produced != pinned:
+            problems.append(
+                f"{path.name}: outputs were produced with {package} {produced}, the pin is {pinned}: run `make refresh`"
+            )
+    if verified.get("date") and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", verified["date"]):
+        problems.append(f"{path.name}: stamp date {verified['date']!r} is not YYYY-MM-DD")
+    return problems
+
+
+def pinned_versions(requirements: Path, packages: tuple[str, ...] = ("torch", "onnxruntime")) -> dict[str, str]:
+    """`name==version` pins of the given packages."""
+    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==([^\s;#]+)", requirements.read_text(encoding="utf-8"), re.M))
+    return {p: pins[p] for p in packages if p in pins}
+
+
+def main(argv: list[str]) -> int:
+    """``python tests/bookcheck.py link-first-uses FILE...``: link first uses of glossary terms."""
+    if len(argv) < 2 or argv[0] != "link-first-uses":
+        print(main.__doc__, file=sys.stderr)
+        return 2
+    glossary = Path(__file__).resolve().parents[1] / "chapters" / "glossary.md"
+    for name in argv[1:]:
+        print(f"{name}: linked {link_first_uses(Path(name), glossary)} first uses")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

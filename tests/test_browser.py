@@ -1,0 +1,434 @@
+"""The built book in a real browser (Debian's chromium driven by playwright, headless).
+
+A temporary copy of the book, with the sample section tests/fixtures/5.0-sample.ipynb added, is
+built once and served from a loopback port. For every page: the language switch hides and shows
+the right prose, the choice survives navigation, reloads and ?lang= links, nothing 404s and the
+console stays clean. Screenshots of each page in both single-language modes land in
+_build/screenshots/ (git-ignored) for a human to look at.
+
+Outside CI a missing chromium skips these tests; with CI=true it fails them.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from functools import partial
+from html.parser import HTMLParser
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import nbformat
+import pytest
+import yaml
+
+from mldeploy.paths import REPO_ROOT
+
+pytestmark = pytest.mark.book
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_FLAGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+SAMPLE = Path(__file__).parent / "fixtures" / "5.0-sample.ipynb"
+SCREENSHOTS = REPO_ROOT / "_build" / "screenshots"
+BOOK_FILES = ["_config.yml", "_static", "_ext", "chapters", "notebooks"]
+
+
+def _require_chromium() -> None:
+    if CHROMIUM.exists():
+        return
+    message = f"{CHROMIUM} is missing: apt-get install -y chromium (.ci/run does it)"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def _toc_files(toc: dict) -> list[str]:
+    files = [toc["root"]]
+    for entry in toc.get("chapters", []) + [c for part in toc.get("parts", []) for c in part.get("chapters", [])]:
+        files.append(entry["file"])
+    return files
+
+
+@pytest.fixture(scope="session")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Build a copy of the book plus the sample section; return its html folder."""
+    book = tmp_path_factory.mktemp("book")
+    for name in BOOK_FILES:
+        source = REPO_ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, book / name, ignore=shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__"))
+        elif source.exists():
+            shutil.copy2(source, book / name)
+    (book / "notebooks").mkdir(exist_ok=True)
+    shutil.copy2(SAMPLE, book / "notebooks" / SAMPLE.name)
+    toc = yaml.safe_load((REPO_ROOT / "_toc.yml").read_text(encoding="utf-8"))
+    # with_suffix would eat "5.1-model-export" after the dot: append instead
+    present = [f for f in _toc_files(toc)[1:] if any((book / (f + s)).exists() for s in ("", ".md", ".ipynb"))]
+    sample = f"notebooks/{SAMPLE.stem}"
+    chapters = [f for f in present if f.startswith("notebooks/")] + [sample] + [f for f in present if not f.startswith("notebooks/")]
+    (book / "_toc.yml").write_text(
+        yaml.safe_dump({"format": "jb-book", "root": toc["root"], "chapters": [{"file": f} for f in chapters]}),
+        encoding="utf-8",
+    )
+    jb = Path(sys.executable).with_name("jupyter-book")
+    proc = subprocess.run(
+        [str(jb), "build", str(book), "--builder", "html", "--warningiserror", "--keep-going", "--quiet"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return book / "_build" / "html"
+
+
+@pytest.fixture(scope="session")
+def pages(site: Path) -> list[str]:
+    """Every content page, relative to the site root (search and index pages excluded)."""
+    skip = {"search.html", "genindex.html"}
+    return sorted(
+        p.relative_to(site).as_posix()
+        for p in site.rglob("*.html")
+        if not p.relative_to(site).parts[0].startswith("_") and p.name not in skip and p.name != "index.html"
+    )
+
+
+class _Quiet(SimpleHTTPRequestHandler):
+    failures: list[str]
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the stdlib's name
+        pass
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        if str(code).isdigit() and int(code) >= 400:
+            self.failures.append(f"{code} {self.path}")
+
+
+@pytest.fixture(scope="session")
+def server(site: Path):
+    """A static HTTP server for the site on a free loopback port; yields (base URL, failures)."""
+    failures: list[str] = []
+    handler = type("Handler", (_Quiet,), {"failures": failures})
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(handler, directory=str(site)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/", failures
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture(scope="session")
+def browser():
+    _require_chromium()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    """A fresh browser context (empty localStorage) that records console errors and 404s."""
+    base, failures = server
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, device_scale_factor=1)
+    context.set_default_timeout(10_000)
+    tab = context.new_page()
+    errors: list[str] = []
+    tab.on("console", lambda msg: errors.append(f"console {msg.type}: {msg.text}") if msg.type == "error" else None)
+    tab.on("pageerror", lambda exc: errors.append(f"page error: {exc}"))
+    tab.on("response", lambda r: errors.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+    tab.base = base
+    yield tab
+    context.close()
+    assert not errors, "\n".join(errors + failures)
+    assert not failures, "\n".join(failures)
+
+
+def visible_texts(tab, lang: str) -> list[bool]:
+    """Visibility of each prose block of one language inside the article."""
+    return tab.eval_on_selector_all(
+        f'article [lang|="{lang}"]', "els => els.map(e => e.offsetParent !== null || e.getClientRects().length > 0)"
+    )
+
+
+def shared_content_visible(tab) -> None:
+    """Headings, code, outputs, tables and figures outside the language blocks never hide."""
+    selectors = ["article h1", "article h2", "article .cell:not(.tag_hide-input) .cell_input", "article .cell_output",
+                 "article table", "article img"]
+    for selector in selectors:
+        hidden = tab.eval_on_selector_all(
+            selector,
+            "els => els.filter(e => !e.parentElement.closest('article [lang]'))"
+            ".filter(e => !(e.offsetParent !== null || e.getClientRects().length > 0)).map(e => e.outerHTML.slice(0, 80))",
+        )
+        assert not hidden, f"{selector} hidden on {tab.url}: {hidden}"
+
+
+def test_switch_hides_the_other_language_on_every_page(page, pages) -> None:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    for name in pages:
+        page.goto(page.base + name)
+        assert page.get_attribute("html", "data-lang-mode") == "both"
+        zh, en = visible_texts(page, "zh"), visible_texts(page, "en")
+        assert zh and en and all(zh) and all(en), f"{name}: both languages should show by default"
+        assert page.locator(".lang-switch button").all_inner_texts() == ["中文", "English", "双语"]
+        for mode, hidden, shown, html_lang in [("English", "zh", "en", "en"), ("中文", "en", "zh", "zh-CN")]:
+            page.get_by_role("button", name=mode, exact=True).click()
+            assert not any(visible_texts(page, hidden)), f"{name}: {hidden} prose still visible in {mode} mode"
+            assert all(visible_texts(page, shown)), f"{name}: {shown} prose hidden in {mode} mode"
+            assert page.get_attribute("html", "lang") == html_lang
+            assert page.get_attribute(f'.lang-switch button[data-mode="{shown}"]', "aria-pressed") == "true"
+            shared_content_visible(page)
+            page.screenshot(path=str(SCREENSHOTS / f"{name.replace('/', '_')[:-5]}-{shown}.png"), full_page=True)
+        page.reload()
+        assert page.get_attribute("html", "data-lang-mode") == "zh", f"{name}: choice lost on reload"
+        page.get_by_role("button", name="双语", exact=True).click()
+        assert all(visible_texts(page, "zh")) and all(visible_texts(page, "en"))
+        assert page.get_attribute("html", "lang") == "en"
+
+
+def test_choice_survives_navigation(page, pages) -> None:
+    root = yaml.safe_load((REPO_ROOT / "_toc.yml").read_text(encoding="utf-8"))["root"]
+    page.goto(page.base + root + ".html")
+    page.get_by_role("button", name="English", exact=True).click()
+    for _ in range(len(pages) - 1):  # walk the whole book in reading order
+        page.locator("a.right-next").first.click()  # the "next page" link at the bottom
+        page.wait_for_load_state()
+        assert page.get_attribute("html", "data-lang-mode") == "en", page.url
+        assert not any(visible_texts(page, "zh")), page.url
+
+
+def test_lang_url_parameter_sets_and_keeps_the_choice(page, pages) -> None:
+    glossary = next(p for p in pages if p.endswith("glossary.html"))
+    page.goto(page.base + glossary + "?lang=en")
+    assert page.get_attribute("html", "data-lang-mode") == "en"
+    assert not any(visible_texts(page, "zh"))
+    page.get_by_role("button", name="中文", exact=True).click()
+    assert "lang=zh" in page.url  # a reload of the shared link keeps the reader's new choice
+    page.goto(page.base + pages[0])
+    assert page.get_attribute("html", "data-lang-mode") == "zh"
+    page.goto(page.base + pages[0] + "?lang=bogus")
+    assert page.get_attribute("html", "data-lang-mode") == "zh"
+
+
+def test_glossary_links_and_stamp_render(page, pages) -> None:
+    sample = next(p for p in pages if SAMPLE.stem in p)
+    page.goto(page.base + sample)
+    stamp = page.locator(".verified-stamp").inner_text()
+    assert re.search(r"验证环境：Verified with Python 3\.\d+\.\d+ · torch \S+ · onnxruntime \S+ · 输出生成于 outputs produced \d{4}-\d\d-\d\d$", stamp), stamp
+    page.get_by_role("button", name="English", exact=True).click()
+    assert page.locator(".verified-stamp").inner_text().startswith("Verified with Python")
+    # the reader can download the notebook itself
+    assert page.locator(f'a[href$="_sources/notebooks/{SAMPLE.name}"]').count() == 1
+    # the solution's source is behind a toggle, its output is shown
+    solution = page.locator("article .cell.tag_hide-input").first
+    assert not solution.locator(".cell_input pre").first.is_visible()
+    assert solution.locator(".cell_output").first.is_visible()
+    page.locator('article a[href$="glossary.html#inference"]:visible').first.click()
+    page.wait_for_load_state()
+    assert page.url.endswith("glossary.html#inference")
+    assert page.locator("#inference").count() == 1
+
+
+def test_search_finds_chinese_and_english_words(page) -> None:
+    for query in ["推理", "inference"]:
+        page.goto(page.base + f"search.html?q={query}")
+        page.wait_for_selector("#search-results li", timeout=10_000)
+        assert "glossary" in page.locator("#search-results").inner_html(), query
+
+
+class _Links(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.targets: list[str] = []
+        self.ids: set[str] = set()
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        values = dict(attrs)
+        if values.get("id"):
+            self.ids.add(values["id"])
+        for key in ("href", "src"):
+            if values.get(key) and not (tag == "link" and values.get("rel") in ("preconnect", "dns-prefetch")):
+                self.targets.append(values[key])
+
+
+def test_every_local_link_and_image_resolves(site: Path) -> None:
+    parsed: dict[Path, _Links] = {}
+    for html in site.rglob("*.html"):
+        if html.relative_to(site).parts[0] == "_static":  # theme template fragments, not pages
+            continue
+        links = _Links()
+        links.feed(html.read_text(encoding="utf-8"))
+        parsed[html] = links
+    broken = []
+    for html, links in parsed.items():
+        for target in links.targets:
+            parts = urlsplit(target)
+            if parts.scheme or parts.netloc or target.startswith(("mailto:", "javascript:", "data:")):
+                continue
+            path = (html.parent / unquote(parts.path)).resolve() if parts.path else html
+            if path.is_dir():
+                path = path / "index.html"
+            if not path.exists():
+                broken.append(f"{html.relative_to(site)}: {target}")
+            elif parts.fragment and path.suffix == ".html" and path in parsed and unquote(parts.fragment) not in parsed[path].ids:
+                broken.append(f"{html.relative_to(site)}: {target} (no such anchor)")
+    assert not broken, "\n".join(sorted(set(broken)))
+    borrowed = [str(h.relative_to(site)) for h in parsed if "executablebooks/jupyter-book" in h.read_text(encoding="utf-8")]
+    assert not borrowed, f"links to jupyter-book's repository instead of this book's: {borrowed}"
+
+
+PAGE_BUDGET = 4_000_000  # bytes a first visit to one page may transfer
+
+
+def test_page_weight(browser, server, pages, site: Path) -> None:
+    """Bytes a first visit to each page transfers (cold cache), and the whole site on disk.
+
+    Written to _build/page-weight.txt; `make page-weight` prints it.
+    """
+    base, _ = server
+    lines = ["     raw   gzipped  requests  page (first visit, empty cache)"]
+
+    @functools.lru_cache(maxsize=None)
+    def gzipped(url: str) -> int:  # what a web server that compresses would send
+        path = site / unquote(urlsplit(url).path).lstrip("/")
+        return len(gzip.compress(path.read_bytes(), 6)) if path.is_file() else 0
+
+    for name in pages:
+        context = browser.new_context()
+        responses: list[tuple[str, int]] = []
+        tab = context.new_page()
+        tab.on("response", lambda r: responses.append((r.url, int(r.headers.get("content-length", 0)))))
+        tab.goto(base + name, wait_until="networkidle")
+        context.close()
+        raw, packed = sum(n for _, n in responses), sum(gzipped(u) for u, _ in responses)
+        lines.append(f"{raw / 1e6:6.2f} MB {packed / 1e6:6.2f} MB  {len(responses):6d}    {name}")
+        assert raw < PAGE_BUDGET, lines[-1]
+    total = sum(f.stat().st_size for f in site.rglob("*") if f.is_file())
+    lines.append(f"{total / 1e6:6.2f} MB  whole site on disk ({sum(1 for f in site.rglob('*.html'))} HTML files)")
+    report = REPO_ROOT / "_build" / "page-weight.txt"
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print("\n" + "\n".join(lines))
+
+
+def test_nbconvert_lab_rendering_shows_no_raw_markup(browser, tmp_path: Path) -> None:
+    """Each notebook rendered to HTML with nbconvert's lab template (as exported and on many viewers)."""
+    from nbconvert import HTMLExporter
+
+    exporter = HTMLExporter(template_name="lab")
+    context = browser.new_context()
+    try:
+        tab = context.new_page()
+        for notebook in sorted((REPO_ROOT / "notebooks").glob("*.ipynb")) + [SAMPLE]:
+            body, _ = exporter.from_notebook_node(nbformat.read(notebook, as_version=4))
+            out = tmp_path / (notebook.stem + ".html")
+            out.write_text(body, encoding="utf-8")
+            tab.goto(out.as_uri())
+            text = tab.locator(".jp-MarkdownOutput").all_inner_texts()
+            joined = "\n".join(text)
+            assert "<div" not in joined and "</div>" not in joined, f"{notebook.name}: raw markup visible"
+            assert re.search(r"[\u4e00-\u9fff]", joined) and re.search(r"\b(the|and|of)\b", joined), notebook.name
+            assert tab.locator('.jp-MarkdownOutput div[lang="zh"]').count() == tab.locator('.jp-MarkdownOutput div[lang="en"]').count() > 0
+            raw_markdown = re.findall(r"(?m)^\s*(?:\*\*\S|#{1,6} )", joined)
+            assert not raw_markdown, f"{notebook.name}: unrendered markdown {raw_markdown[:3]}"
+    finally:
+        context.close()
+
+
+@pytest.fixture(scope="module")
+def jupyterlab(tmp_path_factory: pytest.TempPathFactory):
+    """JupyterLab serving the repository on a free loopback port, without kernels; yields its URL."""
+    home = tmp_path_factory.mktemp("lab")
+    settings = home / "settings" / "@jupyterlab"
+    (settings / "notebook-extension").mkdir(parents=True)
+    (settings / "apputils-extension").mkdir(parents=True)
+    # render every cell up front (JupyterLab 4 otherwise renders only what is on screen); no news popup
+    (settings / "notebook-extension" / "tracker.jupyterlab-settings").write_text('{"windowingMode": "none"}')
+    (settings / "apputils-extension" / "notification.jupyterlab-settings").write_text('{"fetchNews": "false"}')
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {
+        **os.environ,
+        "JUPYTER_CONFIG_DIR": str(home / "config"),
+        "JUPYTER_RUNTIME_DIR": str(home / "runtime"),
+        "JUPYTERLAB_SETTINGS_DIR": str(home / "settings"),
+        "JUPYTERLAB_WORKSPACES_DIR": str(home / "workspaces"),
+    }
+    server = subprocess.Popen(
+        [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", "--ip=127.0.0.1", f"--port={port}",
+         f"--ServerApp.root_dir={REPO_ROOT}", "--IdentityProvider.token=", "--ServerApp.password=",
+         "--KernelSpecManager.allowed_kernelspecs=none",  # reading needs no kernel: none starts
+         "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        for _ in range(200):
+            try:
+                urllib.request.urlopen(url + "api", timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            pytest.fail("JupyterLab did not start")
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def test_student_view_in_jupyterlab_shows_no_raw_markup(browser, jupyterlab) -> None:
+    """What students see: each notebook opened in a real JupyterLab."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    context.set_default_timeout(30_000)
+    try:
+        tab = context.new_page()
+        for notebook in sorted((REPO_ROOT / "notebooks").glob("*.ipynb")) + [SAMPLE]:
+            markdown = sum(c.cell_type == "markdown" for c in nbformat.read(notebook, as_version=4).cells)
+            tab.goto(jupyterlab + "lab/tree/" + notebook.relative_to(REPO_ROOT).as_posix())
+            tab.wait_for_function(  # every markdown cell rendered, with its text
+                "n => { const r = [...document.querySelectorAll('.jp-MarkdownCell .jp-RenderedMarkdown')];"
+                " return r.length >= n && r.every(e => e.textContent.trim().length > 0); }",
+                arg=markdown,
+            )
+            dialog = tab.locator(".jp-Dialog button", has_text="No Kernel")  # asked because no kernel is allowed
+            try:
+                dialog.first.click(timeout=5_000)
+            except PlaywrightTimeout:
+                pass
+            texts = tab.locator(".jp-MarkdownCell .jp-RenderedMarkdown").all_inner_texts()
+            joined = "\n".join(texts)
+            assert "<div" not in joined and "</div>" not in joined, f"{notebook.name}: raw markup visible in JupyterLab"
+            raw_markdown = re.findall(r"(?m)^\s*(?:\*\*\S|#{1,6} |</?\w+[^>]*>$)", joined)
+            assert not raw_markdown, f"{notebook.name}: unrendered markdown {raw_markdown[:3]}"
+            # JupyterLab's sanitizer drops the lang attributes: students always see both languages
+            assert re.search(r"[\u4e00-\u9fff]{8}", joined) and re.search(r"\b(the|and|of)\b", joined), notebook.name
+            tab.screenshot(path=str(SCREENSHOTS / f"jupyterlab-{notebook.stem}.png"))
+    finally:
+        context.close()
