@@ -150,21 +150,36 @@ def single_thread() -> Iterator[None]:
 def _train(cfg: CharLMConfig, corpus: Corpus) -> CharMLP:
     set_seed(cfg.seed)
     model = CharMLP(cfg.context, cfg.embed, cfg.hidden)
-    data = torch.from_numpy(corpus.train.astype(np.int64))
-    generator = torch.Generator().manual_seed(cfg.seed)
-    offsets = torch.arange(cfg.context + 1)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.steps)
+    fit(model, corpus.train, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
+    return model
+
+
+def fit(model: CharMLP, ids: np.ndarray, *, steps: int, batch_size: int = 128, lr: float = 3e-3, seed: int = 0) -> float:
+    """Train ``model`` in place on random windows of ``ids``: AdamW, cosine schedule to zero.
+
+    Used for the first training and for the equal-budget fine-tuning of QAT and PTQ; returns the
+    mean loss of the last 50 steps.
+    """
+    if steps < 1 or batch_size < 1:
+        raise ValueError("steps and batch_size must be positive")
+    data = torch.from_numpy(ids.astype(np.int64))
+    generator = torch.Generator().manual_seed(seed)
+    offsets = torch.arange(model.context + 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    losses = []
     model.train()
-    for _ in range(cfg.steps):
-        starts = torch.randint(0, len(data) - cfg.context - 1, (cfg.batch_size,), generator=generator)
+    for _ in range(steps):
+        starts = torch.randint(0, len(data) - model.context - 1, (batch_size,), generator=generator)
         chunk = data[starts[:, None] + offsets]
         loss = F.cross_entropy(model(chunk[:, :-1]), chunk[:, -1])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
-    return model.eval()
+        losses.append(loss.item())
+    model.eval()
+    return float(np.mean(losses[-50:]))
 
 
 def cached_charlm(cfg: CharLMConfig = CharLMConfig(), corpus: Corpus | None = None) -> tuple[CharMLP, bool]:

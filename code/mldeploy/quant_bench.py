@@ -1,0 +1,99 @@
+"""The measurement bench of section 5.3: one trained character LM, fixed calibration and held-out
+windows, and one record per quantized variant (bytes, perplexity, KL and agreement vs FP32)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mldeploy import charlm, export, runtime, sizes
+from mldeploy.fake_quant import QuantSpec, packed_bytes
+from mldeploy.paths import artifacts_dir
+
+
+@dataclass
+class LMBench:
+    """Everything the variants are measured against."""
+
+    model: charlm.CharMLP
+    corpus: charlm.Corpus
+    calibration: np.ndarray  # windows from the training files
+    x: np.ndarray  # held-out windows and their next characters
+    y: np.ndarray
+    reference: np.ndarray  # FP32 PyTorch logits on ``x``
+    out_dir: Path
+    fp32_onnx: Path
+    was_cached: bool
+
+
+def lm_bench(cfg: charlm.CharLMConfig = charlm.CharLMConfig(), n_calibration: int = 8192, n_eval: int = 8192) -> LMBench:
+    """Train (or load) the model, draw the windows, export the FP32 ONNX file."""
+    corpus = charlm.load_corpus()
+    model, cached = charlm.cached_charlm(cfg, corpus)
+    calibration, _ = charlm.sample_windows(corpus.train, cfg.context, n_calibration, seed=1)
+    x, y = charlm.sample_windows(corpus.valid, cfg.context, n_eval, seed=2)
+    out = artifacts_dir("5.3", cfg.key())
+    fp32 = out / "charlm_fp32.onnx"
+    if not fp32.is_file():
+        export.export_onnx(model, torch.from_numpy(x[:4]), fp32)
+    return LMBench(model, corpus, calibration, x, y, charlm.logits_of(model, x), out, fp32, cached)
+
+
+@dataclass(frozen=True)
+class Point:
+    """One variant on the accuracy–size plane; ``on_disk`` is False when the size is an estimate."""
+
+    name: str
+    family: str
+    bytes: int
+    perplexity: float
+    kl: float
+    agreement: float
+    on_disk: bool = True
+
+
+def onnx_point(bench: LMBench, name: str, family: str, path: str | Path) -> Point:
+    """Measure an ONNX file with ONNX Runtime on the held-out windows."""
+    logits = charlm.session_logits(runtime.make_session(path), bench.x)
+    m = charlm.lm_metrics(logits, bench.y, bench.reference)
+    return Point(name, family, sizes.artifact_bytes(path), m.perplexity, m.kl, m.agreement)
+
+
+def torch_point(bench: LMBench, name: str, family: str, model: torch.nn.Module, n_bytes: int, on_disk: bool = False) -> Point:
+    """Measure a PyTorch model (fake-quantized weights) whose packed size is ``n_bytes``."""
+    m = charlm.lm_metrics(charlm.logits_of(model, bench.x), bench.y, bench.reference)
+    return Point(name, family, n_bytes, m.perplexity, m.kl, m.agreement, on_disk)
+
+
+def estimated_bytes(bench: LMBench, spec: QuantSpec) -> int:
+    """Size of the FP32 file with every Linear weight bit-packed at ``spec`` (for widths that have no
+    ONNX Runtime kernel, such as 3 bits)."""
+    total = sizes.artifact_bytes(bench.fp32_onnx)
+    for layer in bench.model.linears().values():
+        w = layer.weight
+        total += packed_bytes(w.numel(), spec, w.shape[0]) - 4 * w.numel()
+    return total
+
+
+def points_table(points: list[Point], fp32_bytes: int) -> str:
+    """Text table: variant, size, compression, perplexity, change, KL and agreement vs FP32."""
+    base = next(p.perplexity for p in points if p.family == "FP32")
+    lines = [f"{'variant':<26}{'KiB':>9}{'×':>7}{'ppl':>8}{'Δppl':>8}{'KL':>9}{'agree':>7}"]
+    for p in points:
+        size = f"{p.bytes / 1024:.1f}" + ("" if p.on_disk else "*")
+        lines.append(
+            f"{p.name:<26}{size:>9}{fp32_bytes / p.bytes:>7.2f}{p.perplexity:>8.3f}"
+            f"{100 * (p.perplexity / base - 1):>+7.2f}%{p.kl:>9.4f}{p.agreement:>7.3f}"
+        )
+    return "\n".join(lines)
+
+
+def latency_ms(path: str | Path, x: np.ndarray, repeats: int = 30) -> float:
+    """Median milliseconds of one ``session.run`` on the batch ``x`` (one thread, no spinning)."""
+    session = runtime.make_session(path, threads=1)
+    name = session.get_inputs()[0].name
+    feed = {name: np.ascontiguousarray(x)}
+    return 1e3 * runtime.median_seconds(lambda: session.run(None, feed), repeats=repeats, warmup=3)
