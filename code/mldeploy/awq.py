@@ -14,7 +14,7 @@ from mldeploy.gptq import output_error
 
 
 def awq_search(
-    w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, grid: int = 20
+    w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, grid: int = 10
 ) -> tuple[torch.Tensor, float, torch.Tensor]:
     """Best per-input-column scale ``s`` over ``α ∈ {0, 1/grid, …, 1}`` for the layer output error;
     returns ``(s, α, Ŵ)`` where ``Ŵ = Q(W diag(s)) diag(s)⁻¹`` is the effective quantized weight."""

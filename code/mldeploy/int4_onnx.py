@@ -8,7 +8,6 @@ and silently leaves a Gemm's FP32 weight in the file.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -45,14 +44,23 @@ def gemm_to_matmul(proto: onnx.ModelProto) -> onnx.ModelProto:
     return proto
 
 
-def quantize_nbits_rtn(fp32_path: str | Path, out_path: str | Path, *, block_size: int = 32, bits: int = 4) -> Path:
-    """ONNX Runtime's round-to-nearest weight-only quantizer (asymmetric, one scale per block)."""
+def quantize_nbits_rtn(
+    fp32_path: str | Path, out_path: str | Path, *, block_size: int = 32, bits: int = 4, rewrite_gemm: bool = True
+) -> Path:
+    """ONNX Runtime's round-to-nearest weight-only quantizer (asymmetric, one scale per block).
+
+    ``rewrite_gemm=False`` shows the trap: the quantizer then leaves every Gemm in FP32.
+    """
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    proto = gemm_to_matmul(onnx.load(str(fp32_path)))
-    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # it logs every node at INFO
-    quantizer = MatMulNBitsQuantizer(proto, bits=bits, block_size=block_size, is_symmetric=False)
-    quantizer.process()
+    from mldeploy.int8_ptq import quiet_logs
+
+    proto = onnx.load(str(fp32_path))
+    if rewrite_gemm:
+        proto = gemm_to_matmul(proto)
+    with quiet_logs():
+        quantizer = MatMulNBitsQuantizer(proto, bits=bits, block_size=block_size, is_symmetric=False)
+        quantizer.process()
     out_path = Path(out_path)
     onnx.save(quantizer.model.model, str(out_path))
     return out_path

@@ -52,10 +52,24 @@ class BatchReader(CalibrationDataReader):
 
 
 @contextlib.contextmanager
+def quiet_logs() -> Iterator[None]:
+    """Silence the quantization tools' INFO chatter; one of them configures the *root* logger at
+    INFO when imported, after which every tool's progress lines would land on stderr."""
+    loggers = [logging.getLogger(), logging.getLogger("onnxruntime.quantization")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+@contextlib.contextmanager
 def _prepared(fp32_path: str | Path) -> Iterator[Path]:
     """``quant_pre_process`` (shape inference, graph clean-up) into a temporary file."""
-    logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)
-    with tempfile.TemporaryDirectory() as tmp:
+    with quiet_logs(), tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
         yield prepared

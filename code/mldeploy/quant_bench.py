@@ -7,9 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
+from onnx import numpy_helper
 
-from mldeploy import charlm, export, runtime, sizes
+from mldeploy import charlm, export, int4_onnx, runtime, sizes, weight_only
 from mldeploy.fake_quant import QuantSpec, packed_bytes
 from mldeploy.paths import artifacts_dir
 
@@ -29,7 +31,7 @@ class LMBench:
     was_cached: bool
 
 
-def lm_bench(cfg: charlm.CharLMConfig = charlm.CharLMConfig(), n_calibration: int = 8192, n_eval: int = 8192) -> LMBench:
+def lm_bench(cfg: charlm.CharLMConfig = charlm.CharLMConfig(), n_calibration: int = 8192, n_eval: int = 4096) -> LMBench:
     """Train (or load) the model, draw the windows, export the FP32 ONNX file."""
     corpus = charlm.load_corpus()
     model, cached = charlm.cached_charlm(cfg, corpus)
@@ -40,6 +42,21 @@ def lm_bench(cfg: charlm.CharLMConfig = charlm.CharLMConfig(), n_calibration: in
     if not fp32.is_file():
         export.export_onnx(model, torch.from_numpy(x[:4]), fp32)
     return LMBench(model, corpus, calibration, x, y, charlm.logits_of(model, x), out, fp32, cached)
+
+
+def bench_for(bench: LMBench, model: charlm.CharMLP, tag: str) -> LMBench:
+    """The same windows and FP32 reference for another model (e.g. a fine-tuned one), with its own
+    FP32 ONNX export: quantized files must start from *that* model's embedding and biases."""
+    out = artifacts_dir("5.3", bench.out_dir.name, tag)
+    fp32 = out / "charlm_fp32.onnx"
+    # Same graph, new weights: swap the initializers by name instead of exporting again (seconds saved).
+    proto = onnx.load(str(bench.fp32_onnx))
+    state = {name: t.detach().numpy() for name, t in model.state_dict().items()}
+    for init in proto.graph.initializer:
+        if init.name in state:
+            init.CopyFrom(numpy_helper.from_array(state[init.name].astype(np.float32), init.name))
+    onnx.save(proto, str(fp32))
+    return LMBench(model, bench.corpus, bench.calibration, bench.x, bench.y, bench.reference, out, fp32, bench.was_cached)
 
 
 @dataclass(frozen=True)
@@ -97,3 +114,16 @@ def latency_ms(path: str | Path, x: np.ndarray, repeats: int = 30) -> float:
     name = session.get_inputs()[0].name
     feed = {name: np.ascontiguousarray(x)}
     return 1e3 * runtime.median_seconds(lambda: session.run(None, feed), repeats=repeats, warmup=3)
+
+
+def weight_only_point(bench: LMBench, spec: QuantSpec, method: str, name: str | None = None) -> tuple[Point, torch.nn.Module]:
+    """Quantize every Linear with ``method`` at ``spec``; write a real MatMulNBits file when the
+    operator supports the format (2/4/8 bits, block of 16 to 256 inputs), else estimate the size."""
+    quantized, codes = weight_only.quantize_model(bench.model, spec, method, bench.calibration)
+    name = name or f"{method.upper()} {spec.label()}"
+    family = f"{method.upper()} {spec.bits}-bit"
+    g = spec.group_size
+    if codes and spec.bits in (2, 4, 8) and g is not None and 16 <= g <= 256 and g & (g - 1) == 0:
+        path = int4_onnx.write_nbits(bench.fp32_onnx, bench.out_dir / f"{method}_{spec.bits}bit_g{g}.onnx", codes)
+        return onnx_point(bench, name, family, path), quantized
+    return torch_point(bench, name, family, quantized, estimated_bytes(bench, spec)), quantized

@@ -18,6 +18,7 @@ from mldeploy.fake_quant import QuantizedWeight, QuantSpec, rtn
 from mldeploy.gptq import gptq_quantize, hessian
 
 METHODS = ("rtn", "gptq", "awq")
+AWQ_ROWS = 2048
 
 
 @torch.no_grad()
@@ -64,8 +65,8 @@ def quantize_model(
             if method == "gptq":
                 packed[name] = gptq_quantize(w, hessian(x), spec)
                 layer.weight.data = packed[name].dequantize()
-            else:
-                layer.weight.data = awq_search(w, x, spec)[2]
+            else:  # the scale search needs far fewer rows than GPTQ's Hessian
+                layer.weight.data = awq_search(w, x[:AWQ_ROWS], spec)[2]
     return quantized, packed
 
 
