@@ -15,7 +15,7 @@ from torch import nn
 from mldeploy.awq import awq_search
 from mldeploy.charlm import CharMLP, single_thread
 from mldeploy.fake_quant import QuantizedWeight, QuantSpec, rtn
-from mldeploy.gptq import gptq_quantize, hessian
+from mldeploy.gptq import gptq_quantize, hessian, output_error
 
 METHODS = ("rtn", "gptq", "awq")
 AWQ_ROWS = 2048
@@ -72,8 +72,6 @@ def quantize_model(
 
 def layer_errors(model: CharMLP, quantized: nn.Module, x: np.ndarray) -> dict[str, float]:
     """Relative output error of every Linear layer on the FP32 model's own inputs for windows ``x``."""
-    from mldeploy.gptq import output_error
-
     inputs = layer_inputs(model, x)
     layers_q = dict(quantized.named_modules())
     return {
