@@ -199,3 +199,21 @@ def test_qat_is_no_worse_than_budget_matched_ptq_at_2_bits(bench, tmp_path):
     path = int4_onnx.write_nbits(qat_bench.fp32_onnx, tmp_path / "qat.onnx", codes)
     np.testing.assert_allclose(charlm.session_logits(runtime.make_session(path), bench.x[:256]),
                                charlm.logits_of(qat_model, bench.x[:256]), atol=1e-4)
+
+
+def test_missing_model_files_and_unknown_layers_are_clear_errors(bench, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no ONNX model"):
+        int8_ptq.quantize_int8_dynamic(tmp_path / "absent.onnx", tmp_path / "out.onnx")
+    with pytest.raises(FileNotFoundError, match="no ONNX model"):
+        int4_onnx.quantize_nbits_rtn(tmp_path / "absent.onnx", tmp_path / "out.onnx")
+    codes = {"fc9": fake_quant.rtn(bench.model.fc2.weight.detach(), QuantSpec(4, 32))}
+    with pytest.raises(ValueError, match="fc9"):
+        int4_onnx.write_nbits(bench.fp32_onnx, tmp_path / "out.onnx", codes)
+
+
+def test_estimated_size_matches_a_real_packed_file(bench, tmp_path):
+    spec = QuantSpec(4, 32)
+    _, codes = weight_only.quantize_model(bench.model, spec, "rtn")
+    real = quant_bench.sizes.artifact_bytes(int4_onnx.write_nbits(bench.fp32_onnx, tmp_path / "b32.onnx", codes))
+    estimate = quant_bench.estimated_bytes(bench, spec)
+    assert abs(estimate - real) / real < 0.05  # the estimate only differs in how zero points are packed

@@ -53,9 +53,9 @@ def quantize_nbits_rtn(
     """
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    from mldeploy.int8_ptq import quiet_logs
+    from mldeploy.int8_ptq import quiet_logs, require_model
 
-    proto = onnx.load(str(fp32_path))
+    proto = onnx.load(str(require_model(fp32_path)))
     if rewrite_gemm:
         proto = gemm_to_matmul(proto)
     with quiet_logs():
@@ -81,8 +81,13 @@ def pack_codes(codes: np.ndarray, bits: int, block_size: int) -> np.ndarray:
 def write_nbits(fp32_path: str | Path, out_path: str | Path, weights: dict[str, QuantizedWeight]) -> Path:
     """Replace the weight of each ``Gemm``/``MatMul`` whose initializer is ``<layer>.weight`` by a
     ``MatMulNBits`` node holding the given codes, scales and zero points."""
-    proto = gemm_to_matmul(onnx.load(str(fp32_path)))
+    from mldeploy.int8_ptq import require_model
+
+    proto = gemm_to_matmul(onnx.load(str(require_model(fp32_path))))
     inits = {t.name: t for t in proto.graph.initializer}
+    missing = sorted(set(weights) - {n.input[1][: -len(".weight")] for n in proto.graph.node if n.op_type == "MatMul"})
+    if missing:
+        raise ValueError(f"no MatMul or Gemm with a weight named <layer>.weight for layers {missing}")
     nodes = []
     for node in proto.graph.node:
         layer = node.input[1][: -len(".weight")] if node.op_type == "MatMul" and len(node.input) > 1 else ""

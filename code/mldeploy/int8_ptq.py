@@ -66,9 +66,18 @@ def quiet_logs() -> Iterator[None]:
             lg.setLevel(level)
 
 
+def require_model(path: str | Path) -> Path:
+    """The path of an existing model file, or a clear error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no ONNX model at {path}")
+    return path
+
+
 @contextlib.contextmanager
 def _prepared(fp32_path: str | Path) -> Iterator[Path]:
     """``quant_pre_process`` (shape inference, graph clean-up) into a temporary file."""
+    require_model(fp32_path)
     with quiet_logs(), tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
