@@ -1,0 +1,131 @@
+"""INT8 post-training quantization (PTQ) of an exported model with ONNX Runtime: dynamic
+(weights only, activations quantized on the fly) and static QDQ with calibrated activation ranges.
+
+Works for any model whose one input is an integer or float array (the character LM takes int64
+windows, the two-moons classifier float32 features).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_dynamic,
+    quantize_static,
+)
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
+CALIBRATION_METHODS = {
+    "MinMax": CalibrationMethod.MinMax,
+    "Entropy": CalibrationMethod.Entropy,
+    "Percentile": CalibrationMethod.Percentile,
+}
+
+
+class BatchReader(CalibrationDataReader):
+    """Feeds an array to the calibrator in fixed-size batches, keeping its dtype."""
+
+    def __init__(self, input_name: str, x: np.ndarray, batch_size: int = 512):
+        if len(x) == 0:
+            raise ValueError("calibration data is empty")
+        self._batches = [{input_name: np.ascontiguousarray(x[i : i + batch_size])} for i in range(0, len(x), batch_size)]
+        self._position = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._position >= len(self._batches):
+            return None
+        self._position += 1
+        return self._batches[self._position - 1]
+
+    def rewind(self) -> None:
+        self._position = 0
+
+
+@contextlib.contextmanager
+def quiet_logs() -> Iterator[None]:
+    """Silence the quantization tools' INFO chatter; one of them configures the *root* logger at
+    INFO when imported, after which every tool's progress lines would land on stderr."""
+    loggers = [logging.getLogger(), logging.getLogger("onnxruntime.quantization")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def require_model(path: str | Path) -> Path:
+    """The path of an existing model file, or a clear error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no ONNX model at {path}")
+    return path
+
+
+@contextlib.contextmanager
+def _prepared(fp32_path: str | Path) -> Iterator[Path]:
+    """``quant_pre_process`` (shape inference, graph clean-up) into a temporary file."""
+    require_model(fp32_path)
+    with quiet_logs(), tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        yield prepared
+
+
+def activation_scales(path: str | Path) -> dict[str, float]:
+    """Scale of every ``QuantizeLinear`` of a QDQ model, keyed by the tensor it quantizes."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(path))
+    inits = {t.name: t for t in proto.graph.initializer}
+    return {
+        node.input[0]: float(numpy_helper.to_array(inits[node.input[1]]))
+        for node in proto.graph.node
+        if node.op_type == "QuantizeLinear" and node.input[1] in inits
+    }
+
+
+def quantize_int8_dynamic(fp32_path: str | Path, out_path: str | Path) -> Path:
+    """Dynamic INT8: weights stored as INT8 per output channel; activation ranges computed per batch at run time."""
+    out_path = Path(out_path)
+    with _prepared(fp32_path) as prepared:
+        quantize_dynamic(str(prepared), str(out_path), weight_type=QuantType.QInt8, per_channel=True)
+    return out_path
+
+
+def quantize_int8_qdq(
+    fp32_path: str | Path, out_path: str | Path, calibration: np.ndarray, *, method: str = "MinMax", input_name: str = "input"
+) -> Path:
+    """Static INT8 in QDQ format: weights per channel, activation ranges from ``calibration`` by ``method``
+    (``MinMax``, ``Entropy`` or ``Percentile``)."""
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"method must be one of {sorted(CALIBRATION_METHODS)}, got {method!r}")
+    out_path = Path(out_path)
+    # The histogram calibrators print progress to stdout; keep notebooks quiet.
+    with _prepared(fp32_path) as prepared, contextlib.redirect_stdout(io.StringIO()):
+        quantize_static(
+            str(prepared),
+            str(out_path),
+            calibration_data_reader=BatchReader(input_name, calibration),
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            calibrate_method=CALIBRATION_METHODS[method],
+            # Keep Gemm outputs in float: otherwise the logits themselves are rounded to 256 levels.
+            extra_options={"OpTypesToExcludeOutputQuantization": ["Gemm", "MatMul"]},
+        )
+    return out_path

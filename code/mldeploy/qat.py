@@ -1,0 +1,68 @@
+"""Quantization-aware training (QAT): fine-tune with fake-quantized weights, so that the float
+weights settle where rounding hurts least; then keep only the integer codes.
+
+The fake quantizer is attached with ``torch.nn.utils.parametrize``: ``layer.weight`` then *is*
+``fake_quantize(original)`` in every forward pass, and the optimizer updates ``original``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+from torch import nn
+from torch.nn.utils import parametrize
+
+from mldeploy.charlm import CharMLP, fit, single_thread
+from mldeploy.fake_quant import QuantizedWeight, QuantSpec, fake_quantize, rtn
+
+
+class FakeQuant(nn.Module):
+    """Parametrization that replaces a weight by its fake-quantized value (straight-through gradient)."""
+
+    def __init__(self, spec: QuantSpec):
+        super().__init__()
+        self.spec = spec
+
+    def forward(self, w):
+        return fake_quantize(w, self.spec)
+
+
+def prepare_qat(model: CharMLP, spec: QuantSpec) -> CharMLP:
+    """A copy of ``model`` whose Linear weights are fake-quantized in every forward pass."""
+    qat = copy.deepcopy(model)
+    for layer in qat.linears().values():
+        parametrize.register_parametrization(layer, "weight", FakeQuant(spec))
+    return qat
+
+
+def convert_qat(qat: CharMLP) -> tuple[CharMLP, dict[str, QuantizedWeight]]:
+    """Freeze a QAT model: codes and scales of each layer (exactly the grid the training used),
+    and a plain model whose weights are the dequantized codes."""
+    plain = copy.deepcopy(qat)
+    codes: dict[str, QuantizedWeight] = {}
+    for name, layer in plain.linears().items():
+        spec = layer.parametrizations.weight[0].spec
+        original = layer.parametrizations.weight.original.detach()
+        codes[name] = rtn(original, spec)
+        parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
+        layer.weight.data = codes[name].dequantize()
+    return plain.eval(), codes
+
+
+def qat_finetune(
+    model: CharMLP, ids: np.ndarray, spec: QuantSpec, *, steps: int, lr: float = 1e-3, seed: int = 1
+) -> tuple[CharMLP, dict[str, QuantizedWeight]]:
+    """Fine-tune a fake-quantized copy of ``model`` for ``steps`` steps, then convert it."""
+    qat = prepare_qat(model, spec)
+    with single_thread():
+        fit(qat, ids, steps=steps, lr=lr, seed=seed)
+    return convert_qat(qat)
+
+
+def float_finetune(model: CharMLP, ids: np.ndarray, *, steps: int, lr: float = 1e-3, seed: int = 1) -> CharMLP:
+    """The PTQ side of a fair comparison: the same steps, data and learning rate, without fake quantization."""
+    tuned = copy.deepcopy(model)
+    with single_thread():
+        fit(tuned, ids, steps=steps, lr=lr, seed=seed)
+    return tuned

@@ -1,0 +1,159 @@
+"""The measurement bench of section 5.3: one trained character LM, fixed calibration and held-out
+windows, and one record per quantized variant (bytes, perplexity, KL and agreement vs FP32)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from mldeploy import charlm, export, int4_onnx, runtime, sizes, weight_only
+from mldeploy.fake_quant import QuantSpec, packed_bytes
+from mldeploy.paths import artifacts_dir
+
+
+@dataclass
+class LMBench:
+    """Everything the variants are measured against."""
+
+    model: charlm.CharMLP
+    corpus: charlm.Corpus
+    calibration: np.ndarray  # windows from the training files
+    x: np.ndarray  # held-out windows and their next characters
+    y: np.ndarray
+    reference: np.ndarray  # FP32 PyTorch logits on ``x``
+    out_dir: Path
+    fp32_onnx: Path
+    was_cached: bool
+
+
+def lm_bench(cfg: charlm.CharLMConfig = charlm.CharLMConfig(), n_calibration: int = 8192, n_eval: int = 4096) -> LMBench:
+    """Train (or load) the model, draw the windows, export the FP32 ONNX file."""
+    corpus = charlm.load_corpus()
+    model, cached = charlm.cached_charlm(cfg, corpus)
+    calibration, _ = charlm.sample_windows(corpus.train, cfg.context, n_calibration, seed=1)
+    x, y = charlm.sample_windows(corpus.valid, cfg.context, n_eval, seed=2)
+    out = artifacts_dir("5.3", cfg.key())
+    fp32 = out / "charlm_fp32.onnx"
+    if not fp32.is_file():
+        export.export_onnx(model, torch.from_numpy(x[:4]), fp32)
+    return LMBench(model, corpus, calibration, x, y, charlm.logits_of(model, x), out, fp32, cached)
+
+
+def bench_for(bench: LMBench, model: charlm.CharMLP, tag: str) -> LMBench:
+    """The same windows and FP32 reference for another model (e.g. a fine-tuned one), with its own
+    FP32 ONNX export: quantized files must start from *that* model's embedding and biases."""
+    out = artifacts_dir("5.3", bench.out_dir.name, tag)
+    fp32 = out / "charlm_fp32.onnx"
+    # Same graph, new weights: swap the initializers by name instead of exporting again (seconds saved).
+    proto = onnx.load(str(bench.fp32_onnx))
+    state = {name: t.detach().numpy() for name, t in model.state_dict().items()}
+    for init in proto.graph.initializer:
+        if init.name in state:
+            init.CopyFrom(numpy_helper.from_array(state[init.name].astype(np.float32), init.name))
+    onnx.save(proto, str(fp32))
+    return LMBench(model, bench.corpus, bench.calibration, bench.x, bench.y, bench.reference, out, fp32, bench.was_cached)
+
+
+@dataclass(frozen=True)
+class Point:
+    """One variant on the accuracy–size plane; ``on_disk`` is False when the size is an estimate."""
+
+    name: str
+    family: str
+    bytes: int
+    perplexity: float
+    kl: float
+    agreement: float
+    on_disk: bool = True
+
+
+def onnx_point(bench: LMBench, name: str, family: str, path: str | Path) -> Point:
+    """Measure an ONNX file with ONNX Runtime on the held-out windows."""
+    logits = charlm.session_logits(runtime.make_session(path), bench.x)
+    m = charlm.lm_metrics(logits, bench.y, bench.reference)
+    return Point(name, family, sizes.artifact_bytes(path), m.perplexity, m.kl, m.agreement)
+
+
+def torch_point(bench: LMBench, name: str, family: str, model: torch.nn.Module, n_bytes: int, on_disk: bool = False) -> Point:
+    """Measure a PyTorch model (fake-quantized weights) whose packed size is ``n_bytes``."""
+    m = charlm.lm_metrics(charlm.logits_of(model, bench.x), bench.y, bench.reference)
+    return Point(name, family, n_bytes, m.perplexity, m.kl, m.agreement, on_disk)
+
+
+def estimated_bytes(bench: LMBench, spec: QuantSpec) -> int:
+    """Size of the FP32 file with every Linear weight bit-packed at ``spec`` (for widths that have no
+    ONNX Runtime kernel, such as 3 bits)."""
+    total = sizes.artifact_bytes(bench.fp32_onnx)
+    for layer in bench.model.linears().values():
+        w = layer.weight
+        total += packed_bytes(w.numel(), spec, w.shape[0]) - 4 * w.numel()
+    return total
+
+
+def points_table(points: list[Point], fp32_bytes: int) -> str:
+    """Text table: variant, size, compression, perplexity, change, KL and agreement vs FP32."""
+    base = next(p.perplexity for p in points if p.family == "FP32")
+    lines = [f"{'variant':<26}{'KiB':>9}{'×':>7}{'ppl':>8}{'Δppl':>8}{'KL':>9}{'agree':>7}"]
+    for p in points:
+        size = f"{p.bytes / 1024:.1f}" + ("" if p.on_disk else "*")
+        lines.append(
+            f"{p.name:<26}{size:>9}{fp32_bytes / p.bytes:>7.2f}{p.perplexity:>8.3f}"
+            f"{100 * (p.perplexity / base - 1):>+7.2f}%{p.kl:>9.4f}{p.agreement:>7.3f}"
+        )
+    return "\n".join(lines)
+
+
+def latency_ms(path: str | Path, x: np.ndarray, repeats: int = 30) -> float:
+    """Median milliseconds of one ``session.run`` on the batch ``x`` (one thread, no spinning)."""
+    session = runtime.make_session(path, threads=1)
+    name = session.get_inputs()[0].name
+    feed = {name: np.ascontiguousarray(x)}
+    return 1e3 * runtime.median_seconds(lambda: session.run(None, feed), repeats=repeats, warmup=3)
+
+
+def weight_only_point(bench: LMBench, spec: QuantSpec, method: str, name: str | None = None) -> tuple[Point, torch.nn.Module]:
+    """Quantize every Linear with ``method`` at ``spec``; write a real MatMulNBits file when the
+    operator supports the format (2/4/8 bits, block of 16 to 256 inputs), else estimate the size."""
+    quantized, codes = weight_only.quantize_model(bench.model, spec, method, bench.calibration)
+    name = name or f"{method.upper()} {spec.label()}"
+    family = f"{method.upper()} {spec.bits}-bit"
+    g = spec.group_size
+    if codes and spec.bits in (2, 4, 8) and g is not None and 16 <= g <= 256 and g & (g - 1) == 0:
+        path = int4_onnx.write_nbits(bench.fp32_onnx, bench.out_dir / f"{method}_{spec.bits}bit_g{g}.onnx", codes)
+        return onnx_point(bench, name, family, path), quantized
+    return torch_point(bench, name, family, quantized, estimated_bytes(bench, spec)), quantized
+
+
+_STYLE = {"FP32": ("k", "*"), "INT8": ("C0", "s"), "RTN": ("C1", "o"), "GPTQ": ("C2", "D"), "QAT": ("C3", "^"), "AWQ": ("C4", "v")}
+_LABEL_OFFSET = {"FP32": (-6, 8), "INT8": (0, 9), "RTN": (0, 9), "GPTQ": (0, -13), "QAT": (-8, -13), "AWQ": (0, -13)}
+
+
+def plot_curve(points: list[Point], ax: "matplotlib.axes.Axes") -> None:
+    """Accuracy–size plane: one colour and line per method, hollow markers for estimated sizes."""
+    families: dict[str, list[Point]] = {}
+    for p in points:
+        families.setdefault(p.family.split()[0], []).append(p)
+    for family, members in families.items():
+        color, marker = _STYLE[family]
+        members = sorted(members, key=lambda p: p.bytes)
+        if family in ("RTN", "GPTQ", "QAT"):
+            ax.plot([p.bytes / 1024 for p in members], [p.perplexity for p in members], color=color, lw=1, alpha=0.6)
+        for i, p in enumerate(members):
+            face = color if p.on_disk else "white"
+            offset = _LABEL_OFFSET[family] if family != "INT8" or i % 2 == 0 else (0, -13)  # INT8 pair overlaps
+            ax.scatter(p.bytes / 1024, p.perplexity, marker=marker, s=55, color=face, edgecolors=color, zorder=3)
+            tag = p.name.split(" ", 1)[1] if family != "FP32" and " " in p.name else p.name
+            ax.annotate(tag.replace(" (ORT)", ""), (p.bytes / 1024, p.perplexity), fontsize=7, color=color,
+                        xytext=offset, textcoords="offset points", ha="center")
+        ax.scatter([], [], marker=marker, color=color, label=family)
+    ax.set_xscale("log")
+    ax.margins(x=0.08, y=0.08)
+    ax.set_xlabel("model file size (KiB, log scale; hollow = estimated packed size)")
+    ax.set_ylabel("held-out perplexity (lower is better)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="upper right", fontsize=8)

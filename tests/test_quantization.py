@@ -1,0 +1,219 @@
+"""Section 5.3: quantization library (fake quant, GPTQ, AWQ, INT8/INT4 ONNX, QAT) and its targets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mldeploy import awq, charlm, fake_quant, gptq, int4_onnx, int8_ptq, qat, quant_bench, runtime, weight_only
+from mldeploy.fake_quant import QuantSpec
+
+
+@pytest.fixture(scope="module")
+def bench() -> quant_bench.LMBench:
+    torch.set_num_threads(1)
+    return quant_bench.lm_bench()
+
+
+@pytest.fixture(scope="module")
+def fp32(bench: quant_bench.LMBench) -> quant_bench.Point:
+    return quant_bench.onnx_point(bench, "FP32", "FP32", bench.fp32_onnx)
+
+
+# --- model and corpus ---------------------------------------------------------------------------
+
+
+def test_corpus_is_fixed_text_and_windows_line_up():
+    corpus = charlm.load_corpus()
+    assert len(corpus.train) > 1_000_000 and len(corpus.valid) > 10_000
+    assert charlm.decode(charlm.encode("def f(x):\n\treturn x")) == "def f(x):\n    return x"
+    x, y = charlm.sample_windows(corpus.valid, 8, 5, seed=0)
+    assert x.shape == (5, 8) and x.dtype == np.int64
+    again_x, again_y = charlm.sample_windows(corpus.valid, 8, 5, seed=0)
+    np.testing.assert_array_equal(x, again_x)
+    positions = np.array([0, 17, len(corpus.valid) - 9])
+    x, y = charlm.windows(corpus.valid, 8, positions)
+    for p, row, target in zip(positions, x, y):  # each target is the character right after its window
+        np.testing.assert_array_equal(row, corpus.valid[p : p + 8])
+        assert target == corpus.valid[p + 8]
+
+
+def test_missing_stdlib_file_is_a_clear_error():
+    with pytest.raises(FileNotFoundError, match="not_a_module.py"):
+        charlm.read_stdlib(("not_a_module.py",))
+
+
+def test_training_is_bit_identical_run_to_run():
+    cfg = charlm.CharLMConfig(context=8, embed=8, hidden=32, steps=20, batch_size=16)
+    corpus = charlm.load_corpus()
+    a, b = charlm.train_charlm(cfg, corpus), charlm.train_charlm(cfg, corpus)
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(pa, pb), name
+    assert cfg.key() != charlm.CharLMConfig(context=8, embed=8, hidden=32, steps=21, batch_size=16).key()
+
+
+def test_large_model_is_big_enough_and_learned_something(bench, fp32):
+    assert sum(p.numel() for p in bench.model.parameters()) >= 500_000
+    assert fp32.perplexity < 0.2 * charlm.VOCAB_SIZE  # far better than guessing uniformly
+    np.testing.assert_allclose(charlm.session_logits(runtime.make_session(bench.fp32_onnx), bench.x[:256]),
+                               bench.reference[:256], atol=1e-4)
+
+
+# --- quantizers ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(8), QuantSpec(4, 16), QuantSpec(3), QuantSpec(2, 32)])
+def test_rtn_codes_in_range_and_error_within_half_a_step(spec):
+    w = torch.randn(24, 64, generator=torch.Generator().manual_seed(0))
+    w[0, :5] = 0.0
+    qw = fake_quant.rtn(w, spec)
+    assert qw.codes.min() >= 0 and qw.codes.max() <= spec.qmax
+    assert torch.equal(qw.codes, qw.codes.round())
+    g = spec.groups(64)
+    err = (qw.dequantize() - w).abs().reshape(24, g, -1)
+    assert (err <= qw.scale[..., None] / 2 + 1e-6).all()
+    assert (qw.dequantize()[0, :5] == 0).all()  # exact zeros stay exact
+    torch.testing.assert_close(fake_quant.fake_quantize(w, spec), qw.dequantize())
+
+
+def test_fake_quantize_passes_gradient_straight_through():
+    w = torch.randn(4, 32, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    upstream = torch.randn(4, 32, generator=torch.Generator().manual_seed(2))
+    (fake_quant.fake_quantize(w, QuantSpec(2, 16)) * upstream).sum().backward()
+    torch.testing.assert_close(w.grad, upstream)
+
+
+def test_quant_spec_rejects_bad_settings():
+    with pytest.raises(ValueError, match="bits"):
+        QuantSpec(bits=1)
+    with pytest.raises(ValueError, match="groups of 48"):
+        QuantSpec(4, 48).groups(64)
+
+
+def test_gptq_lowers_output_error_on_correlated_inputs():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, 16, generator=gen) @ torch.randn(16, 64, generator=gen)  # low-rank: strong correlations
+    w = torch.randn(32, 64, generator=gen)
+    spec = QuantSpec(3)
+    err_rtn = gptq.output_error(x, w, fake_quant.rtn(w, spec).dequantize())
+    err_gptq = gptq.output_error(x, w, gptq.gptq_quantize(w, gptq.hessian(x), spec, block_size=16).dequantize())
+    assert err_gptq < 0.5 * err_rtn
+
+
+def test_awq_helps_when_a_few_input_channels_dominate():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1024, 64, generator=gen)
+    x[:, :4] *= 20.0  # salient channels
+    w = torch.randn(32, 64, generator=gen)
+    spec = QuantSpec(3)
+    s, alpha, w_hat = awq.awq_search(w, x, spec)
+    assert alpha > 0 and s.shape == (64,)
+    assert gptq.output_error(x, w, w_hat) < gptq.output_error(x, w, fake_quant.rtn(w, spec).dequantize())
+
+
+def test_quantize_model_validates_its_arguments(bench):
+    with pytest.raises(ValueError, match="method"):
+        weight_only.quantize_model(bench.model, QuantSpec(4), "sparsegpt")
+    with pytest.raises(ValueError, match="calibration"):
+        weight_only.quantize_model(bench.model, QuantSpec(4), "gptq")
+
+
+# --- targets on the large model -----------------------------------------------------------------
+
+
+def test_int8_dynamic_and_static_are_small_and_accurate(bench, fp32, tmp_path):
+    files = [int8_ptq.quantize_int8_dynamic(bench.fp32_onnx, tmp_path / "dyn.onnx"),
+             int8_ptq.quantize_int8_qdq(bench.fp32_onnx, tmp_path / "static.onnx", bench.calibration[:1024])]
+    for path in files:
+        point = quant_bench.onnx_point(bench, path.stem, "INT8", path)
+        assert fp32.bytes / point.bytes >= 3.8
+        assert abs(point.perplexity / fp32.perplexity - 1) <= 0.01
+        assert point.agreement > 0.95
+
+
+def test_int8_static_rejects_unknown_calibration(bench, tmp_path):
+    with pytest.raises(ValueError, match="MinMax"):
+        int8_ptq.quantize_int8_qdq(bench.fp32_onnx, tmp_path / "x.onnx", bench.calibration[:8], method="Median")
+
+
+@pytest.mark.parametrize("block_size", [32, 128])
+def test_int4_onnx_is_six_times_smaller_with_no_fp32_weights_left(bench, fp32, tmp_path, block_size):
+    path = int4_onnx.quantize_nbits_rtn(bench.fp32_onnx, tmp_path / "int4.onnx", block_size=block_size)
+    assert int4_onnx.op_counts(path).get("MatMulNBits") == 3 and "Gemm" not in int4_onnx.op_counts(path)
+    leftovers = set(int4_onnx.float_weights(path))
+    assert leftovers <= {"embed.weight"} | {f"{n}.weight_scales" for n in bench.model.linears()}
+    point = quant_bench.onnx_point(bench, "int4", "RTN", path)
+    assert fp32.bytes / point.bytes >= 6.0
+    assert abs(point.perplexity / fp32.perplexity - 1) <= 0.02
+
+
+def test_without_gemm_rewrite_the_int4_quantizer_changes_nothing(bench, tmp_path):
+    path = int4_onnx.quantize_nbits_rtn(bench.fp32_onnx, tmp_path / "same.onnx", rewrite_gemm=False)
+    assert "MatMulNBits" not in int4_onnx.op_counts(path)
+    assert "fc1.weight" in int4_onnx.float_weights(path)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(4, 128), QuantSpec(4, 32), QuantSpec(2, 64)])
+def test_write_nbits_runs_in_onnx_runtime_like_the_dequantized_model(bench, tmp_path, spec):
+    model_q, codes = weight_only.quantize_model(bench.model, spec, "rtn")
+    path = int4_onnx.write_nbits(bench.fp32_onnx, tmp_path / "mine.onnx", codes)
+    got = charlm.session_logits(runtime.make_session(path), bench.x[:256])
+    np.testing.assert_allclose(got, charlm.logits_of(model_q, bench.x[:256]), atol=1e-4)
+    if spec == QuantSpec(4, 128):  # same asymmetric min-max rounding as ONNX Runtime's own quantizer
+        theirs = int4_onnx.quantize_nbits_rtn(bench.fp32_onnx, tmp_path / "ort.onnx", block_size=128)
+        np.testing.assert_allclose(got, charlm.session_logits(runtime.make_session(theirs), bench.x[:256]), atol=1e-5)
+
+
+def test_pack_codes_puts_the_first_value_in_the_low_bits():
+    codes = np.array([[1, 2, 3, 0, 3, 3, 0, 1]])
+    packed = int4_onnx.pack_codes(codes, bits=2, block_size=8)
+    assert packed.shape == (1, 1, 2)
+    assert packed[0, 0, 0] == 1 | 2 << 2 | 3 << 4 | 0 << 6
+    assert int4_onnx.pack_codes(np.array([[5, 10]]), bits=4, block_size=2)[0, 0, 0] == 5 | 10 << 4
+
+
+def test_gptq_beats_rtn_at_4_bit_per_channel(bench):
+    spec = QuantSpec(4)
+    rtn_model, _ = weight_only.quantize_model(bench.model, spec, "rtn")
+    gptq_model, _ = weight_only.quantize_model(bench.model, spec, "gptq", bench.calibration)
+    rtn_err = weight_only.layer_errors(bench.model, rtn_model, bench.x)
+    gptq_err = weight_only.layer_errors(bench.model, gptq_model, bench.x)
+    for name in rtn_err:  # measured on held-out windows, not on the calibration data
+        assert rtn_err[name] >= 2.0 * gptq_err[name], name
+    rtn_point = quant_bench.torch_point(bench, "rtn", "RTN", rtn_model, 1)
+    gptq_point = quant_bench.torch_point(bench, "gptq", "GPTQ", gptq_model, 1)
+    assert gptq_point.kl <= 0.9 * rtn_point.kl
+
+
+def test_qat_is_no_worse_than_budget_matched_ptq_at_2_bits(bench, tmp_path):
+    spec, steps = QuantSpec(2, 128), 100
+    qat_model, codes = qat.qat_finetune(bench.model, bench.corpus.train, spec, steps=steps)
+    tuned = qat.float_finetune(bench.model, bench.corpus.train, steps=steps)
+    ptq_model, _ = weight_only.quantize_model(tuned, spec, "rtn")
+    qat_ppl = quant_bench.torch_point(bench, "qat", "QAT", qat_model, 1).perplexity
+    ptq_ppl = quant_bench.torch_point(bench, "ptq", "RTN", ptq_model, 1).perplexity
+    assert qat_ppl <= ptq_ppl
+    # The converted model is exactly the codes: its real 2-bit ONNX file computes the same logits.
+    qat_bench = quant_bench.bench_for(bench, qat_model, "test-qat")
+    path = int4_onnx.write_nbits(qat_bench.fp32_onnx, tmp_path / "qat.onnx", codes)
+    np.testing.assert_allclose(charlm.session_logits(runtime.make_session(path), bench.x[:256]),
+                               charlm.logits_of(qat_model, bench.x[:256]), atol=1e-4)
+
+
+def test_missing_model_files_and_unknown_layers_are_clear_errors(bench, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no ONNX model"):
+        int8_ptq.quantize_int8_dynamic(tmp_path / "absent.onnx", tmp_path / "out.onnx")
+    with pytest.raises(FileNotFoundError, match="no ONNX model"):
+        int4_onnx.quantize_nbits_rtn(tmp_path / "absent.onnx", tmp_path / "out.onnx")
+    codes = {"fc9": fake_quant.rtn(bench.model.fc2.weight.detach(), QuantSpec(4, 32))}
+    with pytest.raises(ValueError, match="fc9"):
+        int4_onnx.write_nbits(bench.fp32_onnx, tmp_path / "out.onnx", codes)
+
+
+def test_estimated_size_matches_a_real_packed_file(bench, tmp_path):
+    spec = QuantSpec(4, 32)
+    _, codes = weight_only.quantize_model(bench.model, spec, "rtn")
+    real = quant_bench.sizes.artifact_bytes(int4_onnx.write_nbits(bench.fp32_onnx, tmp_path / "b32.onnx", codes))
+    estimate = quant_bench.estimated_bytes(bench, spec)
+    assert abs(estimate - real) / real < 0.05  # the estimate only differs in how zero points are packed
