@@ -13,7 +13,7 @@ QUIET_INDEX = 2>&1 | { grep -v 'is ignored: it is neither a file nor a directory
 PORT ?= 8888
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
 
-.PHONY: help venv demo serve book lab refresh test test-lib test-notebooks test-book clean
+.PHONY: help venv demo serve book lab refresh test test-lib test-notebooks test-book clean bench-serve
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -56,3 +56,6 @@ test: $(STAMP)  ## unit + service tests, nbval over every notebook, book build
 
 clean:  ## remove built and generated files (keeps .venv)
 	rm -rf _build artifacts .pytest_cache
+
+bench-serve: $(STAMP)  ## benchmark the inference service with wrk (apt-get install -y wrk) and print the table
+	$(PY) -m mldeploy.bench_serve

@@ -125,3 +125,30 @@ class AccessLog:
                 if batch_size is not None:
                     record["batch_size"] = batch_size
                 self.logger.info(json.dumps(record))
+
+
+class FastPaths:
+    """Answer cheap requests before the framework runs: probes and load shedding.
+
+    ``probes`` maps a GET path to a function returning ``(status, body)``: health checks stay
+    cheap however busy the app is. ``shed(path)`` returning True answers 503 with ``Retry-After``
+    before the body is even parsed: under overload, every microsecond spent on a request that
+    will be refused is stolen from the ones that will be served.
+    """
+
+    def __init__(self, app: ASGIApp, probes: dict[str, Callable[[], tuple[int, dict]]],
+                 shed: Callable[[str], bool] = lambda path: False, retry_after_s: int = 1):
+        self.app, self.probes, self.shed = app, probes, shed
+        self.retry = [(b"retry-after", str(retry_after_s).encode())]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            probe = self.probes.get(scope["path"]) if scope["method"] == "GET" else None
+            if probe is not None:
+                status, body = probe()
+                await send_json(send, status, body, self.retry if status == 503 else [])
+                return
+            if scope["method"] == "POST" and self.shed(scope["path"]):
+                await send_json(send, 503, {"detail": "server overloaded (queue full); retry later"}, self.retry)
+                return
+        await self.app(scope, receive, send)
