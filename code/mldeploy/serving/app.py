@@ -116,7 +116,8 @@ def _rejected(detail: str) -> JSONResponse:
     return JSONResponse({"detail": [{"loc": ["body", "features"], "msg": detail, "type": "model_rejected"}]}, status_code=422)
 
 
-SHED = {413: {"model": ErrorResponse, "description": "Request body larger than the configured limit"},
+SHED = {400: {"model": ErrorResponse, "description": "Body cannot be read (e.g. not UTF-8)"},
+        413: {"model": ErrorResponse, "description": "Request body larger than the configured limit"},
         503: {"model": ErrorResponse, "description": "Queue full or model not loaded; retry after `Retry-After` seconds"}}
 
 
@@ -226,7 +227,7 @@ def create_app(load_predictor: Callable[[], Predictor], settings: ServiceSetting
         return _json({"predictions": [r["prediction"] for r in rows], "probabilities": [r["probabilities"] for r in rows],
                       "model_format": model.model_format})
 
-    @app.post("/validate", response_model=ValidateResponse, responses={413: SHED[413]})
+    @app.post("/validate", response_model=ValidateResponse, responses={400: SHED[400], 413: SHED[413]})
     async def validate(body: PredictRequest) -> Response:
         """Parse and validate a sample like ``/predict`` does, without calling the model."""
         return _json({"valid": True, "n_features": len(body.features)})
