@@ -291,3 +291,10 @@ def test_bench_without_wrk_says_how_to_install_it(tmp_path):
     assert proc.returncode == 2 and "apt-get install -y wrk" in proc.stderr and "Traceback" not in proc.stderr
     bad = subprocess.run([sys.executable, "-m", "mldeploy.bench_serve", "--seconds", "1"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "at least 3" in bad.stderr
+
+
+def test_many_errors_are_all_reported(client):
+    items = [{"features": [True, False]}] * 12
+    response = client.post("/predict_batch", json={"items": items})
+    assert response.status_code == 422
+    assert len(response.json()["detail"]) == 24  # one per bad number, none summarised away

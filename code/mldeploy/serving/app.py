@@ -13,7 +13,7 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -96,19 +96,24 @@ def _json(body: dict) -> Response:
     return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")
 
 
-def _json_safe(value: object) -> object:
-    """Errors echo the input; NaN/Infinity there would make the 422 itself unserialisable (a 500)."""
+def _json_safe(value: object, limit: int | None = None) -> object:
+    """Errors echo the input; NaN/Infinity there would make the 422 itself unserialisable (a 500),
+    and an oversized batch need not be echoed back whole (lists beyond ``limit`` are summarised)."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: _json_safe(v, limit) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        if len(value) > 8:  # do not echo a whole oversized batch back
+        if limit is not None and len(value) > limit:
             return f"<list of {len(value)} items>"
-        return [_json_safe(v) for v in value]
+        return [_json_safe(v, limit) for v in value]
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
     return str(value)
+
+
+def _validation_errors(errors: Sequence[dict]) -> list[dict]:
+    return [{k: _json_safe(v, limit=8 if k == "input" else None) for k, v in error.items()} for error in errors]
 
 
 def _rejected(detail: str) -> JSONResponse:
@@ -164,7 +169,7 @@ def create_app(load_predictor: Callable[[], Predictor], settings: ServiceSetting
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"detail": _json_safe(exc.errors())}, status_code=422)
+        return JSONResponse({"detail": _validation_errors(exc.errors())}, status_code=422)
 
     @app.exception_handler(_NotReady)
     async def not_ready(_: Request, __: _NotReady) -> JSONResponse:
