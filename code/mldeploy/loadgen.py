@@ -168,16 +168,19 @@ class LoadResult:
 
 
 async def async_load(url: str, payloads: list[dict], *, concurrency: int, path: str = "/predict") -> LoadResult:
-    """Send every payload once with ``concurrency`` workers sharing one ``httpx.AsyncClient``."""
+    """Send every payload once from ``concurrency`` closed-loop workers, each with its own
+    ``httpx.AsyncClient`` and connection (one shared pool scans all its connections for every
+    request, which makes the client itself the bottleneck at high concurrency)."""
     require_loopback(url)
     queue = list(reversed(payloads))
     latencies: list[float] = []
     failures = 0
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30.0) as client:
 
-        async def worker() -> None:
-            nonlocal failures
+    async def worker() -> None:
+        nonlocal failures
+        async with httpx.AsyncClient(base_url=url, timeout=30.0, limits=httpx.Limits(max_connections=1)) as client:
+            await client.get("/health")  # connect before the clock starts
+            await ready.wait()
             while queue:
                 payload = queue.pop()
                 start = time.perf_counter()
@@ -187,10 +190,13 @@ async def async_load(url: str, payloads: list[dict], *, concurrency: int, path: 
                 else:
                     failures += 1
 
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        seconds = time.perf_counter() - start
-    return LoadResult(concurrency, np.array(latencies), seconds, failures)
+    ready = asyncio.Event()
+    tasks = [asyncio.ensure_future(worker()) for _ in range(concurrency)]
+    await asyncio.sleep(0.2)
+    start = time.perf_counter()
+    ready.set()
+    await asyncio.gather(*tasks)
+    return LoadResult(concurrency, np.array(latencies), time.perf_counter() - start, failures)
 
 
 class ServerProcess:

@@ -28,8 +28,8 @@ def two_moons_onnx(out_dir: Path | None = None, *, epochs: int = 20, seed: int =
     return export.export_onnx(model, torch.from_numpy(split.x_train[:8]), path)
 
 
-def wide_onnx(out_dir: Path | None = None) -> Path:
-    """The wide MLP (``WIDE`` sizes, seeded random weights) as ONNX; reuse the file if present."""
+def wide_onnx(out_dir: Path | None = None, *, hidden: int = WIDE["hidden"], layers: int = WIDE["layers"]) -> Path:
+    """A wide MLP (seeded random weights) as ONNX; reuse the file if present."""
     out_dir = out_dir or artifacts_dir("serving")
-    path = out_dir / "wide_mlp_{hidden}x{layers}.onnx".format(**WIDE)
-    return path if path.is_file() else build_wide_mlp(path, **WIDE)
+    path = out_dir / f"wide_mlp_{hidden}x{layers}.onnx"
+    return path if path.is_file() else build_wide_mlp(path, hidden=hidden, layers=layers)

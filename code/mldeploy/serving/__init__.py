@@ -6,12 +6,12 @@ Imports no torch (the slim serving image has none); ``TorchScriptPredictor`` imp
 
 from mldeploy.serving.app import ServiceSettings, create_app, create_app_from_env, enable_access_log
 from mldeploy.serving.batching import BatchResult, MicroBatcher, QueueFull, SampleRejected
-from mldeploy.serving.predictors import OnnxPredictor, Predictor, TorchScriptPredictor
+from mldeploy.serving.predictors import DelayedPredictor, OnnxPredictor, Predictor, TorchScriptPredictor
 from mldeploy.serving.schemas import BatchRequest, BatchResponse, PredictRequest, PredictResponse
 from mldeploy.serving.server import BackgroundServer
 
 __all__ = [
-    "BackgroundServer", "BatchRequest", "BatchResponse", "BatchResult", "MicroBatcher", "OnnxPredictor",
+    "BackgroundServer", "BatchRequest", "DelayedPredictor", "BatchResponse", "BatchResult", "MicroBatcher", "OnnxPredictor",
     "PredictRequest", "PredictResponse", "Predictor", "QueueFull", "SampleRejected", "ServiceSettings",
     "TorchScriptPredictor", "create_app", "create_app_from_env", "enable_access_log",
 ]
