@@ -109,10 +109,10 @@ def batching_rows(seconds: float) -> tuple[list[Row], dict]:
         Row("unbatched, 64 clients: throughput", f"{_median(at64[False], 'throughput'):,.0f} req/s", "", None),
         Row("batched, 64 clients: throughput", f"{_median(at64[True], 'throughput'):,.0f} req/s", "", None),
         Row("batched ÷ unbatched throughput, 64 clients (median of 5 paired runs)", f"{speedup:.1f}x", "≥ 2x", speedup >= 2),
-        Row("64 clients p50: batched | unbatched", f"{_median(at64[True], 'p50_ms'):.2f} ms | {_median(at64[False], 'p50_ms'):.2f} ms", "", None),
-        Row("64 clients p99 (median of 5): batched | unbatched", f"{p99[True]:.2f} ms | {p99[False]:.2f} ms", "batched ≤ unbatched",
+        Row("64 clients p50: batched / unbatched", f"{_median(at64[True], 'p50_ms'):.2f} ms / {_median(at64[False], 'p50_ms'):.2f} ms", "", None),
+        Row("64 clients p99 (median of 5): batched / unbatched", f"{p99[True]:.2f} ms / {p99[False]:.2f} ms", "batched ≤ unbatched",
             p99[True] <= p99[False]),
-        Row("1 client p50 (median of 5): batched | unbatched", f"{p50_1[True]:.3f} ms | {p50_1[False]:.3f} ms", "within 0.3 ms",
+        Row("1 client p50 (median of 5): batched / unbatched", f"{p50_1[True]:.3f} ms / {p50_1[False]:.3f} ms", "within 0.3 ms",
             abs(p50_1[True] - p50_1[False]) <= 0.3),
         Row("/health p99 while /predict is saturated (64 clients)", f"{measured['health'].p99_ms:.2f} ms", "≤ 5 ms",
             measured["health"].p99_ms <= 5),
@@ -135,7 +135,7 @@ def _overload_rows(wrk: loadgen.WrkResult, probe: loadgen.ProbeResult, p99_at_64
     other = {code: n for code, n in wrk.codes.items() if code not in (200, 503)}
     ok, rejected = probe.latencies(200) * 1e3, probe.latencies(503) * 1e3
     rows = [
-        Row("512 clients: answers 200 | 503 | other", f"{wrk.codes.get(200, 0):,} | {wrk.codes.get(503, 0):,} | {sum(other.values())}",
+        Row("512 clients: answers 200 / 503 / other", f"{wrk.codes.get(200, 0):,} / {wrk.codes.get(503, 0):,} / {sum(other.values())}",
             "no other status, no socket error", not other and wrk.errors == 0),
         Row("512 clients: share of 503", f"{shed:.0%}", "", None),
         Row("512 clients: accepted throughput", f"{wrk.codes.get(200, 0) / wrk.seconds:,.0f} req/s", "", None),
@@ -143,13 +143,13 @@ def _overload_rows(wrk: loadgen.WrkResult, probe: loadgen.ProbeResult, p99_at_64
     if len(rejected) and len(ok):
         p50_503, p99_503, p99_ok = np.percentile(rejected, 50), np.percentile(rejected, 99), np.percentile(ok, 99)
         rows += [
-            Row("512 clients: 503 latency p50 | p99 (probe)", f"{p50_503:.2f} ms | {p99_503:.2f} ms",
+            Row("512 clients: 503 latency p50 / p99 (probe)", f"{p50_503:.2f} ms / {p99_503:.2f} ms",
                 "fast: p50 ≤ accepted p50", p50_503 <= np.percentile(ok, 50)),
-            Row("512 clients: accepted p50 | p99 (probe)", f"{np.percentile(ok, 50):.2f} ms | {p99_ok:.2f} ms",
+            Row("512 clients: accepted p50 / p99 (probe)", f"{np.percentile(ok, 50):.2f} ms / {p99_ok:.2f} ms",
                 "bounded: p99 ≤ 10 × batched 64-client p99", p99_ok <= 10 * p99_at_64),
         ]
     else:
-        rows.append(Row("512 clients: probe answers 200 | 503", f"{len(ok)} | {len(rejected)}", "both seen", False))
+        rows.append(Row("512 clients: probe answers 200 / 503", f"{len(ok)} / {len(rejected)}", "both seen", False))
     return rows
 
 
