@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 
 from mldeploy import loadgen
 from mldeploy.runtime import make_session, run_session, softmax
-from mldeploy.serving import BackgroundServer, OnnxPredictor, ServiceSettings, TorchScriptPredictor, create_app
+from mldeploy.serving import BackgroundServer, DelayedPredictor, OnnxPredictor, ServiceSettings, TorchScriptPredictor, create_app
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -38,16 +38,9 @@ def _expected(onnx_path, x) -> np.ndarray:
     return softmax(run_session(make_session(onnx_path), np.asarray(x, dtype=np.float32)))
 
 
-class SlowPredictor(OnnxPredictor):
+def SlowPredictor(path, delay: float = 0.01) -> DelayedPredictor:
     """The real ONNX model plus a fixed delay per call, so concurrent requests must queue up."""
-
-    def __init__(self, path, delay: float = 0.01):
-        super().__init__(path)
-        self.delay = delay
-
-    def predict_proba(self, x):
-        time.sleep(self.delay)
-        return super().predict_proba(x)
+    return DelayedPredictor(OnnxPredictor(path), delay)
 
 
 def test_predict_and_predict_batch_match_the_model(client, onnx_path):
