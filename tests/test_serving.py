@@ -20,8 +20,6 @@ from mldeploy import loadgen
 from mldeploy.runtime import make_session, run_session, softmax
 from mldeploy.serving import BackgroundServer, DelayedPredictor, OnnxPredictor, ServiceSettings, TorchScriptPredictor, create_app
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-
 
 @pytest.fixture(scope="module")
 def onnx_path(exported):
