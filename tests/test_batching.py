@@ -89,11 +89,11 @@ def test_one_bad_sample_does_not_fail_the_others_in_its_batch():
 
 
 def test_a_full_queue_refuses_at_once_and_serves_what_it_accepted():
-    model = RecordingModel(delay=0.2)
+    model = RecordingModel(delay=0.6)
 
     async def body(batcher):
         tasks = [asyncio.ensure_future(batcher.submit(_sample(i))) for i in range(5)]  # 3 queue, 2 refused
-        await asyncio.sleep(0.05)  # the worker now computes sample 0; samples 1 and 2 wait
+        await asyncio.sleep(0.15)  # the worker now computes sample 0; samples 1 and 2 wait
         tasks.append(asyncio.ensure_future(batcher.submit(_sample(5))))
         await asyncio.sleep(0)  # the queue is full again
         start = time.perf_counter()
@@ -103,7 +103,7 @@ def test_a_full_queue_refuses_at_once_and_serves_what_it_accepted():
         return refused_in, await asyncio.gather(*tasks, return_exceptions=True)
 
     refused_in, results = asyncio.run(_with_batcher(model, body, max_batch_size=1, max_wait_s=0.0, max_queue=3))
-    assert refused_in < 0.05  # not after the 0.2 s model call
+    assert refused_in < 0.3  # at once, not after the running 0.6 s model call
     assert [isinstance(r, QueueFull) for r in results] == [False, False, False, True, True, False]
     assert model.batch_sizes == [1, 1, 1, 1]
 
