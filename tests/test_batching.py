@@ -113,3 +113,20 @@ def test_settings_are_checked():
         for bad in ({"max_batch_size": 0}, {"max_queue": 0}, {"max_wait_s": -1}):
             with pytest.raises(ValueError):
                 MicroBatcher(lambda x: x, executor, **bad)
+
+
+def test_steady_small_concurrency_does_not_wait_for_a_full_batch():
+    model = RecordingModel(delay=0.01)
+
+    async def client(batcher, i):
+        for round_ in range(5):
+            await batcher.submit(_sample(10 * i + round_))
+
+    async def body(batcher):
+        start = time.perf_counter()
+        await asyncio.gather(*(client(batcher, i) for i in range(4)))
+        return time.perf_counter() - start
+
+    elapsed = asyncio.run(_with_batcher(model, body, max_batch_size=32, max_wait_s=0.3))
+    assert elapsed < 0.6, f"4 steady clients took {elapsed:.2f} s: batches waited for company that never came"
+    assert max(model.batch_sizes) == 4

@@ -45,8 +45,9 @@ class MicroBatcher:
 
     - A batch closes when it has ``max_batch_size`` samples or when ``max_wait_s`` has passed
       since its first sample arrived, whichever comes first.
-    - It waits for company only right after a batch that had company: a lone request on an idle
-      server runs at once instead of sleeping ``max_wait_s`` for nobody.
+    - It waits only for as much company as the previous batch had: a lone request on an idle server
+      runs at once instead of sleeping ``max_wait_s`` for nobody, and four steady clients make
+      batches of four without waiting for a thirty-second sample that never comes.
     - At most ``max_queue`` samples wait; beyond that ``submit`` raises :class:`QueueFull` at once.
     """
 
@@ -115,15 +116,16 @@ class MicroBatcher:
             batch = self._take(self.max_batch_size)
             if not batch:
                 continue
-            if self._last_batch_size > 1 and self.max_wait_s > 0:
-                await self._fill(batch)
+            expected = min(self._last_batch_size, self.max_batch_size)
+            if len(batch) < expected and self.max_wait_s > 0:
+                await self._fill(batch, expected)
             self._last_batch_size = len(batch)
             await self._run(batch)
 
-    async def _fill(self, batch: list[_Item]) -> None:
-        """Wait until the batch is full or its oldest sample has waited ``max_wait_s``."""
+    async def _fill(self, batch: list[_Item], expected: int) -> None:
+        """Wait until the batch has ``expected`` samples or its oldest one has waited ``max_wait_s``."""
         deadline = batch[0].enqueued_at + self.max_wait_s
-        while len(batch) < self.max_batch_size:
+        while len(batch) < expected:
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 return
@@ -131,7 +133,7 @@ class MicroBatcher:
             # waiting on an Event (not on queue.get) so a timeout can never lose a sample
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), remaining)
-            batch += self._take(self.max_batch_size - len(batch))
+            batch += self._take(self.max_batch_size - len(batch))  # take all that came, up to the maximum
 
     async def _run(self, batch: list[_Item]) -> None:
         loop = asyncio.get_running_loop()
