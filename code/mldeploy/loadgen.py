@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -119,10 +120,14 @@ class ProbeResult:
         return np.array([t for s, t in self.samples if s == status])
 
 
-async def _probe_connection(host: str, port: int, request: bytes, until: float, out: ProbeResult) -> None:
+async def _probe_connection(host: str, port: int, request: bytes, until: float, out: ProbeResult, seed: int) -> None:
+    rng = random.Random(seed)
     reader, writer = await asyncio.open_connection(host, port)
     try:
         while time.perf_counter() < until:
+            # a random pause breaks phase-locking with the server's batch cycle, which would
+            # otherwise make a probe land always just after (or always just before) a batch frees room
+            await asyncio.sleep(rng.uniform(0, 0.02))
             start = time.perf_counter()
             writer.write(request)
             head = await reader.readuntil(b"\r\n\r\n")
@@ -139,7 +144,7 @@ async def _probe(url: str, body: bytes, connections: int, seconds: float) -> Pro
                f"Content-Length: {len(body)}\r\n\r\n").encode() + body
     out = ProbeResult()
     until = time.perf_counter() + seconds
-    await asyncio.gather(*(_probe_connection(parts.hostname, parts.port, request, until, out) for _ in range(connections)))
+    await asyncio.gather(*(_probe_connection(parts.hostname, parts.port, request, until, out, i) for i in range(connections)))
     return out
 
 

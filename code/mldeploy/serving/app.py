@@ -49,7 +49,7 @@ class ServiceSettings:
     batching: bool = True
     max_batch_size: int = 32
     max_wait_ms: float = 2.0
-    max_queue: int = 128
+    max_queue: int = 64  # two full batches: a sample waits at most about two model calls
     max_body_bytes: int = 64 * 1024
     max_batch_items: int = 256
     model_threads: int = 1
