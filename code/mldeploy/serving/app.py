@@ -141,7 +141,11 @@ def create_app(load_predictor: Callable[[], Predictor], settings: ServiceSetting
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         # one model thread: ONNX Runtime releases the GIL, so the event loop keeps serving meanwhile
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
-        predictor = await asyncio.get_running_loop().run_in_executor(executor, load_predictor)
+        try:
+            predictor = await asyncio.get_running_loop().run_in_executor(executor, load_predictor)
+        except Exception as exc:
+            executor.shutdown(wait=False)
+            raise RuntimeError(f"could not load the model: {type(exc).__name__}: {exc}") from exc
         state.update(predictor=predictor, executor=executor)
         if settings.batching:
             batcher = MicroBatcher(
