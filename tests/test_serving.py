@@ -288,3 +288,11 @@ def test_many_errors_are_all_reported(client):
     response = client.post("/predict_batch", json={"items": items})
     assert response.status_code == 422
     assert len(response.json()["detail"]) == 24  # one per bad number, none summarised away
+
+
+def test_a_model_that_cannot_load_stops_start_up_with_its_reason(tmp_path):
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a model")
+    with pytest.raises(RuntimeError, match="could not load the model"):
+        with TestClient(create_app(lambda: OnnxPredictor(broken))):
+            pass
