@@ -13,7 +13,7 @@ QUIET_INDEX = 2>&1 | { grep -v 'is ignored: it is neither a file nor a directory
 PORT ?= 8888
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
 
-.PHONY: help venv demo serve book lab refresh test test-lib test-notebooks test-book test-browser page-weight clean
+.PHONY: help venv demo serve book lab refresh test test-lib test-notebooks test-book test-browser page-weight bench-serve clean
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -77,3 +77,6 @@ artifacts: $(SERVE_DIR)/model.onnx.sha256  ## export the model files the Docker 
 lint-docker: $(STAMP)  ## lint the Dockerfile (hadolint) and validate deploy/k8s/ against the Kubernetes schema
 	$(VENV)/bin/hadolint Dockerfile
 	$(VENV)/bin/kubernetes-validate --strict --quiet deploy/k8s/*.yaml
+
+bench-serve: $(STAMP)  ## benchmark the inference service with wrk (apt-get install -y wrk) and print the table
+	$(PY) -m mldeploy.bench_serve

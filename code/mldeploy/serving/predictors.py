@@ -1,0 +1,74 @@
+"""Model backends behind one small interface: ``predict_proba`` on an (n, features) float32 array.
+
+ONNX Runtime is the default. TorchScript is kept for the chapter's first draft; it imports torch
+only when constructed, so this module (and the slim serving image) works without PyTorch.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from mldeploy.runtime import make_session, run_session, softmax
+
+
+class Predictor(Protocol):
+    """Anything that turns an (n, features) float32 array into (n, classes) probabilities."""
+
+    model_format: str
+    n_features: int
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray: ...
+
+
+class OnnxPredictor:
+    """ONNX Runtime backend, configured for serving.
+
+    One intra-op thread and no spinning: the server already runs requests concurrently, and
+    spinning threads would burn a core while idle and steal it from the event loop.
+    """
+
+    model_format = "ONNX"
+
+    def __init__(self, path: str | Path, threads: int = 1):
+        self._session = make_session(path, threads=threads, spinning=False)
+        shape = self._session.get_inputs()[0].shape
+        self.n_features = int(shape[-1]) if isinstance(shape[-1], int) else 2
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        return softmax(run_session(self._session, x))
+
+
+class TorchScriptPredictor:
+    """TorchScript backend, as in the chapter's first draft of the service (imports torch lazily)."""
+
+    model_format = "TorchScript"
+    n_features = 2
+
+    def __init__(self, path: str | Path, threads: int = 1):
+        import torch  # lazy: the serving image has no torch
+
+        torch.set_num_threads(threads)
+        self._torch = torch
+        self._module = torch.jit.load(str(path), map_location="cpu").eval()
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        with self._torch.inference_mode():
+            logits = self._module(self._torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
+        return softmax(logits.numpy())
+
+
+class DelayedPredictor:
+    """Wraps a predictor and adds a fixed delay to every call: a stand-in for a heavier model in
+    demos and tests (``time.sleep`` releases the GIL, as ONNX Runtime does while it computes)."""
+
+    def __init__(self, inner: Predictor, delay_s: float):
+        self.inner, self.delay_s = inner, delay_s
+        self.model_format, self.n_features = inner.model_format, inner.n_features
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        time.sleep(self.delay_s)
+        return self.inner.predict_proba(x)

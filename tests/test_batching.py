@@ -1,0 +1,132 @@
+"""The micro-batcher on its own: batches form, idle requests do not wait, failures stay isolated."""
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from mldeploy.serving.batching import MicroBatcher, QueueFull, SampleRejected
+
+
+class RecordingModel:
+    """probabilities = softmax-free toy: [x0, x1] -> [x0 + x1, x0 - x1]; records batch sizes and threads."""
+
+    def __init__(self, delay: float = 0.0, poison: float | None = None, nan_on: float | None = None):
+        self.delay, self.poison, self.nan_on = delay, poison, nan_on
+        self.batch_sizes: list[int] = []
+        self.threads: set[str] = set()
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        self.threads.add(threading.current_thread().name)
+        self.batch_sizes.append(len(x))
+        time.sleep(self.delay)
+        if self.poison is not None and (x[:, 0] == self.poison).any():
+            raise ValueError("poisoned sample")
+        out = np.stack([x[:, 0] + x[:, 1], x[:, 0] - x[:, 1]], axis=1)
+        if self.nan_on is not None:
+            out[x[:, 0] == self.nan_on] = np.nan
+        return out
+
+
+async def _with_batcher(model, body, **kwargs):
+    with ThreadPoolExecutor(1, thread_name_prefix="model") as executor:
+        batcher = MicroBatcher(model, executor, **kwargs)
+        batcher.start()
+        try:
+            return await body(batcher)
+        finally:
+            await batcher.stop()
+
+
+def _sample(i: int) -> np.ndarray:
+    return np.array([i, 0.5 * i], dtype=np.float32)
+
+
+def test_concurrent_requests_form_batches_and_each_gets_its_own_answer():
+    model = RecordingModel(delay=0.01)
+
+    async def body(batcher):
+        return await asyncio.gather(*(batcher.submit(_sample(i)) for i in range(40)))
+
+    results = asyncio.run(_with_batcher(model, body, max_batch_size=16, max_wait_s=0.005))
+    for i, result in enumerate(results):
+        np.testing.assert_allclose(result.probabilities, [1.5 * i, 0.5 * i])
+    assert sum(model.batch_sizes) == 40
+    assert max(model.batch_sizes) == 16 and len(model.batch_sizes) <= 4
+    assert all(1 <= r.batch_size <= 16 for r in results)
+    assert model.threads == {"model_0"}  # the model ran in the worker thread, never on the event loop
+
+
+def test_a_lone_request_on_an_idle_server_does_not_wait_for_company():
+    model = RecordingModel()
+
+    async def body(batcher):
+        await batcher.submit(_sample(1))  # warm-up
+        start = time.perf_counter()
+        await batcher.submit(_sample(2))
+        return time.perf_counter() - start
+
+    elapsed = asyncio.run(_with_batcher(model, body, max_batch_size=8, max_wait_s=1.0))
+    assert elapsed < 0.5, f"an idle request waited {elapsed:.3f} s (max_wait is 1 s)"
+    assert model.batch_sizes == [1, 1]
+
+
+def test_one_bad_sample_does_not_fail_the_others_in_its_batch():
+    model = RecordingModel(delay=0.01, poison=13.0, nan_on=7.0)
+
+    async def body(batcher):
+        return await asyncio.gather(*(batcher.submit(_sample(i)) for i in range(20)), return_exceptions=True)
+
+    results = asyncio.run(_with_batcher(model, body, max_batch_size=20, max_wait_s=0.005))
+    failed = {i for i, r in enumerate(results) if isinstance(r, Exception)}
+    assert failed == {7, 13}
+    assert all(isinstance(results[i], SampleRejected) for i in failed)
+    for i in set(range(20)) - failed:
+        np.testing.assert_allclose(results[i].probabilities, [1.5 * i, 0.5 * i])
+
+
+def test_a_full_queue_refuses_at_once_and_serves_what_it_accepted():
+    model = RecordingModel(delay=0.6)
+
+    async def body(batcher):
+        tasks = [asyncio.ensure_future(batcher.submit(_sample(i))) for i in range(5)]  # 3 queue, 2 refused
+        await asyncio.sleep(0.15)  # the worker now computes sample 0; samples 1 and 2 wait
+        tasks.append(asyncio.ensure_future(batcher.submit(_sample(5))))
+        await asyncio.sleep(0)  # the queue is full again
+        start = time.perf_counter()
+        with pytest.raises(QueueFull):
+            await batcher.submit(_sample(99))
+        refused_in = time.perf_counter() - start
+        return refused_in, await asyncio.gather(*tasks, return_exceptions=True)
+
+    refused_in, results = asyncio.run(_with_batcher(model, body, max_batch_size=1, max_wait_s=0.0, max_queue=3))
+    assert refused_in < 0.3  # at once, not after the running 0.6 s model call
+    assert [isinstance(r, QueueFull) for r in results] == [False, False, False, True, True, False]
+    assert model.batch_sizes == [1, 1, 1, 1]
+
+
+def test_settings_are_checked():
+    with ThreadPoolExecutor(1) as executor:
+        for bad in ({"max_batch_size": 0}, {"max_queue": 0}, {"max_wait_s": -1}):
+            with pytest.raises(ValueError):
+                MicroBatcher(lambda x: x, executor, **bad)
+
+
+def test_steady_small_concurrency_does_not_wait_for_a_full_batch():
+    model = RecordingModel(delay=0.01)
+
+    async def client(batcher, i):
+        for round_ in range(5):
+            await batcher.submit(_sample(10 * i + round_))
+
+    async def body(batcher):
+        start = time.perf_counter()
+        await asyncio.gather(*(client(batcher, i) for i in range(4)))
+        return time.perf_counter() - start
+
+    elapsed = asyncio.run(_with_batcher(model, body, max_batch_size=32, max_wait_s=0.3))
+    assert elapsed < 0.6, f"4 steady clients took {elapsed:.2f} s: batches waited for company that never came"
+    assert max(model.batch_sizes) == 4
