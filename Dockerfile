@@ -47,7 +47,7 @@ ENV MLDEPLOY_BACKEND=torchscript \
 USER 10001:10001
 EXPOSE 8888
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 CMD ["python", "-m", "mldeploy.healthcheck"]
-CMD ["uvicorn", "--factory", "mldeploy.serving:create_app_from_env"]
+CMD ["uvicorn", "--factory", "mldeploy.serving:create_app_from_env", "--loop", "asyncio", "--no-access-log"]
 
 # --- runtime (default target): ONNX Runtime only ----------------------------------------------
 FROM base AS runtime
@@ -64,4 +64,4 @@ ENV MLDEPLOY_BACKEND=onnx \
 USER 10001:10001
 EXPOSE 8888
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 CMD ["python", "-m", "mldeploy.healthcheck"]
-CMD ["uvicorn", "--factory", "mldeploy.serving:create_app_from_env"]
+CMD ["uvicorn", "--factory", "mldeploy.serving:create_app_from_env", "--loop", "asyncio", "--no-access-log"]

@@ -31,7 +31,7 @@ demo: $(STAMP)  ## run the full pipeline demo (train, export, quantize, serve, c
 	$(PY) code/serve_model.py
 
 serve: $(STAMP)  ## serve the demo's ONNX model on 127.0.0.1:$(PORT) (run `make demo` first)
-	$(VENV)/bin/uvicorn --factory mldeploy.serving:create_app_from_env --host 127.0.0.1 --port $(PORT)
+	$(VENV)/bin/uvicorn --factory mldeploy.serving:create_app_from_env --host 127.0.0.1 --port $(PORT) --loop asyncio --no-access-log
 
 book: $(STAMP)  ## build the static HTML book into _build/html (no re-execution)
 	$(VENV)/bin/jupyter-book build . --builder html --warningiserror --keep-going --quiet
