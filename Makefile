@@ -13,15 +13,15 @@ QUIET_INDEX = 2>&1 | { grep -v 'is ignored: it is neither a file nor a directory
 PORT ?= 8888
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
 
-.PHONY: help venv demo serve book lab refresh test test-lib test-notebooks test-book test-browser page-weight bench-serve clean
+.PHONY: help venv demo serve book lab refresh test test-lib test-notebooks test-book test-browser page-weight bench-serve constraints clean
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
 
-$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	@$(PYTHON_BOOT) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "Python 3.11 is required, found " + sys.version.split()[0])'
 	@test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
-	$(PIP_INSTALL) -r requirements-dev.txt $(QUIET_INDEX)
+	$(PIP_INSTALL) -r requirements-dev.txt -c constraints.txt $(QUIET_INDEX)
 	$(PIP_INSTALL) --no-deps -e . $(QUIET_INDEX)
 	@touch $@
 
@@ -59,6 +59,12 @@ page-weight: $(STAMP)  ## bytes a first visit to each page of the book transfers
 
 test: $(STAMP)  ## unit + service tests, nbval over every notebook, book build
 	$(PY) -m pytest tests --nbval --nbval-sanitize-with tests/sanitize.cfg $(NOTEBOOKS)
+
+constraints:  ## after changing a pin in requirements*.txt: install without the old lock, then re-pin everything
+	@test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
+	$(PIP_INSTALL) -r requirements-dev.txt $(QUIET_INDEX)
+	{ sed -n '1,3p' constraints.txt; $(PY) -m pip freeze --exclude-editable | sed 's/^torch==2.13.0+cpu$$/torch==2.13.0/'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 clean:  ## remove built and generated files (keeps .venv)
 	rm -rf _build artifacts .pytest_cache

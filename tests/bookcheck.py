@@ -406,8 +406,12 @@ def link_first_uses(path: Path, glossary: Path) -> int:
             break
         u = found[0]
         text = u.source.text
-        linked = f"[{u.word}]({_relative(glossary, path)}#{u.term.anchor})"
-        text = text[:u.offset] + linked + text[u.offset + len(u.word):]
+        start, end, word = u.offset, u.offset + len(u.word), u.word
+        if text[start - 2:start] == "**" and text[end:end + 2] == "**":
+            # `**[x](…)**之` would not close the bold (CommonMark flanking rules): link the bold text instead
+            start, end, word = start - 2, end + 2, f"**{word}**"
+        linked = f"[{word}]({_relative(glossary, path)}#{u.term.anchor})"
+        text = text[:start] + linked + text[end:]
         if path.suffix == ".ipynb":
             nb = nbformat.read(path, as_version=4)
             cells = [c for c in nb.cells if c.cell_type == "markdown"]

@@ -130,7 +130,7 @@ def server(site: Path):
         thread.join(timeout=5)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
     _require_chromium()
     from playwright.sync_api import sync_playwright

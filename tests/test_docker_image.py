@@ -85,7 +85,9 @@ def test_runtime_targets_run_unprivileged_expose_their_port_and_check_health(par
     assert user.isdigit() and int(user) > 0 and group.isdigit() and int(group) > 0  # numeric: K8s can verify
     env = parsed.env(stage)
     assert stage.last("EXPOSE").args.split() == [env["UVICORN_PORT"]]
-    assert stage.last("CMD").exec_form() == ["uvicorn", "--factory", "mldeploy.serving:create_app_from_env"]
+    assert stage.last("CMD").exec_form() == [
+        "uvicorn", "--factory", "mldeploy.serving:create_app_from_env", "--loop", "asyncio", "--no-access-log"
+    ]
     assert stage.last("HEALTHCHECK").exec_form() == ["python", "-m", "mldeploy.healthcheck"]
     flags, _ = stage.last("HEALTHCHECK").flags()
     assert {"interval", "timeout", "retries"} <= set(flags)
@@ -119,7 +121,7 @@ def test_parser_errors_are_clear(text, message):
 def test_dockerignore_keeps_only_what_the_image_needs():
     rules = dockerignore_rules()
     kept = dockerfile.context_files(REPO_ROOT, rules)
-    assert "requirements-serve.txt" in kept and "code/mldeploy/serving.py" in kept
+    assert "requirements-serve.txt" in kept and "code/mldeploy/serving/__init__.py" in kept
     for secret_or_bulk in (".env", ".git", ".venv/pyvenv.cfg", "notebooks/x.ipynb", "artifacts/demo/model.onnx",
                            "code/mldeploy/__pycache__/serving.cpython-311.pyc", "id_rsa", "code/serve_model.py"):
         assert dockerfile.is_ignored(secret_or_bulk, rules), secret_or_bulk
