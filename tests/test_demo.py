@@ -47,12 +47,12 @@ def test_failing_step_is_named_and_exits_nonzero(tmp_path):
 
 
 def test_a_failing_step_stops_the_demo_with_its_name(tmp_path, monkeypatch, capsys):
-    from mldeploy import pipeline, quantize
+    from mldeploy import int8_ptq, pipeline
 
     def broken(*args, **kwargs):
         raise RuntimeError("calibration data reader exhausted")
 
-    monkeypatch.setattr(quantize, "quantize_int8_static", broken)
+    monkeypatch.setattr(int8_ptq, "quantize_int8_qdq", broken)
     assert pipeline.main(["--out", str(tmp_path), "--epochs", "2"]) == 1
     err = capsys.readouterr().err
     assert "step 6/8 (Post-training INT8 quantization) failed" in err

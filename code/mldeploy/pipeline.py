@@ -19,7 +19,7 @@ import httpx
 import numpy as np
 import torch
 
-from mldeploy import data, export, models, quantize, runtime, serving, sizes, training
+from mldeploy import data, export, int8_ptq, models, runtime, serving, sizes, training
 from mldeploy.paths import artifacts_dir
 
 N_STEPS = 8
@@ -113,7 +113,7 @@ def run_demo(out_dir: Path, *, epochs: int = 60, seed: int = 0, backend: str = "
         print(f"{PAD}Inference time (32 samples):        {result.onnx_latency_us:.1f} µs (median of 200)")
 
     with _step(6, "Post-training INT8 quantization"):
-        int8_path = quantize.quantize_int8_static(onnx_path, out_dir / "model_int8.onnx", split.x_train[:256])
+        int8_path = int8_ptq.quantize_int8_qdq(onnx_path, out_dir / "model_int8.onnx", split.x_train[:256])
         result.int8_bytes = sizes.artifact_bytes(int8_path)
         result.int8_accuracy = training.accuracy(
             runtime.run_session(runtime.make_session(int8_path), split.x_test), split.y_test
