@@ -103,25 +103,35 @@ def split_blocks(source: Source) -> tuple[list[Block], list[str]]:
                     para = []
         buffer = []
 
+    def keep_place(line: str) -> None:
+        # a dropped line inside a language block leaves spaces of the same length, so that offsets in
+        # the block's text still point at the same characters of the source (the linker edits by offset)
+        if lang is not None:
+            buffer.append(" " * len(line))
+
     while i < len(lines):
         line = lines[i]
         stripped = line.strip()
         if fence:
             if stripped.startswith(fence):
                 fence = None
+            keep_place(line)
             i += 1
             continue
         if in_math:
             in_math = not stripped.endswith("$$")
+            keep_place(line)
             i += 1
             continue
         match = FENCE.match(line)
         if match:
             fence = match.group(1)
+            keep_place(line)
             i += 1
             continue
         if stripped.startswith("$$"):
             in_math = not (len(stripped) > 2 and stripped.endswith("$$"))
+            keep_place(line)
             i += 1
             continue
         opened = OPEN.match(stripped)

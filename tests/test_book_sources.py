@@ -3,6 +3,7 @@ exercises with runnable solutions, and a generated verified-with stamp on every 
 
 from __future__ import annotations
 
+import re
 import json
 import shutil
 from pathlib import Path
@@ -165,3 +166,22 @@ def test_first_uses_can_be_linked_automatically(tmp_path: Path) -> None:
     assert "<strong>推理</strong></a>很快" in MarkdownIt("commonmark").render(text)
     assert "[动态量化](../chapters/glossary.md#dynamic-quantization)不是[量化](../chapters/glossary.md#quantization)的" in text
     assert "[Inference](../chapters/glossary.md#inference) is fast, see [ONNX Runtime](https://onnxruntime.ai) and `tensor`." in text
+
+
+def test_linking_after_a_code_fence_edits_the_right_characters(tmp_path: Path) -> None:
+    (tmp_path / "notebooks").mkdir()
+    original = (
+        '<div lang="zh">\n\n一条命令：\n\n```bash\nmake artifacts   # 写出模型\n```\n\n'
+        "它调用 `mldeploy.serve_artifacts.build`，导出 ONNX 和 TorchScript。\n\n</div>\n"
+        '<div lang="en">\n\nOne command:\n\n```bash\nmake artifacts\n```\n\n'
+        "It calls `mldeploy.serve_artifacts.build` and exports TorchScript.\n\n</div>"
+    )
+    path = write_notebook(tmp_path / "notebooks", nbformat.v4.new_markdown_cell(original))
+    glossary = tmp_path / "chapters" / "glossary.md"
+    glossary.parent.mkdir()
+    shutil.copy2(GLOSSARY, glossary)
+    assert bookcheck.link_first_uses(path, glossary) > 0
+    text = nbformat.read(path, as_version=4).cells[0].source
+    assert "[TorchScript](../chapters/glossary.md#torchscript)。" in text
+    assert "`mldeploy.serve_artifacts.build`" in text  # the code span is untouched
+    assert re.sub(r"\[([^\]]*)\]\([^)]*glossary\.md#[^)]*\)", r"\1", text) == original
