@@ -46,7 +46,7 @@ ENV MLDEPLOY_BACKEND=torchscript \
     UVICORN_PORT=8888
 USER 10001:10001
 EXPOSE 8888
-HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 CMD ["python", "-m", "mldeploy.healthcheck"]
+HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 CMD ["python", "-m", "mldeploy.serving.healthcheck"]
 CMD ["uvicorn", "--factory", "mldeploy.serving:create_app_from_env", "--loop", "asyncio", "--no-access-log"]
 
 # --- runtime (default target): ONNX Runtime only ----------------------------------------------
@@ -63,5 +63,5 @@ ENV MLDEPLOY_BACKEND=onnx \
     UVICORN_PORT=8888
 USER 10001:10001
 EXPOSE 8888
-HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 CMD ["python", "-m", "mldeploy.healthcheck"]
+HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 CMD ["python", "-m", "mldeploy.serving.healthcheck"]
 CMD ["uvicorn", "--factory", "mldeploy.serving:create_app_from_env", "--loop", "asyncio", "--no-access-log"]

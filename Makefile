@@ -40,7 +40,7 @@ lab: $(STAMP)  ## open the notebooks in JupyterLab
 	$(VENV)/bin/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) notebooks/
 
 refresh: $(STAMP)  ## re-execute every notebook in place (updates stored outputs)
-	$(PY) -m mldeploy.notebooks refresh $(NOTEBOOKS)
+	$(PY) -m mldeploy.book.notebooks refresh $(NOTEBOOKS)
 
 test-lib: $(STAMP)
 	$(PY) -m pytest tests -m "not book"
@@ -71,12 +71,12 @@ clean:  ## remove built and generated files (keeps .venv)
 
 # --- section 5.4: the serving image -------------------------------------------------------------
 SERVE_DIR := artifacts/serve
-SERVE_SOURCES := $(addprefix code/mldeploy/,serve_artifacts.py export.py models.py training.py data.py checksums.py)
+SERVE_SOURCES := $(wildcard code/mldeploy/image/*.py) $(addprefix code/mldeploy/,export/formats.py models.py training.py data.py)
 
 .PHONY: artifacts lint-docker
 
 $(SERVE_DIR)/model.onnx.sha256: $(STAMP) $(SERVE_SOURCES)
-	$(PY) -m mldeploy.serve_artifacts --out $(SERVE_DIR)
+	$(PY) -m mldeploy.image.artifacts --out $(SERVE_DIR)
 
 artifacts: $(SERVE_DIR)/model.onnx.sha256  ## export the model files the Docker image copies (artifacts/serve/)
 
@@ -85,4 +85,4 @@ lint-docker: $(STAMP)  ## lint the Dockerfile (hadolint) and validate deploy/k8s
 	$(VENV)/bin/kubernetes-validate --strict --quiet deploy/k8s/*.yaml
 
 bench-serve: $(STAMP)  ## benchmark the inference service with wrk (apt-get install -y wrk) and print the table
-	$(PY) -m mldeploy.bench_serve
+	$(PY) -m mldeploy.loadtest.bench

@@ -17,7 +17,9 @@ from sphinx.config import Config
 
 def _git(*args: str, cwd: str) -> str:
     try:
-        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10).stdout.strip()
+        return subprocess.run(
+            ["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
 
@@ -45,14 +47,21 @@ def configure(app: Sphinx, config: Config) -> None:
     options["repository_url"] = url
     if not url:
         # the theme cannot build these links without a repository (launch buttons would crash it)
-        for key in ("use_repository_button", "use_issues_button", "use_edit_page_button", "use_source_button"):
+        for key in (
+            "use_repository_button",
+            "use_issues_button",
+            "use_edit_page_button",
+            "use_source_button",
+        ):
             options[key] = False
         options["launch_buttons"] = {}
         return
     if os.environ.get("BOOK_REPOSITORY_BRANCH"):
         options["repository_branch"] = os.environ["BOOK_REPOSITORY_BRANCH"]
     options["use_repository_button"] = True
-    options["use_issues_button"] = "github.com/" in url  # the theme builds issue links for GitHub only
+    options["use_issues_button"] = (
+        "github.com/" in url
+    )  # the theme builds issue links for GitHub only
     hub = os.environ.get("BOOK_JUPYTERHUB_URL", "")
     if hub:
         options.setdefault("launch_buttons", {})["jupyterhub_url"] = hub

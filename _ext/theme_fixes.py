@@ -16,7 +16,9 @@ def default_mode(app: Sphinx, config: Config) -> None:
         config.html_context["default_mode"] = "auto"  # read by the pydata theme's templates
 
 
-def dedupe_scripts(app: Sphinx, pagename: str, templatename: str, context: dict, doctree: object) -> None:
+def dedupe_scripts(
+    app: Sphinx, pagename: str, templatename: str, context: dict, doctree: object
+) -> None:
     scripts = context.get("script_files")
     if not scripts:
         return
@@ -24,7 +26,10 @@ def dedupe_scripts(app: Sphinx, pagename: str, templatename: str, context: dict,
     unique = []
     for script in scripts:
         # the copies differ in filename (None vs "") and priority only
-        key = (str(getattr(script, "filename", script) or ""), repr(sorted(getattr(script, "attributes", {}).items())))
+        key = (
+            str(getattr(script, "filename", script) or ""),
+            repr(sorted(getattr(script, "attributes", {}).items())),
+        )
         if key not in seen:
             seen.add(key)
             unique.append(script)

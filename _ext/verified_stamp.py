@@ -1,6 +1,6 @@
 """Show under each notebook's title which versions produced its outputs, and when.
 
-``make refresh`` (``mldeploy.notebooks.execute``) writes the facts into the notebook's metadata
+``make refresh`` (``mldeploy.book.notebooks.execute``) writes the facts into the notebook's metadata
 under ``mldeploy.verified``; nothing here is typed by hand.
 """
 
@@ -24,12 +24,14 @@ def stamp_text(verified: dict) -> str:
 
 def stamp_html(verified: dict) -> str:
     """The same line, its words marked by language so the language switch applies to them too."""
-    versions = " · ".join(f"{name} {escape(str(verified[key]))}" for name, key in
-                          [("Python", "python"), ("torch", "torch"), ("onnxruntime", "onnxruntime")])
+    versions = " · ".join(
+        f"{name} {escape(str(verified[key]))}"
+        for name, key in [("Python", "python"), ("torch", "torch"), ("onnxruntime", "onnxruntime")]
+    )
     return (
         '<p class="verified-stamp"><span lang="zh">验证环境：</span><span lang="en">Verified with </span>'
         f'{versions} · <span lang="zh">输出生成于 </span><span lang="en">outputs produced </span>'
-        f'{escape(str(verified["date"]))}</p>'
+        f"{escape(str(verified['date']))}</p>"
     )
 
 
@@ -38,7 +40,12 @@ def add_stamp(app: Sphinx, doctree: nodes.document) -> None:
     source = Path(app.env.doc2path(app.env.docname))
     if source.suffix != ".ipynb":
         return
-    verified = json.loads(source.read_text(encoding="utf-8")).get("metadata", {}).get("mldeploy", {}).get("verified")
+    verified = (
+        json.loads(source.read_text(encoding="utf-8"))
+        .get("metadata", {})
+        .get("mldeploy", {})
+        .get("verified")
+    )
     section = next(iter(doctree.findall(nodes.section)), None)
     if not verified or section is None or not isinstance(section[0], nodes.title):
         return

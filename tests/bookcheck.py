@@ -24,7 +24,9 @@ OPEN = re.compile(r'^<div lang="(zh|en)">\s*$')
 CLOSE = re.compile(r"^</div>\s*$")
 FENCE = re.compile(r"^\s*(```|~~~)")
 HEADING = re.compile(r"^#{1,6}\s")
-GLOSSARY_LINK = re.compile(r"\[(?P<text>[^\]]*)\]\((?P<path>[^)\s#]*glossary\.md)(?:#(?P<anchor>[^)\s]*))?\)")
+GLOSSARY_LINK = re.compile(
+    r"\[(?P<text>[^\]]*)\]\((?P<path>[^)\s#]*glossary\.md)(?:#(?P<anchor>[^)\s]*))?\)"
+)
 TERM_ANCHOR = re.compile(r'^<a id="(?P<id>[A-Za-z0-9_-]+)"></a>\s*$')
 TERM_HEADING = re.compile(r"^### (?P<zh>.+?) · (?P<en>.+?) (?P<ipa>/[^/]+/)\s*$")
 EXERCISES = re.compile(r"^#{2,3}\s.*练习.*Exercises", re.IGNORECASE)
@@ -137,12 +139,14 @@ def split_blocks(source: Source) -> tuple[list[Block], list[str]]:
         opened = OPEN.match(stripped)
         if opened:
             if lang is not None:
-                problems.append(f"{_where(source, i + 1)}: <div lang> opened inside another language block")
+                problems.append(
+                    f"{_where(source, i + 1)}: <div lang> opened inside another language block"
+                )
             flush(i)
             lang, start = opened.group(1), i + 1
             if i + 1 < len(lines) and lines[i + 1].strip():
                 problems.append(
-                    f"{_where(source, i + 1)}: blank line needed after <div lang=\"{lang}\"> "
+                    f'{_where(source, i + 1)}: blank line needed after <div lang="{lang}"> '
                     "(without it JupyterLab and GitHub show the markdown raw)"
                 )
             i += 1
@@ -155,13 +159,15 @@ def split_blocks(source: Source) -> tuple[list[Block], list[str]]:
             i += 1
             continue
         if "<div lang" in line:
-            problems.append(f"{_where(source, i + 1)}: write <div lang=\"zh\"> / <div lang=\"en\"> alone on its line")
+            problems.append(
+                f'{_where(source, i + 1)}: write <div lang="zh"> / <div lang="en"> alone on its line'
+            )
         if not buffer and lang is None:
             start = i
         buffer.append(line)
         i += 1
     if lang is not None:
-        problems.append(f"{_where(source, start)}: <div lang=\"{lang}\"> is never closed")
+        problems.append(f'{_where(source, start)}: <div lang="{lang}"> is never closed')
     flush(len(lines))
     return blocks, problems
 
@@ -182,19 +188,25 @@ def _shared_is_fine(text: str) -> str | None:
                     return f"table cell {cell.strip()!r} has no English (write `中文 · English`)"
         return None
     items = [line for line in text.split("\n") if line.strip()]
-    if all(re.match(r"\s*([-*+]|\d+\.)\s", line) for line in items):  # a shared list, e.g. of sections
+    if all(
+        re.match(r"\s*([-*+]|\d+\.)\s", line) for line in items
+    ):  # a shared list, e.g. of sections
         for line in items:
             words = re.sub(r"\]\([^)]*\)", "]", line)  # a link's target is not its text
             if CJK.search(words) and not LATIN.search(words):
                 return f"list item {line.strip()!r} has no English (write `中文 · English`)"
-            if not CJK.search(line) and not re.fullmatch(r"[^A-Za-z]*\[[^\]]*\]\([^)]*\)[^A-Za-z]*", line.strip()):
-                return "prose outside a <div lang=\"zh\"> / <div lang=\"en\"> block"
+            if not CJK.search(line) and not re.fullmatch(
+                r"[^A-Za-z]*\[[^\]]*\]\([^)]*\)[^A-Za-z]*", line.strip()
+            ):
+                return 'prose outside a <div lang="zh"> / <div lang="en"> block'
         return None
     # images, anchors, rules, MyST targets: no words of their own
-    bare = re.sub(r"!\[[^\]]*\]\([^)]*\)|<[^>]+>|\(\w[\w-]*\)=|^[-*_]{3,}\s*$", "", text, flags=re.M)
+    bare = re.sub(
+        r"!\[[^\]]*\]\([^)]*\)|<[^>]+>|\(\w[\w-]*\)=|^[-*_]{3,}\s*$", "", text, flags=re.M
+    )
     if not (CJK.search(bare) or LATIN.search(bare)):
         return None
-    return "prose outside a <div lang=\"zh\"> / <div lang=\"en\"> block"
+    return 'prose outside a <div lang="zh"> / <div lang="en"> block'
 
 
 def bilingual_problems(path: Path) -> list[str]:
@@ -214,11 +226,14 @@ def bilingual_problems(path: Path) -> list[str]:
             order.append(block)
             if block.lang == "zh" and not CJK.search(block.text):
                 problems.append(f"{_where(source, block.line)}: the zh block has no Chinese text")
-            if block.lang == "en" and (not LATIN.search(block.text) or len(CJK.findall(block.text)) > len(LATIN.findall(block.text))):
+            if block.lang == "en" and (
+                not LATIN.search(block.text)
+                or len(CJK.findall(block.text)) > len(LATIN.findall(block.text))
+            ):
                 problems.append(f"{_where(source, block.line)}: the en block is not English text")
         langs = [b.lang for b in order]
         for k in range(0, len(langs), 2):
-            pair = langs[k:k + 2]
+            pair = langs[k : k + 2]
             if pair != ["zh", "en"]:
                 line = order[k].line
                 missing = "en" if pair[:1] == ["zh"] else "zh"
@@ -265,10 +280,12 @@ def glossary_terms(glossary: Path) -> list[Term]:
         anchor = TERM_ANCHOR.match(line)
         if not anchor:
             continue
-        heading = next((l for l in lines[i + 1:i + 4] if l.strip()), "")
+        heading = next((l for l in lines[i + 1 : i + 4] if l.strip()), "")
         match = TERM_HEADING.match(heading)
         if match:
-            terms.append(Term(anchor.group("id"), match.group("zh"), match.group("en"), match.group("ipa")))
+            terms.append(
+                Term(anchor.group("id"), match.group("zh"), match.group("en"), match.group("ipa"))
+            )
         else:
             terms.append(Term(anchor.group("id"), "", "", ""))
     return terms
@@ -284,20 +301,30 @@ def glossary_problems(glossary: Path) -> list[str]:
             problems.append(f"glossary: anchor #{term.anchor} is used twice")
         seen.add(term.anchor)
         if not term.zh:
-            problems.append(f"glossary: #{term.anchor} must be followed by `### 中文 · English /IPA/`")
+            problems.append(
+                f"glossary: #{term.anchor} must be followed by `### 中文 · English /IPA/`"
+            )
     text = glossary.read_text(encoding="utf-8")
     for term, nxt in zip(terms, terms[1:] + [None]):
         start = text.index(f'<a id="{term.anchor}">')
         end = text.index(f'<a id="{nxt.anchor}">') if nxt else len(text)
         entry = text[start:end]
-        if not (re.search(r'<div lang="zh">\s*\n\s*\S', entry) and re.search(r'<div lang="en">\s*\n\s*\S', entry)):
-            problems.append(f"glossary: #{term.anchor} needs a one-line definition in both languages")
+        if not (
+            re.search(r'<div lang="zh">\s*\n\s*\S', entry)
+            and re.search(r'<div lang="en">\s*\n\s*\S', entry)
+        ):
+            problems.append(
+                f"glossary: #{term.anchor} needs a one-line definition in both languages"
+            )
     return problems
 
 
 def glossary_links(source: Source) -> list[tuple[str, str | None, str]]:
     """(path, anchor, text) of every glossary link in a source."""
-    return [(m.group("path"), m.group("anchor"), m.group("text")) for m in GLOSSARY_LINK.finditer(source.text)]
+    return [
+        (m.group("path"), m.group("anchor"), m.group("text"))
+        for m in GLOSSARY_LINK.finditer(source.text)
+    ]
 
 
 def link_problems(path: Path, glossary: Path, folder: Path | None = None) -> list[str]:
@@ -311,7 +338,9 @@ def link_problems(path: Path, glossary: Path, folder: Path | None = None) -> lis
         for target, anchor, text in glossary_links(source):
             where = f"{path.name}, {source.where}" if path.suffix == ".ipynb" else path.name
             if ((folder or path.parent) / target).resolve() != glossary.resolve():
-                problems.append(f"{where}: [{text}]({target}) does not lead to chapters/glossary.md")
+                problems.append(
+                    f"{where}: [{text}]({target}) does not lead to chapters/glossary.md"
+                )
             elif anchor is not None and anchor not in anchors:
                 problems.append(f"{where}: [{text}](…#{anchor}): no such glossary entry")
     return problems
@@ -373,13 +402,29 @@ def first_unlinked_uses(path: Path, glossary: Path) -> list[Unlinked]:
             texts += [(index, source, b) for b in blocks if b.lang == lang]
         for term in terms:
             names = term.names(lang)
-            longer = [n for t in terms if t is not term for n in t.names(lang) if any(m in n and m != n for m in names)]
+            longer = [
+                n
+                for t in terms
+                if t is not term
+                for n in t.names(lang)
+                if any(m in n and m != n for m in names)
+            ]
             for index, source, block in texts:
                 text = block.text
                 links = [m for m in GLOSSARY_LINK.finditer(text)]
-                masked = _mask(text, [m.span() for m in ANY_LINK.finditer(text)] + [m.span() for m in NOT_PROSE.finditer(text)])
-                masked = _mask(masked, [m.span() for n in longer for m in _pattern(n, lang).finditer(masked)])
-                uses = sorted((m.start(), m.group()) for n in names for m in _pattern(n, lang).finditer(masked))
+                masked = _mask(
+                    text,
+                    [m.span() for m in ANY_LINK.finditer(text)]
+                    + [m.span() for m in NOT_PROSE.finditer(text)],
+                )
+                masked = _mask(
+                    masked, [m.span() for n in longer for m in _pattern(n, lang).finditer(masked)]
+                )
+                uses = sorted(
+                    (m.start(), m.group())
+                    for n in names
+                    for m in _pattern(n, lang).finditer(masked)
+                )
                 linked = [m.start() for m in links if m.group("anchor") == term.anchor]
                 if not uses and not linked:
                     continue
@@ -395,7 +440,7 @@ def first_use_problems(path: Path, glossary: Path) -> list[str]:
     problems = []
     for u in first_unlinked_uses(path, glossary):
         where = f"{path.name}, {u.source.where}" if path.suffix == ".ipynb" else path.name
-        context = u.source.text[u.offset:u.offset + 30].split("\n")[0]
+        context = u.source.text[u.offset : u.offset + 30].split("\n")[0]
         problems.append(
             f"{where}: first {u.lang} use of {u.term.en!r} ({context!r}…) should be "
             f"[{u.word}]({_relative(glossary, path)}#{u.term.anchor})"
@@ -417,7 +462,7 @@ def link_first_uses(path: Path, glossary: Path) -> int:
         u = found[0]
         text = u.source.text
         start, end, word = u.offset, u.offset + len(u.word), u.word
-        if text[start - 2:start] == "**" and text[end:end + 2] == "**":
+        if text[start - 2 : start] == "**" and text[end : end + 2] == "**":
             # `**[x](…)**之` would not close the bold (CommonMark flanking rules): link the bold text instead
             start, end, word = start - 2, end + 2, f"**{word}**"
         linked = f"[{word}]({_relative(glossary, path)}#{u.term.anchor})"
@@ -440,23 +485,32 @@ def exercise_problems(path: Path) -> list[str]:
     """An exercises section (`## 5.N.k 练习 · Exercises`) followed by runnable solution cells."""
     cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
     start = next(
-        (i for i, c in enumerate(cells) if c["cell_type"] == "markdown"
-         and any(EXERCISES.match(line) for line in "".join(c["source"]).split("\n"))),
+        (
+            i
+            for i, c in enumerate(cells)
+            if c["cell_type"] == "markdown"
+            and any(EXERCISES.match(line) for line in "".join(c["source"]).split("\n"))
+        ),
         None,
     )
     if start is None:
         return [f"{path.name}: no exercises section (a heading `## 5.N.k 练习 · Exercises`)"]
     solutions = [
-        (i, c) for i, c in enumerate(cells[start:], start)
+        (i, c)
+        for i, c in enumerate(cells[start:], start)
         if c["cell_type"] == "code" and SOLUTION_TAG in c.get("metadata", {}).get("tags", [])
     ]
     if not solutions:
-        return [f"{path.name}: exercises (cell {start}) have no solution code cell tagged {SOLUTION_TAG!r}"]
+        return [
+            f"{path.name}: exercises (cell {start}) have no solution code cell tagged {SOLUTION_TAG!r}"
+        ]
     problems = []
     for i, cell in solutions:
         source = "".join(cell["source"])
         if "NBVAL_SKIP" in source or "raises-exception" in cell.get("metadata", {}).get("tags", []):
-            problems.append(f"{path.name}, cell {i}: a solution must run under nbval, not be skipped")
+            problems.append(
+                f"{path.name}, cell {i}: a solution must run under nbval, not be skipped"
+            )
         if not source.strip():
             problems.append(f"{path.name}, cell {i}: empty solution cell")
     return problems
@@ -464,7 +518,9 @@ def exercise_problems(path: Path) -> list[str]:
 
 def stamp_problems(path: Path, pins: dict[str, str]) -> list[str]:
     """`make refresh` wrote a verified-with stamp matching the pinned versions."""
-    verified = json.loads(path.read_text(encoding="utf-8"))["metadata"].get("mldeploy", {}).get("verified")
+    verified = (
+        json.loads(path.read_text(encoding="utf-8"))["metadata"].get("mldeploy", {}).get("verified")
+    )
     if not verified:
         return [f"{path.name}: no verified-with stamp in its metadata: run `make refresh` on it"]
     problems = []
@@ -482,9 +538,15 @@ def stamp_problems(path: Path, pins: dict[str, str]) -> list[str]:
     return problems
 
 
-def pinned_versions(requirements: Path, packages: tuple[str, ...] = ("torch", "onnxruntime")) -> dict[str, str]:
+def pinned_versions(
+    requirements: Path, packages: tuple[str, ...] = ("torch", "onnxruntime")
+) -> dict[str, str]:
     """`name==version` pins of the given packages."""
-    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==([^\s;#]+)", requirements.read_text(encoding="utf-8"), re.M))
+    pins = dict(
+        re.findall(
+            r"^([A-Za-z0-9_.-]+)==([^\s;#]+)", requirements.read_text(encoding="utf-8"), re.M
+        )
+    )
     return {p: pins[p] for p in packages if p in pins}
 
 

@@ -17,13 +17,12 @@ def split() -> data.Split:
 
 @pytest.fixture(scope="session")
 def trained_model(split: data.Split) -> models.SimpleMLP:
-    training.set_seed(0)
-    model = models.SimpleMLP()
-    training.train_classifier(model, split.x_train, split.y_train, epochs=20)
-    return model.eval()
+    return training.train_two_moons().model
 
 
 @pytest.fixture(scope="session")
-def exported(trained_model: models.SimpleMLP, split: data.Split, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def exported(
+    trained_model: models.SimpleMLP, split: data.Split, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("exports")
     return export.export_all(trained_model, torch.from_numpy(split.x_train[:8]), out)

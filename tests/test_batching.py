@@ -14,7 +14,9 @@ from mldeploy.serving.batching import MicroBatcher, QueueFull, SampleRejected
 class RecordingModel:
     """probabilities = softmax-free toy: [x0, x1] -> [x0 + x1, x0 - x1]; records batch sizes and threads."""
 
-    def __init__(self, delay: float = 0.0, poison: float | None = None, nan_on: float | None = None):
+    def __init__(
+        self, delay: float = 0.0, poison: float | None = None, nan_on: float | None = None
+    ):
         self.delay, self.poison, self.nan_on = delay, poison, nan_on
         self.batch_sizes: list[int] = []
         self.threads: set[str] = set()
@@ -57,7 +59,9 @@ def test_concurrent_requests_form_batches_and_each_gets_its_own_answer():
     assert sum(model.batch_sizes) == 40
     assert max(model.batch_sizes) == 16 and len(model.batch_sizes) <= 4
     assert all(1 <= r.batch_size <= 16 for r in results)
-    assert model.threads == {"model_0"}  # the model ran in the worker thread, never on the event loop
+    assert model.threads == {
+        "model_0"
+    }  # the model ran in the worker thread, never on the event loop
 
 
 def test_a_lone_request_on_an_idle_server_does_not_wait_for_company():
@@ -78,7 +82,9 @@ def test_one_bad_sample_does_not_fail_the_others_in_its_batch():
     model = RecordingModel(delay=0.01, poison=13.0, nan_on=7.0)
 
     async def body(batcher):
-        return await asyncio.gather(*(batcher.submit(_sample(i)) for i in range(20)), return_exceptions=True)
+        return await asyncio.gather(
+            *(batcher.submit(_sample(i)) for i in range(20)), return_exceptions=True
+        )
 
     results = asyncio.run(_with_batcher(model, body, max_batch_size=20, max_wait_s=0.005))
     failed = {i for i, r in enumerate(results) if isinstance(r, Exception)}
@@ -92,7 +98,9 @@ def test_a_full_queue_refuses_at_once_and_serves_what_it_accepted():
     model = RecordingModel(delay=0.6)
 
     async def body(batcher):
-        tasks = [asyncio.ensure_future(batcher.submit(_sample(i))) for i in range(5)]  # 3 queue, 2 refused
+        tasks = [
+            asyncio.ensure_future(batcher.submit(_sample(i))) for i in range(5)
+        ]  # 3 queue, 2 refused
         await asyncio.sleep(0.15)  # the worker now computes sample 0; samples 1 and 2 wait
         tasks.append(asyncio.ensure_future(batcher.submit(_sample(5))))
         await asyncio.sleep(0)  # the queue is full again
@@ -102,7 +110,9 @@ def test_a_full_queue_refuses_at_once_and_serves_what_it_accepted():
         refused_in = time.perf_counter() - start
         return refused_in, await asyncio.gather(*tasks, return_exceptions=True)
 
-    refused_in, results = asyncio.run(_with_batcher(model, body, max_batch_size=1, max_wait_s=0.0, max_queue=3))
+    refused_in, results = asyncio.run(
+        _with_batcher(model, body, max_batch_size=1, max_wait_s=0.0, max_queue=3)
+    )
     assert refused_in < 0.3  # at once, not after the running 0.6 s model call
     assert [isinstance(r, QueueFull) for r in results] == [False, False, False, True, True, False]
     assert model.batch_sizes == [1, 1, 1, 1]
@@ -128,5 +138,7 @@ def test_steady_small_concurrency_does_not_wait_for_a_full_batch():
         return time.perf_counter() - start
 
     elapsed = asyncio.run(_with_batcher(model, body, max_batch_size=32, max_wait_s=0.3))
-    assert elapsed < 0.6, f"4 steady clients took {elapsed:.2f} s: batches waited for company that never came"
+    assert elapsed < 0.6, (
+        f"4 steady clients took {elapsed:.2f} s: batches waited for company that never came"
+    )
     assert max(model.batch_sizes) == 4

@@ -15,8 +15,20 @@ pytestmark = pytest.mark.book
 def test_book_builds_without_warnings_and_has_every_page(tmp_path):
     jb = Path(sys.executable).with_name("jupyter-book")
     proc = subprocess.run(
-        [str(jb), "build", str(REPO_ROOT), "--path-output", str(tmp_path), "--builder", "html", "--warningiserror", "--quiet"],
-        capture_output=True, text=True, timeout=600,
+        [
+            str(jb),
+            "build",
+            str(REPO_ROOT),
+            "--path-output",
+            str(tmp_path),
+            "--builder",
+            "html",
+            "--warningiserror",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     html = tmp_path / "_build" / "html"

@@ -10,23 +10,33 @@ import pytest
 from mldeploy.paths import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "_ext"))
-import repository_links  # noqa: E402
-import verified_stamp  # noqa: E402
+import repository_links
+import verified_stamp
 
 
 def configured(tmp_path, monkeypatch, env: dict[str, str], url: str = "") -> dict:
-    for key in ("BOOK_REPOSITORY_URL", "BOOK_REPOSITORY_BRANCH", "BOOK_JUPYTERHUB_URL", "GITHUB_SERVER_URL", "GITHUB_REPOSITORY"):
+    for key in (
+        "BOOK_REPOSITORY_URL",
+        "BOOK_REPOSITORY_BRANCH",
+        "BOOK_JUPYTERHUB_URL",
+        "GITHUB_SERVER_URL",
+        "GITHUB_REPOSITORY",
+    ):
         monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     options = {"repository_url": url, "launch_buttons": {"binderhub_url": "https://mybinder.org"}}
-    repository_links.configure(SimpleNamespace(srcdir=str(tmp_path)), SimpleNamespace(html_theme_options=options))
+    repository_links.configure(
+        SimpleNamespace(srcdir=str(tmp_path)), SimpleNamespace(html_theme_options=options)
+    )
     return options
 
 
 def test_no_repository_means_no_repository_or_launch_buttons(tmp_path, monkeypatch) -> None:
     options = configured(tmp_path, monkeypatch, {}, url=repository_links.JUPYTER_BOOK_DEFAULT)
-    assert options["repository_url"] == ""  # jupyter-book's own default is not this book's repository
+    assert (
+        options["repository_url"] == ""
+    )  # jupyter-book's own default is not this book's repository
     assert options["use_repository_button"] is False and options["launch_buttons"] == {}
 
 
@@ -38,18 +48,30 @@ def test_no_repository_means_no_repository_or_launch_buttons(tmp_path, monkeypat
     ],
 )
 def test_repository_comes_from_the_environment(tmp_path, monkeypatch, env) -> None:
-    options = configured(tmp_path, monkeypatch, {**env, "BOOK_JUPYTERHUB_URL": "https://hub.example.edu"})
+    options = configured(
+        tmp_path, monkeypatch, {**env, "BOOK_JUPYTERHUB_URL": "https://hub.example.edu"}
+    )
     assert options["repository_url"] == "https://github.com/org/course"
     assert options["use_repository_button"] is True and options["use_issues_button"] is True
-    assert options["launch_buttons"] == {"binderhub_url": "https://mybinder.org", "jupyterhub_url": "https://hub.example.edu"}
+    assert options["launch_buttons"] == {
+        "binderhub_url": "https://mybinder.org",
+        "jupyterhub_url": "https://hub.example.edu",
+    }
 
 
 def test_stamp_line_names_versions_and_date() -> None:
-    line = verified_stamp.stamp_text({"python": "3.11.7", "torch": "2.13.0+cpu", "onnxruntime": "1.32.0", "date": "2026-11-24"})
+    line = verified_stamp.stamp_text(
+        {"python": "3.11.7", "torch": "2.13.0+cpu", "onnxruntime": "1.32.0", "date": "2026-11-24"}
+    )
     assert "Python 3.11.7" in line and "torch 2.13.0+cpu" in line and "onnxruntime 1.32.0" in line
     assert line.endswith("2026-11-24")
-    html = verified_stamp.stamp_html({"python": "3.11.7", "torch": "2.13.0+cpu", "onnxruntime": "1.32.0", "date": "2026-11-24"})
-    assert '<span lang="en">Verified with </span>Python 3.11.7 · torch 2.13.0+cpu · onnxruntime 1.32.0' in html
+    html = verified_stamp.stamp_html(
+        {"python": "3.11.7", "torch": "2.13.0+cpu", "onnxruntime": "1.32.0", "date": "2026-11-24"}
+    )
+    assert (
+        '<span lang="en">Verified with </span>Python 3.11.7 · torch 2.13.0+cpu · onnxruntime 1.32.0'
+        in html
+    )
 
 
 def test_a_missing_browser_fails_in_ci_and_skips_elsewhere(monkeypatch, tmp_path) -> None:

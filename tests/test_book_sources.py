@@ -3,8 +3,8 @@ exercises with runnable solutions, and a generated verified-with stamp on every 
 
 from __future__ import annotations
 
-import re
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -25,13 +25,17 @@ def ids(paths: list[Path]) -> list[str]:
     return [p.name for p in paths]
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS + PAGES + [SAMPLE], ids=ids(NOTEBOOKS + PAGES + [SAMPLE]))
+@pytest.mark.parametrize(
+    "path", NOTEBOOKS + PAGES + [SAMPLE], ids=ids(NOTEBOOKS + PAGES + [SAMPLE])
+)
 def test_every_prose_block_has_both_languages(path: Path) -> None:
     problems = bookcheck.bilingual_problems(path)
     assert not problems, "\n".join(problems)
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS + PAGES + [SAMPLE], ids=ids(NOTEBOOKS + PAGES + [SAMPLE]))
+@pytest.mark.parametrize(
+    "path", NOTEBOOKS + PAGES + [SAMPLE], ids=ids(NOTEBOOKS + PAGES + [SAMPLE])
+)
 def test_glossary_links_land_on_an_entry(path: Path) -> None:
     folder = REPO_ROOT / "notebooks" if path == SAMPLE else None
     problems = bookcheck.link_problems(path, GLOSSARY, folder)
@@ -70,7 +74,10 @@ def test_glossary_entries_are_complete() -> None:
 
 # --- the checks themselves fail on bad sources ------------------------------------------------
 
-ZH, EN = '<div lang="zh">\n\n中文段落。\n\n</div>', '<div lang="en">\n\nAn English paragraph.\n\n</div>'
+ZH, EN = (
+    '<div lang="zh">\n\n中文段落。\n\n</div>',
+    '<div lang="en">\n\nAn English paragraph.\n\n</div>',
+)
 BAD_CELLS = {
     "missing English": ZH,
     "missing Chinese": EN,
@@ -86,7 +93,9 @@ BAD_CELLS = {
 }
 
 
-def write_notebook(folder: Path, *cells: nbformat.NotebookNode, metadata: dict | None = None) -> Path:
+def write_notebook(
+    folder: Path, *cells: nbformat.NotebookNode, metadata: dict | None = None
+) -> Path:
     nb = nbformat.v4.new_notebook(cells=list(cells), metadata=metadata or {})
     path = folder / "5.9-bad.ipynb"
     nbformat.write(nb, path)
@@ -96,7 +105,9 @@ def write_notebook(folder: Path, *cells: nbformat.NotebookNode, metadata: dict |
 @pytest.mark.parametrize("bad", BAD_CELLS.values(), ids=BAD_CELLS.keys())
 def test_bilingual_check_names_the_file_and_cell(tmp_path: Path, bad: str) -> None:
     good = nbformat.v4.new_markdown_cell("# 5.9 坏例子 · A Bad Example\n\n" + ZH + "\n" + EN)
-    path = write_notebook(tmp_path, good, nbformat.v4.new_code_cell("print(1)"), nbformat.v4.new_markdown_cell(bad))
+    path = write_notebook(
+        tmp_path, good, nbformat.v4.new_code_cell("print(1)"), nbformat.v4.new_markdown_cell(bad)
+    )
     problems = bookcheck.bilingual_problems(path)
     assert problems and all(p.startswith("5.9-bad.ipynb, cell 2") for p in problems), problems
 
@@ -129,14 +140,29 @@ def test_exercise_and_stamp_checks_catch_omissions(tmp_path: Path) -> None:
     visible = nbformat.v4.new_code_cell("print('answer')")
     path = write_notebook(tmp_path, exercises, visible)
     assert "no solution code cell tagged 'hide-input'" in bookcheck.exercise_problems(path)[0]
-    assert "no exercises section" in bookcheck.exercise_problems(write_notebook(tmp_path, visible))[0]
-    stale = {"mldeploy": {"verified": {"python": "3.11.7", "torch": "2.0.0", "onnxruntime": "1.32.0", "date": "2026-01-01"}}}
-    problems = bookcheck.stamp_problems(write_notebook(tmp_path, visible, metadata=stale), {"torch": "2.13.0"})
-    assert problems == ["5.9-bad.ipynb: outputs were produced with torch 2.0.0, the pin is 2.13.0: run `make refresh`"]
+    assert (
+        "no exercises section" in bookcheck.exercise_problems(write_notebook(tmp_path, visible))[0]
+    )
+    stale = {
+        "mldeploy": {
+            "verified": {
+                "python": "3.11.7",
+                "torch": "2.0.0",
+                "onnxruntime": "1.32.0",
+                "date": "2026-01-01",
+            }
+        }
+    }
+    problems = bookcheck.stamp_problems(
+        write_notebook(tmp_path, visible, metadata=stale), {"torch": "2.13.0"}
+    )
+    assert problems == [
+        "5.9-bad.ipynb: outputs were produced with torch 2.0.0, the pin is 2.13.0: run `make refresh`"
+    ]
 
 
 def test_refresh_writes_the_stamp_from_the_environment() -> None:
-    from mldeploy import notebooks
+    from mldeploy.book import notebooks
 
     nb = nbformat.v4.new_notebook()
     verified = notebooks.stamp(nb)
@@ -164,17 +190,23 @@ def test_first_uses_can_be_linked_automatically(tmp_path: Path) -> None:
     from markdown_it import MarkdownIt
 
     assert "<strong>推理</strong></a>很快" in MarkdownIt("commonmark").render(text)
-    assert "[动态量化](../chapters/glossary.md#dynamic-quantization)不是[量化](../chapters/glossary.md#quantization)的" in text
-    assert "[Inference](../chapters/glossary.md#inference) is fast, see [ONNX Runtime](https://onnxruntime.ai) and `tensor`." in text
+    assert (
+        "[动态量化](../chapters/glossary.md#dynamic-quantization)不是[量化](../chapters/glossary.md#quantization)的"
+        in text
+    )
+    assert (
+        "[Inference](../chapters/glossary.md#inference) is fast, see [ONNX Runtime](https://onnxruntime.ai) and `tensor`."
+        in text
+    )
 
 
 def test_linking_after_a_code_fence_edits_the_right_characters(tmp_path: Path) -> None:
     (tmp_path / "notebooks").mkdir()
     original = (
         '<div lang="zh">\n\n一条命令：\n\n```bash\nmake artifacts   # 写出模型\n```\n\n'
-        "它调用 `mldeploy.serve_artifacts.build`，导出 ONNX 和 TorchScript。\n\n</div>\n"
+        "它调用 `mldeploy.image.artifacts.build`，导出 ONNX 和 TorchScript。\n\n</div>\n"
         '<div lang="en">\n\nOne command:\n\n```bash\nmake artifacts\n```\n\n'
-        "It calls `mldeploy.serve_artifacts.build` and exports TorchScript.\n\n</div>"
+        "It calls `mldeploy.image.artifacts.build` and exports TorchScript.\n\n</div>"
     )
     path = write_notebook(tmp_path / "notebooks", nbformat.v4.new_markdown_cell(original))
     glossary = tmp_path / "chapters" / "glossary.md"
@@ -183,5 +215,5 @@ def test_linking_after_a_code_fence_edits_the_right_characters(tmp_path: Path) -
     assert bookcheck.link_first_uses(path, glossary) > 0
     text = nbformat.read(path, as_version=4).cells[0].source
     assert "[TorchScript](../chapters/glossary.md#torchscript)。" in text
-    assert "`mldeploy.serve_artifacts.build`" in text  # the code span is untouched
+    assert "`mldeploy.image.artifacts.build`" in text  # the code span is untouched
     assert re.sub(r"\[([^\]]*)\]\([^)]*glossary\.md#[^)]*\)", r"\1", text) == original

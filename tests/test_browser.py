@@ -38,8 +38,13 @@ pytestmark = pytest.mark.book
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 SAMPLE = Path(__file__).parent / "fixtures" / "5.0-sample.ipynb"
 SCREENSHOTS = REPO_ROOT / "_build" / "screenshots"
@@ -57,7 +62,9 @@ def _require_chromium() -> None:
 
 def _toc_files(toc: dict) -> list[str]:
     files = [toc["root"]]
-    for entry in toc.get("chapters", []) + [c for part in toc.get("parts", []) for c in part.get("chapters", [])]:
+    for entry in toc.get("chapters", []) + [
+        c for part in toc.get("parts", []) for c in part.get("chapters", [])
+    ]:
         files.append(entry["file"])
     return files
 
@@ -69,24 +76,49 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in BOOK_FILES:
         source = REPO_ROOT / name
         if source.is_dir():
-            shutil.copytree(source, book / name, ignore=shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__"))
+            shutil.copytree(
+                source,
+                book / name,
+                ignore=shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__"),
+            )
         elif source.exists():
             shutil.copy2(source, book / name)
     (book / "notebooks").mkdir(exist_ok=True)
     shutil.copy2(SAMPLE, book / "notebooks" / SAMPLE.name)
     toc = yaml.safe_load((REPO_ROOT / "_toc.yml").read_text(encoding="utf-8"))
     # with_suffix would eat "5.1-model-export" after the dot: append instead
-    present = [f for f in _toc_files(toc)[1:] if any((book / (f + s)).exists() for s in ("", ".md", ".ipynb"))]
+    present = [
+        f
+        for f in _toc_files(toc)[1:]
+        if any((book / (f + s)).exists() for s in ("", ".md", ".ipynb"))
+    ]
     sample = f"notebooks/{SAMPLE.stem}"
-    chapters = [f for f in present if f.startswith("notebooks/")] + [sample] + [f for f in present if not f.startswith("notebooks/")]
+    chapters = (
+        [f for f in present if f.startswith("notebooks/")]
+        + [sample]
+        + [f for f in present if not f.startswith("notebooks/")]
+    )
     (book / "_toc.yml").write_text(
-        yaml.safe_dump({"format": "jb-book", "root": toc["root"], "chapters": [{"file": f} for f in chapters]}),
+        yaml.safe_dump(
+            {"format": "jb-book", "root": toc["root"], "chapters": [{"file": f} for f in chapters]}
+        ),
         encoding="utf-8",
     )
     jb = Path(sys.executable).with_name("jupyter-book")
     proc = subprocess.run(
-        [str(jb), "build", str(book), "--builder", "html", "--warningiserror", "--keep-going", "--quiet"],
-        capture_output=True, text=True, timeout=300,
+        [
+            str(jb),
+            "build",
+            str(book),
+            "--builder",
+            "html",
+            "--warningiserror",
+            "--keep-going",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return book / "_build" / "html"
@@ -99,14 +131,16 @@ def pages(site: Path) -> list[str]:
     return sorted(
         p.relative_to(site).as_posix()
         for p in site.rglob("*.html")
-        if not p.relative_to(site).parts[0].startswith("_") and p.name not in skip and p.name != "index.html"
+        if not p.relative_to(site).parts[0].startswith("_")
+        and p.name not in skip
+        and p.name != "index.html"
     )
 
 
 class _Quiet(SimpleHTTPRequestHandler):
     failures: list[str]
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the stdlib's name
+    def log_message(self, format: str, *args: object) -> None:
         pass
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
@@ -136,7 +170,9 @@ def browser():
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS)
+        chromium = pw.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS
+        )
         try:
             yield chromium
         finally:
@@ -151,7 +187,12 @@ def page(browser, server):
     context.set_default_timeout(10_000)
     tab = context.new_page()
     errors: list[str] = []
-    tab.on("console", lambda msg: errors.append(f"console {msg.type}: {msg.text}") if msg.type == "error" else None)
+    tab.on(
+        "console",
+        lambda msg: (
+            errors.append(f"console {msg.type}: {msg.text}") if msg.type == "error" else None
+        ),
+    )
     tab.on("pageerror", lambda exc: errors.append(f"page error: {exc}"))
     tab.on("response", lambda r: errors.append(f"{r.status} {r.url}") if r.status >= 400 else None)
     tab.base = base
@@ -164,14 +205,21 @@ def page(browser, server):
 def visible_texts(tab, lang: str) -> list[bool]:
     """Visibility of each prose block of one language inside the article."""
     return tab.eval_on_selector_all(
-        f'article [lang|="{lang}"]', "els => els.map(e => e.offsetParent !== null || e.getClientRects().length > 0)"
+        f'article [lang|="{lang}"]',
+        "els => els.map(e => e.offsetParent !== null || e.getClientRects().length > 0)",
     )
 
 
 def shared_content_visible(tab) -> None:
     """Headings, code, outputs, tables and figures outside the language blocks never hide."""
-    selectors = ["article h1", "article h2", "article .cell:not(.tag_hide-input) .cell_input", "article .cell_output",
-                 "article table", "article img"]
+    selectors = [
+        "article h1",
+        "article h2",
+        "article .cell:not(.tag_hide-input) .cell_input",
+        "article .cell_output",
+        "article table",
+        "article img",
+    ]
     for selector in selectors:
         hidden = tab.eval_on_selector_all(
             selector,
@@ -189,16 +237,28 @@ def test_switch_hides_the_other_language_on_every_page(page, pages) -> None:
         zh, en = visible_texts(page, "zh"), visible_texts(page, "en")
         assert zh and en and all(zh) and all(en), f"{name}: both languages should show by default"
         assert page.locator(".lang-switch button").all_inner_texts() == ["中文", "English", "双语"]
-        for mode, hidden, shown, html_lang in [("English", "zh", "en", "en"), ("中文", "en", "zh", "zh-CN")]:
+        for mode, hidden, shown, html_lang in [
+            ("English", "zh", "en", "en"),
+            ("中文", "en", "zh", "zh-CN"),
+        ]:
             page.get_by_role("button", name=mode, exact=True).click()
-            assert not any(visible_texts(page, hidden)), f"{name}: {hidden} prose still visible in {mode} mode"
+            assert not any(visible_texts(page, hidden)), (
+                f"{name}: {hidden} prose still visible in {mode} mode"
+            )
             assert all(visible_texts(page, shown)), f"{name}: {shown} prose hidden in {mode} mode"
             assert page.get_attribute("html", "lang") == html_lang
-            assert page.get_attribute(f'.lang-switch button[data-mode="{shown}"]', "aria-pressed") == "true"
+            assert (
+                page.get_attribute(f'.lang-switch button[data-mode="{shown}"]', "aria-pressed")
+                == "true"
+            )
             shared_content_visible(page)
-            page.screenshot(path=str(SCREENSHOTS / f"{name.replace('/', '_')[:-5]}-{shown}.png"), full_page=True)
+            page.screenshot(
+                path=str(SCREENSHOTS / f"{name.replace('/', '_')[:-5]}-{shown}.png"), full_page=True
+            )
         page.reload()
-        assert page.get_attribute("html", "data-lang-mode") == "zh", f"{name}: choice lost on reload"
+        assert page.get_attribute("html", "data-lang-mode") == "zh", (
+            f"{name}: choice lost on reload"
+        )
         page.get_by_role("button", name="双语", exact=True).click()
         assert all(visible_texts(page, "zh")) and all(visible_texts(page, "en"))
         assert page.get_attribute("html", "lang") == "en"
@@ -232,7 +292,10 @@ def test_glossary_links_and_stamp_render(page, pages) -> None:
     sample = next(p for p in pages if SAMPLE.stem in p)
     page.goto(page.base + sample)
     stamp = page.locator(".verified-stamp").inner_text()
-    assert re.search(r"验证环境：Verified with Python 3\.\d+\.\d+ · torch \S+ · onnxruntime \S+ · 输出生成于 outputs produced \d{4}-\d\d-\d\d$", stamp), stamp
+    assert re.search(
+        r"验证环境：Verified with Python 3\.\d+\.\d+ · torch \S+ · onnxruntime \S+ · 输出生成于 outputs produced \d{4}-\d\d-\d\d$",
+        stamp,
+    ), stamp
     page.get_by_role("button", name="English", exact=True).click()
     assert page.locator(".verified-stamp").inner_text().startswith("Verified with Python")
     # the reader can download the notebook itself
@@ -265,7 +328,9 @@ class _Links(HTMLParser):
         if values.get("id"):
             self.ids.add(values["id"])
         for key in ("href", "src"):
-            if values.get(key) and not (tag == "link" and values.get("rel") in ("preconnect", "dns-prefetch")):
+            if values.get(key) and not (
+                tag == "link" and values.get("rel") in ("preconnect", "dns-prefetch")
+            ):
                 self.targets.append(values[key])
 
 
@@ -281,17 +346,30 @@ def test_every_local_link_and_image_resolves(site: Path) -> None:
     for html, links in parsed.items():
         for target in links.targets:
             parts = urlsplit(target)
-            if parts.scheme or parts.netloc or target.startswith(("mailto:", "javascript:", "data:")):
+            if (
+                parts.scheme
+                or parts.netloc
+                or target.startswith(("mailto:", "javascript:", "data:"))
+            ):
                 continue
             path = (html.parent / unquote(parts.path)).resolve() if parts.path else html
             if path.is_dir():
                 path = path / "index.html"
             if not path.exists():
                 broken.append(f"{html.relative_to(site)}: {target}")
-            elif parts.fragment and path.suffix == ".html" and path in parsed and unquote(parts.fragment) not in parsed[path].ids:
+            elif (
+                parts.fragment
+                and path.suffix == ".html"
+                and path in parsed
+                and unquote(parts.fragment) not in parsed[path].ids
+            ):
                 broken.append(f"{html.relative_to(site)}: {target} (no such anchor)")
     assert not broken, "\n".join(sorted(set(broken)))
-    borrowed = [str(h.relative_to(site)) for h in parsed if "executablebooks/jupyter-book" in h.read_text(encoding="utf-8")]
+    borrowed = [
+        str(h.relative_to(site))
+        for h in parsed
+        if "executablebooks/jupyter-book" in h.read_text(encoding="utf-8")
+    ]
     assert not borrowed, f"links to jupyter-book's repository instead of this book's: {borrowed}"
 
 
@@ -306,7 +384,7 @@ def test_page_weight(browser, server, pages, site: Path) -> None:
     base, _ = server
     lines = ["     raw   gzipped  requests  page (first visit, empty cache)"]
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def gzipped(url: str) -> int:  # what a web server that compresses would send
         path = site / unquote(urlsplit(url).path).lstrip("/")
         return len(gzip.compress(path.read_bytes(), 6)) if path.is_file() else 0
@@ -315,14 +393,18 @@ def test_page_weight(browser, server, pages, site: Path) -> None:
         context = browser.new_context()
         responses: list[tuple[str, int]] = []
         tab = context.new_page()
-        tab.on("response", lambda r: responses.append((r.url, int(r.headers.get("content-length", 0)))))
+        tab.on(
+            "response", lambda r: responses.append((r.url, int(r.headers.get("content-length", 0))))
+        )
         tab.goto(base + name, wait_until="networkidle")
         context.close()
         raw, packed = sum(n for _, n in responses), sum(gzipped(u) for u, _ in responses)
         lines.append(f"{raw / 1e6:6.2f} MB {packed / 1e6:6.2f} MB  {len(responses):6d}    {name}")
         assert raw < PAGE_BUDGET, lines[-1]
     total = sum(f.stat().st_size for f in site.rglob("*") if f.is_file())
-    lines.append(f"{total / 1e6:6.2f} MB  whole site on disk ({sum(1 for f in site.rglob('*.html'))} HTML files)")
+    lines.append(
+        f"{total / 1e6:6.2f} MB  whole site on disk ({sum(1 for f in site.rglob('*.html'))} HTML files)"
+    )
     report = REPO_ROOT / "_build" / "page-weight.txt"
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -344,9 +426,17 @@ def test_nbconvert_lab_rendering_shows_no_raw_markup(browser, tmp_path: Path) ->
             tab.goto(out.as_uri())
             text = tab.locator(".jp-MarkdownOutput").all_inner_texts()
             joined = "\n".join(text)
-            assert "<div" not in joined and "</div>" not in joined, f"{notebook.name}: raw markup visible"
-            assert re.search(r"[\u4e00-\u9fff]", joined) and re.search(r"\b(the|and|of)\b", joined), notebook.name
-            assert tab.locator('.jp-MarkdownOutput div[lang="zh"]').count() == tab.locator('.jp-MarkdownOutput div[lang="en"]').count() > 0
+            assert "<div" not in joined and "</div>" not in joined, (
+                f"{notebook.name}: raw markup visible"
+            )
+            assert re.search(r"[\u4e00-\u9fff]", joined) and re.search(
+                r"\b(the|and|of)\b", joined
+            ), notebook.name
+            assert (
+                tab.locator('.jp-MarkdownOutput div[lang="zh"]').count()
+                == tab.locator('.jp-MarkdownOutput div[lang="en"]').count()
+                > 0
+            )
             raw_markdown = re.findall(r"(?m)^\s*(?:\*\*\S|#{1,6} )", joined)
             assert not raw_markdown, f"{notebook.name}: unrendered markdown {raw_markdown[:3]}"
     finally:
@@ -361,8 +451,12 @@ def jupyterlab(tmp_path_factory: pytest.TempPathFactory):
     (settings / "notebook-extension").mkdir(parents=True)
     (settings / "apputils-extension").mkdir(parents=True)
     # render every cell up front (JupyterLab 4 otherwise renders only what is on screen); no news popup
-    (settings / "notebook-extension" / "tracker.jupyterlab-settings").write_text('{"windowingMode": "none"}')
-    (settings / "apputils-extension" / "notification.jupyterlab-settings").write_text('{"fetchNews": "false"}')
+    (settings / "notebook-extension" / "tracker.jupyterlab-settings").write_text(
+        '{"windowingMode": "none"}'
+    )
+    (settings / "apputils-extension" / "notification.jupyterlab-settings").write_text(
+        '{"fetchNews": "false"}'
+    )
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -374,11 +468,23 @@ def jupyterlab(tmp_path_factory: pytest.TempPathFactory):
         "JUPYTERLAB_WORKSPACES_DIR": str(home / "workspaces"),
     }
     server = subprocess.Popen(
-        [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", "--ip=127.0.0.1", f"--port={port}",
-         f"--ServerApp.root_dir={REPO_ROOT}", "--IdentityProvider.token=", "--ServerApp.password=",
-         "--KernelSpecManager.allowed_kernelspecs=none",  # reading needs no kernel: none starts
-         "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+        [
+            sys.executable,
+            "-m",
+            "jupyterlab",
+            "--no-browser",
+            "--allow-root",
+            "--ip=127.0.0.1",
+            f"--port={port}",
+            f"--ServerApp.root_dir={REPO_ROOT}",
+            "--IdentityProvider.token=",
+            "--ServerApp.password=",
+            "--KernelSpecManager.allowed_kernelspecs=none",  # reading needs no kernel: none starts
+            "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
     )
     try:
         url = f"http://127.0.0.1:{port}/"
@@ -410,25 +516,33 @@ def test_student_view_in_jupyterlab_shows_no_raw_markup(browser, jupyterlab) -> 
     try:
         tab = context.new_page()
         for notebook in sorted((REPO_ROOT / "notebooks").glob("*.ipynb")) + [SAMPLE]:
-            markdown = sum(c.cell_type == "markdown" for c in nbformat.read(notebook, as_version=4).cells)
+            markdown = sum(
+                c.cell_type == "markdown" for c in nbformat.read(notebook, as_version=4).cells
+            )
             tab.goto(jupyterlab + "lab/tree/" + notebook.relative_to(REPO_ROOT).as_posix())
             tab.wait_for_function(  # every markdown cell rendered, with its text
                 "n => { const r = [...document.querySelectorAll('.jp-MarkdownCell .jp-RenderedMarkdown')];"
                 " return r.length >= n && r.every(e => e.textContent.trim().length > 0); }",
                 arg=markdown,
             )
-            dialog = tab.locator(".jp-Dialog button", has_text="No Kernel")  # asked because no kernel is allowed
+            dialog = tab.locator(
+                ".jp-Dialog button", has_text="No Kernel"
+            )  # asked because no kernel is allowed
             try:
                 dialog.first.click(timeout=5_000)
             except PlaywrightTimeout:
                 pass
             texts = tab.locator(".jp-MarkdownCell .jp-RenderedMarkdown").all_inner_texts()
             joined = "\n".join(texts)
-            assert "<div" not in joined and "</div>" not in joined, f"{notebook.name}: raw markup visible in JupyterLab"
+            assert "<div" not in joined and "</div>" not in joined, (
+                f"{notebook.name}: raw markup visible in JupyterLab"
+            )
             raw_markdown = re.findall(r"(?m)^\s*(?:\*\*\S|#{1,6} |</?\w+[^>]*>$)", joined)
             assert not raw_markdown, f"{notebook.name}: unrendered markdown {raw_markdown[:3]}"
             # JupyterLab's sanitizer drops the lang attributes: students always see both languages
-            assert re.search(r"[\u4e00-\u9fff]{8}", joined) and re.search(r"\b(the|and|of)\b", joined), notebook.name
+            assert re.search(r"[\u4e00-\u9fff]{8}", joined) and re.search(
+                r"\b(the|and|of)\b", joined
+            ), notebook.name
             tab.screenshot(path=str(SCREENSHOTS / f"jupyterlab-{notebook.stem}.png"))
     finally:
         context.close()

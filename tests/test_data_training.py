@@ -14,7 +14,9 @@ def test_moons_are_seeded_balanced_and_split_as_the_chapter_says():
     assert not np.array_equal(data.load_moons(seed=4).x_train, a.x_train)
 
 
-@pytest.mark.parametrize("kwargs", [{"n_samples": 1}, {"test_fraction": 0.0}, {"test_fraction": 1.5}])
+@pytest.mark.parametrize(
+    "kwargs", [{"n_samples": 1}, {"test_fraction": 0.0}, {"test_fraction": 1.5}]
+)
 def test_bad_data_arguments_raise_clear_errors(kwargs):
     with pytest.raises(ValueError):
         data.load_moons(**kwargs)

@@ -11,7 +11,9 @@ SCRIPT = REPO_ROOT / "code" / "serve_model.py"
 
 
 def _run(*args, **kwargs):
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300, **kwargs)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300, **kwargs
+    )
 
 
 def test_demo_runs_all_eight_steps_and_releases_its_port(tmp_path):
@@ -27,7 +29,12 @@ def test_demo_runs_all_eight_steps_and_releases_its_port(tmp_path):
     with socket.socket() as sock:  # the port is free again: nothing was left listening
         sock.bind(("127.0.0.1", port))
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "model.onnx", "model.pt2", "model_int8.onnx", "model_state_dict.pt", "model_ts_script.pt", "model_ts_trace.pt",
+        "model.onnx",
+        "model.pt2",
+        "model_int8.onnx",
+        "model_state_dict.pt",
+        "model_ts_script.pt",
+        "model_ts_trace.pt",
     ]
 
 
@@ -47,7 +54,8 @@ def test_failing_step_is_named_and_exits_nonzero(tmp_path):
 
 
 def test_a_failing_step_stops_the_demo_with_its_name(tmp_path, monkeypatch, capsys):
-    from mldeploy import int8_ptq, pipeline
+    from mldeploy import pipeline
+    from mldeploy.quant import int8_ptq
 
     def broken(*args, **kwargs):
         raise RuntimeError("calibration data reader exhausted")

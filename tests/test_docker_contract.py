@@ -28,9 +28,9 @@ import httpx
 import numpy as np
 import pytest
 
-from mldeploy import dockerfile, footprint
-from mldeploy.paths import REPO_ROOT
 from mldeploy import runtime
+from mldeploy.image import dockerfile, footprint
+from mldeploy.paths import REPO_ROOT
 
 REQUIREMENTS = REPO_ROOT / "requirements-serve.txt"
 CACHE = REPO_ROOT / "artifacts" / "cache" / "serve-venv"
@@ -53,12 +53,26 @@ def serve_venv() -> Path:
     shutil.rmtree(target, ignore_errors=True)  # a half-built one from an interrupted run
     subprocess.run([sys.executable, "-m", "venv", str(target)], check=True, timeout=120)
     proc = subprocess.run(
-        [str(target / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-         "--requirement", str(REQUIREMENTS)],
-        capture_output=True, text=True, timeout=600,
+        [
+            str(target / "bin" / "python"),
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--requirement",
+            str(REQUIREMENTS),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     if proc.returncode != 0:
-        pytest.fail("cannot install requirements-serve.txt into a fresh environment:\n" + proc.stdout + proc.stderr)
+        pytest.fail(
+            "cannot install requirements-serve.txt into a fresh environment:\n"
+            + proc.stdout
+            + proc.stderr
+        )
     done.touch()
     return target
 
@@ -71,8 +85,13 @@ def parsed() -> dockerfile.Dockerfile:
 @pytest.fixture(scope="session")
 def artifacts() -> None:
     """The one documented command that puts the model into the build context."""
-    proc = subprocess.run(["make", "--no-print-directory", "artifacts"], cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        ["make", "--no-print-directory", "artifacts"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -91,13 +110,19 @@ def test_every_copy_source_is_in_the_build_context(parsed, context):
     for stage in parsed.stages:
         for spec in parsed.copies(stage):
             if spec.from_stage:
-                assert spec.from_stage in {s.name for s in parsed.stages}, f"line {spec.line}: unknown stage"
+                assert spec.from_stage in {s.name for s in parsed.stages}, (
+                    f"line {spec.line}: unknown stage"
+                )
                 continue
             for source in spec.sources:
                 path = context / source
-                assert path.exists(), f"line {spec.line}: COPY source {source} is not in the build context"
+                assert path.exists(), (
+                    f"line {spec.line}: COPY source {source} is not in the build context"
+                )
                 if path.is_dir():
-                    assert any(path.rglob("*.py")), f"line {spec.line}: {source} is empty in the build context"
+                    assert any(path.rglob("*.py")), (
+                        f"line {spec.line}: {source} is empty in the build context"
+                    )
 
 
 @dataclass
@@ -116,11 +141,25 @@ class ImageRoot:
         command = [program, *args[1:]]
         if os.geteuid() == 0:
             uid, gid = self.user
-            command = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--", *command]
+            command = [
+                "setpriv",
+                f"--reuid={uid}",
+                f"--regid={gid}",
+                "--clear-groups",
+                "--",
+                *command,
+            ]
         return command
 
     def run(self, args: list[str], **kwargs) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(self.argv(args), env=self.env, cwd=self.workdir, capture_output=True, text=True, **kwargs)
+        return subprocess.run(
+            self.argv(args),
+            env=self.env,
+            cwd=self.workdir,
+            capture_output=True,
+            text=True,
+            **kwargs,
+        )
 
 
 def _rebase(value: str, mapping: dict[str, Path]) -> str:
@@ -129,7 +168,7 @@ def _rebase(value: str, mapping: dict[str, Path]) -> str:
     for item in value.split(":"):
         for prefix, local in mapping.items():
             if item == prefix or item.startswith(prefix + "/"):
-                item = str(local) + item[len(prefix):]
+                item = str(local) + item[len(prefix) :]
                 break
         parts.append(item)
     return ":".join(parts)
@@ -142,7 +181,9 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def _assemble(parsed: dockerfile.Dockerfile, stage: dockerfile.Stage, context: Path, venv: Path) -> Iterator[ImageRoot]:
+def _assemble(
+    parsed: dockerfile.Dockerfile, stage: dockerfile.Stage, context: Path, venv: Path
+) -> Iterator[ImageRoot]:
     """Replay a runtime stage: COPY into a scratch root, run its RUN checks, resolve its ENV and USER.
 
     ``venv`` stands in for the ``/opt/venv`` the stage copies from its builder stage.
@@ -153,7 +194,9 @@ def _assemble(parsed: dockerfile.Dockerfile, stage: dockerfile.Stage, context: P
     try:
         for spec in parsed.copies(stage):
             if spec.from_stage:
-                assert spec.sources == (VENV_IN_IMAGE,), f"line {spec.line}: only the virtual environment comes from a builder"
+                assert spec.sources == (VENV_IN_IMAGE,), (
+                    f"line {spec.line}: only the virtual environment comes from a builder"
+                )
                 continue
             dest = root / spec.dest.lstrip("/")
             for source in spec.sources:
@@ -172,7 +215,9 @@ def _assemble(parsed: dockerfile.Dockerfile, stage: dockerfile.Stage, context: P
         image_env = parsed.env(stage, {"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
         env = {name: _rebase(value, mapping) for name, value in image_env.items()}
         uid, _, gid = stage.last("USER").args.partition(":")
-        image = ImageRoot(root, env, Path(_rebase(parsed.workdir(stage), mapping)), (int(uid), int(gid or uid)))
+        image = ImageRoot(
+            root, env, Path(_rebase(parsed.workdir(stage), mapping)), (int(uid), int(gid or uid))
+        )
         # the RUN lines of a runtime stage (checksum checks) run where their WORKDIR says
         workdir = parsed.workdir(stage, before=stage.line)
         for instr in stage.instructions:
@@ -180,8 +225,12 @@ def _assemble(parsed: dockerfile.Dockerfile, stage: dockerfile.Stage, context: P
                 workdir = os.path.join(workdir, instr.args)
             elif instr.keyword == "RUN":
                 args = shlex.split(instr.args)
-                assert args[:2] == ["sha256sum", "--check"], f"line {instr.line}: unexpected RUN in the runtime stage"
-                proc = subprocess.run(args, cwd=_rebase(workdir, mapping), capture_output=True, text=True)
+                assert args[:2] == ["sha256sum", "--check"], (
+                    f"line {instr.line}: unexpected RUN in the runtime stage"
+                )
+                proc = subprocess.run(
+                    args, cwd=_rebase(workdir, mapping), capture_output=True, text=True
+                )
                 assert proc.returncode == 0, f"line {instr.line}: {proc.stdout}{proc.stderr}"
         yield image
     finally:
@@ -199,7 +248,9 @@ def image_root(parsed, context, serve_venv) -> Iterator[ImageRoot]:
 def test_serve_environment_has_no_torch_but_imports_the_app(image_root):
     no_torch = image_root.run(["python", "-c", "import torch"], timeout=60)
     assert no_torch.returncode != 0 and "No module named 'torch'" in no_torch.stderr
-    app = image_root.run(["python", "-c", "import mldeploy.serving, sys; print('torch' in sys.modules)"], timeout=60)
+    app = image_root.run(
+        ["python", "-c", "import mldeploy.serving, sys; print('torch' in sys.modules)"], timeout=60
+    )
     assert app.returncode == 0 and app.stdout.strip() == "False", app.stderr
 
 
@@ -208,8 +259,14 @@ def _start(image: ImageRoot, cmd: list[str]) -> Iterator[tuple[subprocess.Popen[
     """Run CMD as ``docker run -e UVICORN_HOST=127.0.0.1 -e UVICORN_PORT=<free port>`` would; always stop it."""
     port = _free_port()
     image.env.update(UVICORN_HOST="127.0.0.1", UVICORN_PORT=str(port))
-    proc = subprocess.Popen(image.argv(cmd), env=image.env, cwd=image.workdir,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        image.argv(cmd),
+        env=image.env,
+        cwd=image.workdir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -248,7 +305,9 @@ def _uids(pid: int) -> list[int]:
 
 def test_container_serves_as_non_root_and_its_healthcheck_follows_it(container, parsed):
     image, proc, url = container
-    expected = image.user[0] if os.geteuid() == 0 else os.geteuid()  # without root, we cannot switch users
+    expected = (
+        image.user[0] if os.geteuid() == 0 else os.geteuid()
+    )  # without root, we cannot switch users
     assert all(uid == expected != 0 for uid in _uids(proc.pid))
     health = httpx.get(url + "/health", timeout=5).json()
     assert health == {**health, "status": "ok", "model_loaded": True}
@@ -259,7 +318,9 @@ def test_container_serves_as_non_root_and_its_healthcheck_follows_it(container, 
     assert body["model_format"] == "ONNX" and abs(sum(body["probabilities"]) - 1) < 1e-3
     # the same model file, loaded here with the course environment, gives the same class
     session = runtime.make_session(REPO_ROOT / "artifacts" / "serve" / "model.onnx")
-    assert body["prediction"] == int(runtime.run_session(session, np.array([[0.5, -0.3]], dtype=np.float32)).argmax())
+    assert body["prediction"] == int(
+        runtime.run_session(session, np.array([[0.5, -0.3]], dtype=np.float32)).argmax()
+    )
     bad = httpx.post(url + "/predict", json={"features": [0.5]}, timeout=5)
     assert bad.status_code == 422
 
@@ -280,14 +341,18 @@ def test_footprint_measured_here_is_the_package_set_the_image_installs(serve_ven
     # The notebook measures the closure of requirements-serve.txt inside the course environment;
     # it must be the same set of distributions that a fresh install of that file alone brings.
     site = [str(p) for p in (serve_venv / "lib").glob("python3.*/site-packages")]
-    fresh = {footprint.canonical(d.metadata["Name"]) for d in footprint.metadata.distributions(path=site)}
+    fresh = {
+        footprint.canonical(d.metadata["Name"]) for d in footprint.metadata.distributions(path=site)
+    }
     measured = footprint.measure(REQUIREMENTS)
     assert set(measured.sizes) == fresh - {"pip", "setuptools"}
     in_image = footprint.measure(REQUIREMENTS, paths=site)
     assert abs(in_image.total - measured.total) < 0.1 * in_image.total
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("useradd"), reason="useradd --prefix needs root")
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("useradd"), reason="useradd --prefix needs root"
+)
 def test_user_creation_line_runs_cleanly_and_makes_the_runtime_user(parsed, tmp_path):
     # Run the base stage's groupadd/useradd line against a copy of /etc (``--prefix``), as the build would.
     (run,) = [i for i in parsed.stage("base").all("RUN") if "useradd" in i.args]
@@ -298,9 +363,18 @@ def test_user_creation_line_runs_cleanly_and_makes_the_runtime_user(parsed, tmp_
     shutil.copytree("/etc/default", etc / "default")
     for command in run.args.split("&&"):
         argv = shlex.split(command)
-        proc = subprocess.run([argv[0], "--prefix", str(tmp_path), *argv[1:]], capture_output=True, text=True, timeout=30)
-        assert proc.returncode == 0 and proc.stderr == "", f"line {run.line}: {command.strip()}: {proc.stderr}"
-    entries = {line.split(":")[0]: line.split(":") for line in (etc / "passwd").read_text().splitlines()}
+        proc = subprocess.run(
+            [argv[0], "--prefix", str(tmp_path), *argv[1:]],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert proc.returncode == 0 and proc.stderr == "", (
+            f"line {run.line}: {command.strip()}: {proc.stderr}"
+        )
+    entries = {
+        line.split(":")[0]: line.split(":") for line in (etc / "passwd").read_text().splitlines()
+    }
     uid, _, gid = parsed.final.last("USER").args.partition(":")
     created = [fields for name, fields in entries.items() if fields[2] == uid]
     assert len(created) == 1 and created[0][3] == gid and created[0][6].endswith("nologin")

@@ -9,16 +9,22 @@ from pathlib import Path
 
 import pytest
 
-from mldeploy import checksums, dockerfile, footprint, healthcheck
+from mldeploy.image import checksums, dockerfile, footprint
 from mldeploy.paths import REPO_ROOT
-from mldeploy.serving import BackgroundServer, create_app_from_env
+from mldeploy.serving import BackgroundServer, create_app_from_env, healthcheck
 
 HADOLINT = Path(sys.executable).with_name("hadolint")
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 
 
 def _hadolint(path: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(HADOLINT), "--no-color", str(path)], capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+    return subprocess.run(
+        [str(HADOLINT), "--no-color", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO_ROOT,
+    )
 
 
 def test_hadolint_passes_with_no_warning():
@@ -53,42 +59,67 @@ def test_runtime_is_the_default_target_and_has_no_torch(parsed):
     assert final.name == "runtime"
     venv_sources = {spec.from_stage for spec in parsed.copies(final) if spec.from_stage}
     assert venv_sources == {"builder"}
-    installed = " ".join(i.args for s in parsed.lineage(parsed.stage("builder")) for i in s.all("RUN"))
+    installed = " ".join(
+        i.args for s in parsed.lineage(parsed.stage("builder")) for i in s.all("RUN")
+    )
     assert "requirements-serve.txt" in installed and "torch" not in installed
-    names = {footprint.canonical(r.name) for r in footprint.read_requirements(REPO_ROOT / "requirements-serve.txt")}
+    names = {
+        footprint.canonical(r.name)
+        for r in footprint.read_requirements(REPO_ROOT / "requirements-serve.txt")
+    }
     assert "torch" not in names and {"onnxruntime", "fastapi", "uvicorn"} <= names
 
 
 def test_serve_requirements_are_exact_pins_equal_to_the_course_environment():
-    course = {footprint.canonical(r.name): r for r in footprint.read_requirements(REPO_ROOT / "requirements.txt")}
+    course = {
+        footprint.canonical(r.name): r
+        for r in footprint.read_requirements(REPO_ROOT / "requirements.txt")
+    }
     for name in ("requirements-serve.txt", "requirements-serve-torch.txt"):
         for req in footprint.read_requirements(REPO_ROOT / name):
             spec = str(req.specifier)
             assert spec.startswith("==") and "*" not in spec, f"{name}: {req} is not an exact pin"
-            assert course[footprint.canonical(req.name)].specifier == req.specifier, f"{name}: {req} differs"
+            assert course[footprint.canonical(req.name)].specifier == req.specifier, (
+                f"{name}: {req} differs"
+            )
 
 
 def test_torchscript_target_adds_exactly_torch(parsed):
-    torch_reqs = {footprint.canonical(r.name) for r in footprint.read_requirements(REPO_ROOT / "requirements-serve-torch.txt")}
-    onnx_reqs = {footprint.canonical(r.name) for r in footprint.read_requirements(REPO_ROOT / "requirements-serve.txt")}
+    torch_reqs = {
+        footprint.canonical(r.name)
+        for r in footprint.read_requirements(REPO_ROOT / "requirements-serve-torch.txt")
+    }
+    onnx_reqs = {
+        footprint.canonical(r.name)
+        for r in footprint.read_requirements(REPO_ROOT / "requirements-serve.txt")
+    }
     assert torch_reqs - onnx_reqs == {"torch"}
     stage = parsed.stage("runtime-torchscript")
     env = parsed.env(stage)
     assert env["MLDEPLOY_BACKEND"] == "torchscript" and env["MLDEPLOY_MODEL"].endswith(".pt")
-    assert {spec.from_stage for spec in parsed.copies(stage) if spec.from_stage} == {"builder-torch"}
+    assert {spec.from_stage for spec in parsed.copies(stage) if spec.from_stage} == {
+        "builder-torch"
+    }
 
 
 @pytest.mark.parametrize("target", ["runtime", "runtime-torchscript"])
 def test_runtime_targets_run_unprivileged_expose_their_port_and_check_health(parsed, target):
     stage = parsed.stage(target)
     user, _, group = stage.last("USER").args.partition(":")
-    assert user.isdigit() and int(user) > 0 and group.isdigit() and int(group) > 0  # numeric: K8s can verify
+    assert (
+        user.isdigit() and int(user) > 0 and group.isdigit() and int(group) > 0
+    )  # numeric: K8s can verify
     env = parsed.env(stage)
     assert stage.last("EXPOSE").args.split() == [env["UVICORN_PORT"]]
     assert stage.last("CMD").exec_form() == [
-        "uvicorn", "--factory", "mldeploy.serving:create_app_from_env", "--loop", "asyncio", "--no-access-log"
+        "uvicorn",
+        "--factory",
+        "mldeploy.serving:create_app_from_env",
+        "--loop",
+        "asyncio",
+        "--no-access-log",
     ]
-    assert stage.last("HEALTHCHECK").exec_form() == ["python", "-m", "mldeploy.healthcheck"]
+    assert stage.last("HEALTHCHECK").exec_form() == ["python", "-m", "mldeploy.serving.healthcheck"]
     flags, _ = stage.last("HEALTHCHECK").flags()
     assert {"interval", "timeout", "retries"} <= set(flags)
     # the model is checked against its recorded digest at build time
@@ -107,7 +138,11 @@ def test_parser_handles_continuations_args_and_env_expansion():
 
 @pytest.mark.parametrize(
     "text, message",
-    [("RUN echo\n", "before the first FROM"), ("# nothing\n", "no FROM"), ("FROM x\nCMD echo hi\n", None)],
+    [
+        ("RUN echo\n", "before the first FROM"),
+        ("# nothing\n", "no FROM"),
+        ("FROM x\nCMD echo hi\n", None),
+    ],
 )
 def test_parser_errors_are_clear(text, message):
     if message is None:  # shell-form CMD parses, but asking for its exec form says why it cannot
@@ -122,8 +157,16 @@ def test_dockerignore_keeps_only_what_the_image_needs():
     rules = dockerignore_rules()
     kept = dockerfile.context_files(REPO_ROOT, rules)
     assert "requirements-serve.txt" in kept and "code/mldeploy/serving/__init__.py" in kept
-    for secret_or_bulk in (".env", ".git", ".venv/pyvenv.cfg", "notebooks/x.ipynb", "artifacts/demo/model.onnx",
-                           "code/mldeploy/__pycache__/serving.cpython-311.pyc", "id_rsa", "code/serve_model.py"):
+    for secret_or_bulk in (
+        ".env",
+        ".git",
+        ".venv/pyvenv.cfg",
+        "notebooks/x.ipynb",
+        "artifacts/demo/model.onnx",
+        "code/mldeploy/__pycache__/serving.cpython-311.pyc",
+        "id_rsa",
+        "code/serve_model.py",
+    ):
         assert dockerfile.is_ignored(secret_or_bulk, rules), secret_or_bulk
     assert not any(path.startswith((".venv/", ".git/", "tests/", "notebooks/")) for path in kept)
 
@@ -132,7 +175,9 @@ def test_dockerignore_semantics_last_match_wins_and_parents_match():
     rules = dockerfile.parse_dockerignore("*\n!keep/\nkeep/**/*.tmp\n# comment\n")
     assert dockerfile.is_ignored("other/file.txt", rules)
     assert not dockerfile.is_ignored("keep/a/b.txt", rules)
-    assert dockerfile.is_ignored("keep/a/b.tmp", rules) and dockerfile.is_ignored("keep/b.tmp", rules)
+    assert dockerfile.is_ignored("keep/a/b.tmp", rules) and dockerfile.is_ignored(
+        "keep/b.tmp", rules
+    )
 
 
 def dockerignore_rules() -> list[dockerfile.IgnoreRule]:
@@ -145,12 +190,22 @@ def test_checksum_round_trip_and_tampering(tmp_path):
     record = checksums.write_checksum(model)
     assert checksums.verify_checksum(model) == record.read_text().split()[0]
     # the file is in sha256sum format: coreutils (as in the image's RUN line) accepts it
-    proc = subprocess.run(["sha256sum", "--check", "--strict", record.name], cwd=tmp_path, capture_output=True, text=True)
+    proc = subprocess.run(
+        ["sha256sum", "--check", "--strict", record.name],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     model.write_bytes(b"\x08\x07" * 99 + b"\x08\x08")
     with pytest.raises(checksums.ChecksumError, match="changed after export"):
         checksums.verify_checksum(model)
-    assert subprocess.run(["sha256sum", "--check", "--strict", record.name], cwd=tmp_path, capture_output=True).returncode != 0
+    assert (
+        subprocess.run(
+            ["sha256sum", "--check", "--strict", record.name], cwd=tmp_path, capture_output=True
+        ).returncode
+        != 0
+    )
     record.unlink()
     with pytest.raises(checksums.ChecksumError, match="make artifacts"):
         checksums.verify_checksum(model)
@@ -171,20 +226,39 @@ def test_healthcheck_reports_healthy_then_down(exported, monkeypatch):
 def test_healthcheck_rejects_a_bad_port_setting(port):
     with pytest.raises(ValueError, match="UVICORN_PORT"):
         healthcheck.health_url({"UVICORN_PORT": port})
-    proc = subprocess.run([sys.executable, "-m", "mldeploy.healthcheck"], env={"UVICORN_PORT": port, "PATH": "/usr/bin"},
-                          capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mldeploy.serving.healthcheck"],
+        env={"UVICORN_PORT": port, "PATH": "/usr/bin"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert proc.returncode == 1 and "UVICORN_PORT" in proc.stdout and proc.stderr == ""
 
 
-@pytest.mark.parametrize("args, message", [(["--epochs", "zero"], "positive whole number"), (["--epochs", "0"], "positive")])
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--epochs", "zero"], "positive whole number"), (["--epochs", "0"], "positive")],
+)
 def test_make_artifacts_rejects_bad_arguments_with_a_message(args, message):
-    proc = subprocess.run([sys.executable, "-m", "mldeploy.serve_artifacts", *args], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mldeploy.image.artifacts", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_make_artifacts_refuses_a_file_as_output_folder(tmp_path):
     blocker = tmp_path / "serve"
     blocker.write_text("not a folder")
-    proc = subprocess.run([sys.executable, "-m", "mldeploy.serve_artifacts", "--out", str(blocker)],
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and "is not a folder" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run(
+        [sys.executable, "-m", "mldeploy.image.artifacts", "--out", str(blocker)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (
+        proc.returncode == 2 and "is not a folder" in proc.stderr and "Traceback" not in proc.stderr
+    )

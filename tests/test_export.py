@@ -4,7 +4,8 @@ import onnx
 import pytest
 import torch
 
-from mldeploy import export, models, runtime, sizes
+from mldeploy import export, models, runtime
+from mldeploy.export import sizes
 from mldeploy.paths import REPO_ROOT
 
 
@@ -54,21 +55,31 @@ def test_trace_freezes_the_branch_script_and_cond_keep_both(tmp_path):
     gate = models.SignGate()
     pos, neg = torch.tensor([[1.0, 2.0]]), torch.tensor([[-1.0, -2.0]])
     traced = torch.jit.load(str(export.export_torchscript(gate, pos, tmp_path / "t.pt", "trace")))
-    scripted = torch.jit.load(str(export.export_torchscript(gate, pos, tmp_path / "s.pt", "script")))
+    scripted = torch.jit.load(
+        str(export.export_torchscript(gate, pos, tmp_path / "s.pt", "script"))
+    )
     assert torch.equal(traced(pos), gate(pos))
     assert not torch.equal(traced(neg), gate(neg))  # the trap: the positive branch was frozen in
     assert torch.equal(scripted(neg), gate(neg)) and torch.equal(scripted(pos), gate(pos))
     assert "torch.export cannot capture" in export.explain_export_failure(gate, pos)
     pair = torch.cat([pos, pos])
-    program = torch.export.load(export.export_program(models.SignGateCond(), pair, tmp_path / "c.pt2"))
-    assert torch.equal(program.module()(neg), gate(neg)) and torch.equal(program.module()(pos), gate(pos))
+    program = torch.export.load(
+        export.export_program(models.SignGateCond(), pair, tmp_path / "c.pt2")
+    )
+    assert torch.equal(program.module()(neg), gate(neg)) and torch.equal(
+        program.module()(pos), gate(pos)
+    )
 
 
 def test_sizes_are_positive_ordered_as_measured_and_free_of_local_paths(exported):
     measured = {name: sizes.artifact_bytes(path) for name, path in exported.items()}
     assert all(n > 0 for n in measured.values())
     # ONNX keeps only weights and a small graph; TorchScript adds code; .pt2 adds a JSON graph.
-    assert measured["ONNX (.onnx)"] < measured["Native PyTorch (.pt)"] < measured["TorchScript trace (.pt)"]
+    assert (
+        measured["ONNX (.onnx)"]
+        < measured["Native PyTorch (.pt)"]
+        < measured["TorchScript trace (.pt)"]
+    )
     assert measured["TorchScript trace (.pt)"] < measured["torch.export (.pt2)"]
     weights = 4 * models.count_parameters(models.SimpleMLP())
     assert all(n > weights for n in measured.values())
@@ -78,7 +89,9 @@ def test_sizes_are_positive_ordered_as_measured_and_free_of_local_paths(exported
 
 def test_unstripped_exports_do_embed_local_paths(trained_model, split, tmp_path):
     example = torch.from_numpy(split.x_train[:8])
-    path = export.export_torchscript(trained_model, example, tmp_path / "raw.pt", "trace", strip_debug=False)
+    path = export.export_torchscript(
+        trained_model, example, tmp_path / "raw.pt", "trace", strip_debug=False
+    )
     assert export.contains_text(path, str(REPO_ROOT))
     assert export.strip_torchscript_debug(path) > 0
     assert not export.contains_text(path, str(REPO_ROOT))
@@ -87,7 +100,9 @@ def test_unstripped_exports_do_embed_local_paths(trained_model, split, tmp_path)
 
 def test_bad_export_arguments_raise(trained_model, tmp_path):
     with pytest.raises(ValueError, match="trace"):
-        export.export_torchscript(trained_model, torch.zeros(1, 2), tmp_path / "x.pt", method="compile")
+        export.export_torchscript(
+            trained_model, torch.zeros(1, 2), tmp_path / "x.pt", method="compile"
+        )
     with pytest.raises(ValueError, match="at least 2 rows"):
         export.export_onnx(trained_model, torch.zeros(1, 2), tmp_path / "x.onnx")
     with pytest.raises(FileNotFoundError):

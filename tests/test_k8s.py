@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import kubernetes_validate
 import pytest
 import yaml
 
-from mldeploy import dockerfile
-from mldeploy.paths import REPO_ROOT
 from mldeploy import serving
+from mldeploy.image import dockerfile
+from mldeploy.paths import REPO_ROOT
 
 K8S = REPO_ROOT / "deploy" / "k8s"
 VERSION = kubernetes_validate.latest_version()
@@ -30,7 +28,11 @@ def manifests() -> dict[str, dict]:
 
 def test_manifests_are_valid_kubernetes_objects():
     docs = _docs()
-    assert sorted(doc["kind"] for doc in docs) == ["Deployment", "HorizontalPodAutoscaler", "Service"]
+    assert sorted(doc["kind"] for doc in docs) == [
+        "Deployment",
+        "HorizontalPodAutoscaler",
+        "Service",
+    ]
     for doc in docs:
         kubernetes_validate.validate(doc, VERSION, strict=True)
 
@@ -38,7 +40,9 @@ def test_manifests_are_valid_kubernetes_objects():
 def test_validator_rejects_a_misspelt_probe(manifests):
     broken = yaml.safe_load(yaml.safe_dump(manifests["Deployment"]))
     container = broken["spec"]["template"]["spec"]["containers"][0]
-    container["readinessProbe"]["httpGet"]["pathh"] = container["readinessProbe"]["httpGet"].pop("path")
+    container["readinessProbe"]["httpGet"]["pathh"] = container["readinessProbe"]["httpGet"].pop(
+        "path"
+    )
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(broken, VERSION, strict=True)
 
@@ -51,7 +55,10 @@ def test_deployment_matches_the_image(manifests):
     assert [p["containerPort"] for p in container["ports"]] == [int(stage.last("EXPOSE").args)]
     uid, _, gid = stage.last("USER").args.partition(":")
     assert pod["securityContext"]["runAsNonRoot"] is True
-    assert (pod["securityContext"]["runAsUser"], pod["securityContext"]["runAsGroup"]) == (int(uid), int(gid))
+    assert (pod["securityContext"]["runAsUser"], pod["securityContext"]["runAsGroup"]) == (
+        int(uid),
+        int(gid),
+    )
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     for kind in ("requests", "limits"):
         assert {"cpu", "memory"} <= set(container["resources"][kind])
@@ -70,7 +77,11 @@ def test_every_probe_hits_a_get_route_of_the_app(manifests, exported, monkeypatc
 
 
 def test_service_and_autoscaler_point_at_the_deployment(manifests):
-    deployment, service, hpa = manifests["Deployment"], manifests["Service"], manifests["HorizontalPodAutoscaler"]
+    deployment, service, hpa = (
+        manifests["Deployment"],
+        manifests["Service"],
+        manifests["HorizontalPodAutoscaler"],
+    )
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= labels.items()
     assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
@@ -78,4 +89,9 @@ def test_service_and_autoscaler_point_at_the_deployment(manifests):
     assert service["spec"]["ports"][0]["targetPort"] in {p["name"] for p in container["ports"]}
     target = hpa["spec"]["scaleTargetRef"]
     assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
-    assert 1 <= hpa["spec"]["minReplicas"] <= deployment["spec"]["replicas"] <= hpa["spec"]["maxReplicas"]
+    assert (
+        1
+        <= hpa["spec"]["minReplicas"]
+        <= deployment["spec"]["replicas"]
+        <= hpa["spec"]["maxReplicas"]
+    )

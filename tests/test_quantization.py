@@ -6,19 +6,31 @@ import numpy as np
 import pytest
 import torch
 
-from mldeploy import awq, charlm, fake_quant, gptq, int4_onnx, int8_ptq, qat, quant_bench, runtime, weight_only
-from mldeploy.fake_quant import QuantSpec
+from mldeploy import runtime
+from mldeploy.quant import (
+    awq,
+    benchmark,
+    charlm,
+    fake_quant,
+    gptq,
+    int4_onnx,
+    int8_ptq,
+    metrics,
+    qat,
+    weight_only,
+)
+from mldeploy.quant.fake_quant import QuantSpec
 
 
 @pytest.fixture(scope="module")
-def bench() -> quant_bench.LMBench:
+def bench() -> benchmark.LMBench:
     torch.set_num_threads(1)
-    return quant_bench.lm_bench()
+    return benchmark.lm_bench()
 
 
 @pytest.fixture(scope="module")
-def fp32(bench: quant_bench.LMBench) -> quant_bench.Point:
-    return quant_bench.onnx_point(bench, "FP32", "FP32", bench.fp32_onnx)
+def fp32(bench: benchmark.LMBench) -> benchmark.Point:
+    return benchmark.onnx_point(bench, "FP32", "FP32", bench.fp32_onnx)
 
 
 # --- model and corpus ---------------------------------------------------------------------------
@@ -34,7 +46,9 @@ def test_corpus_is_fixed_text_and_windows_line_up():
     np.testing.assert_array_equal(x, again_x)
     positions = np.array([0, 17, len(corpus.valid) - 9])
     x, y = charlm.windows(corpus.valid, 8, positions)
-    for p, row, target in zip(positions, x, y):  # each target is the character right after its window
+    for p, row, target in zip(
+        positions, x, y
+    ):  # each target is the character right after its window
         np.testing.assert_array_equal(row, corpus.valid[p : p + 8])
         assert target == corpus.valid[p + 8]
 
@@ -50,14 +64,20 @@ def test_training_is_bit_identical_run_to_run():
     a, b = charlm.train_charlm(cfg, corpus), charlm.train_charlm(cfg, corpus)
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(pa, pb), name
-    assert cfg.key() != charlm.CharLMConfig(context=8, embed=8, hidden=32, steps=21, batch_size=16).key()
+    assert (
+        cfg.key()
+        != charlm.CharLMConfig(context=8, embed=8, hidden=32, steps=21, batch_size=16).key()
+    )
 
 
 def test_large_model_is_big_enough_and_learned_something(bench, fp32):
     assert sum(p.numel() for p in bench.model.parameters()) >= 500_000
     assert fp32.perplexity < 0.2 * charlm.VOCAB_SIZE  # far better than guessing uniformly
-    np.testing.assert_allclose(charlm.session_logits(runtime.make_session(bench.fp32_onnx), bench.x[:256]),
-                               bench.reference[:256], atol=1e-4)
+    np.testing.assert_allclose(
+        charlm.session_logits(runtime.make_session(bench.fp32_onnx), bench.x[:256]),
+        bench.reference[:256],
+        atol=1e-4,
+    )
 
 
 # --- quantizers ---------------------------------------------------------------------------------
@@ -93,11 +113,15 @@ def test_quant_spec_rejects_bad_settings():
 
 def test_gptq_lowers_output_error_on_correlated_inputs():
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2048, 16, generator=gen) @ torch.randn(16, 64, generator=gen)  # low-rank: strong correlations
+    x = torch.randn(2048, 16, generator=gen) @ torch.randn(
+        16, 64, generator=gen
+    )  # low-rank: strong correlations
     w = torch.randn(32, 64, generator=gen)
     spec = QuantSpec(3)
-    err_rtn = gptq.output_error(x, w, fake_quant.rtn(w, spec).dequantize())
-    err_gptq = gptq.output_error(x, w, gptq.gptq_quantize(w, gptq.hessian(x), spec, block_size=16).dequantize())
+    err_rtn = metrics.output_error(x, w, fake_quant.rtn(w, spec).dequantize())
+    err_gptq = metrics.output_error(
+        x, w, gptq.gptq_quantize(w, gptq.hessian(x), spec, block_size=16).dequantize()
+    )
     assert err_gptq < 0.5 * err_rtn
 
 
@@ -109,7 +133,9 @@ def test_awq_helps_when_a_few_input_channels_dominate():
     spec = QuantSpec(3)
     s, alpha, w_hat = awq.awq_search(w, x, spec)
     assert alpha > 0 and s.shape == (64,)
-    assert gptq.output_error(x, w, w_hat) < gptq.output_error(x, w, fake_quant.rtn(w, spec).dequantize())
+    assert metrics.output_error(x, w, w_hat) < metrics.output_error(
+        x, w, fake_quant.rtn(w, spec).dequantize()
+    )
 
 
 def test_quantize_model_validates_its_arguments(bench):
@@ -123,10 +149,14 @@ def test_quantize_model_validates_its_arguments(bench):
 
 
 def test_int8_dynamic_and_static_are_small_and_accurate(bench, fp32, tmp_path):
-    files = [int8_ptq.quantize_int8_dynamic(bench.fp32_onnx, tmp_path / "dyn.onnx"),
-             int8_ptq.quantize_int8_qdq(bench.fp32_onnx, tmp_path / "static.onnx", bench.calibration[:1024])]
+    files = [
+        int8_ptq.quantize_int8_dynamic(bench.fp32_onnx, tmp_path / "dyn.onnx"),
+        int8_ptq.quantize_int8_qdq(
+            bench.fp32_onnx, tmp_path / "static.onnx", bench.calibration[:1024]
+        ),
+    ]
     for path in files:
-        point = quant_bench.onnx_point(bench, path.stem, "INT8", path)
+        point = benchmark.onnx_point(bench, path.stem, "INT8", path)
         assert fp32.bytes / point.bytes >= 3.8
         assert abs(point.perplexity / fp32.perplexity - 1) <= 0.01
         assert point.agreement > 0.95
@@ -134,16 +164,24 @@ def test_int8_dynamic_and_static_are_small_and_accurate(bench, fp32, tmp_path):
 
 def test_int8_static_rejects_unknown_calibration(bench, tmp_path):
     with pytest.raises(ValueError, match="MinMax"):
-        int8_ptq.quantize_int8_qdq(bench.fp32_onnx, tmp_path / "x.onnx", bench.calibration[:8], method="Median")
+        int8_ptq.quantize_int8_qdq(
+            bench.fp32_onnx, tmp_path / "x.onnx", bench.calibration[:8], method="Median"
+        )
 
 
 @pytest.mark.parametrize("block_size", [32, 128])
-def test_int4_onnx_is_six_times_smaller_with_no_fp32_weights_left(bench, fp32, tmp_path, block_size):
-    path = int4_onnx.quantize_nbits_rtn(bench.fp32_onnx, tmp_path / "int4.onnx", block_size=block_size)
-    assert int4_onnx.op_counts(path).get("MatMulNBits") == 3 and "Gemm" not in int4_onnx.op_counts(path)
+def test_int4_onnx_is_six_times_smaller_with_no_fp32_weights_left(
+    bench, fp32, tmp_path, block_size
+):
+    path = int4_onnx.quantize_nbits_rtn(
+        bench.fp32_onnx, tmp_path / "int4.onnx", block_size=block_size
+    )
+    assert int4_onnx.op_counts(path).get("MatMulNBits") == 3 and "Gemm" not in int4_onnx.op_counts(
+        path
+    )
     leftovers = set(int4_onnx.float_weights(path))
     assert leftovers <= {"embed.weight"} | {f"{n}.weight_scales" for n in bench.model.linears()}
-    point = quant_bench.onnx_point(bench, "int4", "RTN", path)
+    point = benchmark.onnx_point(bench, "int4", "RTN", path)
     assert fp32.bytes / point.bytes >= 6.0
     assert abs(point.perplexity / fp32.perplexity - 1) <= 0.02
 
@@ -160,9 +198,15 @@ def test_write_nbits_runs_in_onnx_runtime_like_the_dequantized_model(bench, tmp_
     path = int4_onnx.write_nbits(bench.fp32_onnx, tmp_path / "mine.onnx", codes)
     got = charlm.session_logits(runtime.make_session(path), bench.x[:256])
     np.testing.assert_allclose(got, charlm.logits_of(model_q, bench.x[:256]), atol=1e-4)
-    if spec == QuantSpec(4, 128):  # same asymmetric min-max rounding as ONNX Runtime's own quantizer
-        theirs = int4_onnx.quantize_nbits_rtn(bench.fp32_onnx, tmp_path / "ort.onnx", block_size=128)
-        np.testing.assert_allclose(got, charlm.session_logits(runtime.make_session(theirs), bench.x[:256]), atol=1e-5)
+    if spec == QuantSpec(
+        4, 128
+    ):  # same asymmetric min-max rounding as ONNX Runtime's own quantizer
+        theirs = int4_onnx.quantize_nbits_rtn(
+            bench.fp32_onnx, tmp_path / "ort.onnx", block_size=128
+        )
+        np.testing.assert_allclose(
+            got, charlm.session_logits(runtime.make_session(theirs), bench.x[:256]), atol=1e-5
+        )
 
 
 def test_pack_codes_puts_the_first_value_in_the_low_bits():
@@ -181,8 +225,8 @@ def test_gptq_beats_rtn_at_4_bit_per_channel(bench):
     gptq_err = weight_only.layer_errors(bench.model, gptq_model, bench.x)
     for name in rtn_err:  # measured on held-out windows, not on the calibration data
         assert rtn_err[name] >= 2.0 * gptq_err[name], name
-    rtn_point = quant_bench.torch_point(bench, "rtn", "RTN", rtn_model, 1)
-    gptq_point = quant_bench.torch_point(bench, "gptq", "GPTQ", gptq_model, 1)
+    rtn_point = benchmark.torch_point(bench, "rtn", "RTN", rtn_model, 1)
+    gptq_point = benchmark.torch_point(bench, "gptq", "GPTQ", gptq_model, 1)
     assert gptq_point.kl <= 0.9 * rtn_point.kl
 
 
@@ -191,14 +235,17 @@ def test_qat_is_no_worse_than_budget_matched_ptq_at_2_bits(bench, tmp_path):
     qat_model, codes = qat.qat_finetune(bench.model, bench.corpus.train, spec, steps=steps)
     tuned = qat.float_finetune(bench.model, bench.corpus.train, steps=steps)
     ptq_model, _ = weight_only.quantize_model(tuned, spec, "rtn")
-    qat_ppl = quant_bench.torch_point(bench, "qat", "QAT", qat_model, 1).perplexity
-    ptq_ppl = quant_bench.torch_point(bench, "ptq", "RTN", ptq_model, 1).perplexity
+    qat_ppl = benchmark.torch_point(bench, "qat", "QAT", qat_model, 1).perplexity
+    ptq_ppl = benchmark.torch_point(bench, "ptq", "RTN", ptq_model, 1).perplexity
     assert qat_ppl <= ptq_ppl
     # The converted model is exactly the codes: its real 2-bit ONNX file computes the same logits.
-    qat_bench = quant_bench.bench_for(bench, qat_model, "test-qat")
+    qat_bench = benchmark.bench_for(bench, qat_model, "test-qat")
     path = int4_onnx.write_nbits(qat_bench.fp32_onnx, tmp_path / "qat.onnx", codes)
-    np.testing.assert_allclose(charlm.session_logits(runtime.make_session(path), bench.x[:256]),
-                               charlm.logits_of(qat_model, bench.x[:256]), atol=1e-4)
+    np.testing.assert_allclose(
+        charlm.session_logits(runtime.make_session(path), bench.x[:256]),
+        charlm.logits_of(qat_model, bench.x[:256]),
+        atol=1e-4,
+    )
 
 
 def test_missing_model_files_and_unknown_layers_are_clear_errors(bench, tmp_path):
@@ -214,6 +261,10 @@ def test_missing_model_files_and_unknown_layers_are_clear_errors(bench, tmp_path
 def test_estimated_size_matches_a_real_packed_file(bench, tmp_path):
     spec = QuantSpec(4, 32)
     _, codes = weight_only.quantize_model(bench.model, spec, "rtn")
-    real = quant_bench.sizes.artifact_bytes(int4_onnx.write_nbits(bench.fp32_onnx, tmp_path / "b32.onnx", codes))
-    estimate = quant_bench.estimated_bytes(bench, spec)
-    assert abs(estimate - real) / real < 0.05  # the estimate only differs in how zero points are packed
+    real = benchmark.sizes.artifact_bytes(
+        int4_onnx.write_nbits(bench.fp32_onnx, tmp_path / "b32.onnx", codes)
+    )
+    estimate = benchmark.estimated_bytes(bench, spec)
+    assert (
+        abs(estimate - real) / real < 0.05
+    )  # the estimate only differs in how zero points are packed

@@ -15,9 +15,16 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from mldeploy import loadgen
+from mldeploy.loadtest import loadgen
 from mldeploy.runtime import make_session, run_session, softmax
-from mldeploy.serving import BackgroundServer, DelayedPredictor, OnnxPredictor, ServiceSettings, TorchScriptPredictor, create_app
+from mldeploy.serving import (
+    BackgroundServer,
+    DelayedPredictor,
+    OnnxPredictor,
+    ServiceSettings,
+    TorchScriptPredictor,
+    create_app,
+)
 
 
 @pytest.fixture(scope="module")
@@ -54,14 +61,19 @@ def test_predict_and_predict_batch_match_the_model(client, onnx_path):
 
 
 def test_validate_health_ready_and_docs(client):
-    assert client.post("/validate", json={"features": [1, 2]}).json() == {"valid": True, "n_features": 2}
+    assert client.post("/validate", json={"features": [1, 2]}).json() == {
+        "valid": True,
+        "n_features": 2,
+    }
     assert client.get("/health").json() == {"status": "ok", "model_loaded": True}
     assert client.get("/ready").status_code == 200
     assert client.get("/docs").status_code == 200
     schema = client.get("/openapi.json").json()
     responses = schema["paths"]["/predict"]["post"]["responses"]
     assert {"200", "413", "422", "503"} <= set(responses)
-    assert schema["paths"]["/predict_batch"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert schema["paths"]["/predict_batch"]["post"]["requestBody"]["content"]["application/json"][
+        "schema"
+    ]
 
 
 BAD_BODIES = {
@@ -86,7 +98,9 @@ BAD_BODIES = {
 @pytest.mark.parametrize("name", list(BAD_BODIES))
 @pytest.mark.parametrize("path", ["/predict", "/validate"])
 def test_bad_input_gets_a_clear_422(client, path, name):
-    response = client.post(path, content=BAD_BODIES[name], headers={"content-type": "application/json"})
+    response = client.post(
+        path, content=BAD_BODIES[name], headers={"content-type": "application/json"}
+    )
     assert response.status_code == 422, response.text
     detail = response.json()["detail"]
     assert isinstance(detail, list) and detail and all("msg" in d and "loc" in d for d in detail)
@@ -97,8 +111,14 @@ def test_bad_batches_get_clear_4xx(client):
     assert too_many.status_code == 422 and "at most 256" in too_many.text
     assert len(too_many.content) < 1000  # the oversized input is not echoed back
     assert client.post("/predict_batch", json={"items": []}).status_code == 422
-    one_bad = client.post("/predict_batch", json={"items": [{"features": [1, 2]}, {"features": [1]}]})
-    assert one_bad.status_code == 422 and one_bad.json()["detail"][0]["loc"][:3] == ["body", "items", 1]
+    one_bad = client.post(
+        "/predict_batch", json={"items": [{"features": [1, 2]}, {"features": [1]}]}
+    )
+    assert one_bad.status_code == 422 and one_bad.json()["detail"][0]["loc"][:3] == [
+        "body",
+        "items",
+        1,
+    ]
 
 
 def test_body_over_the_limit_gets_413_declared_or_streamed(onnx_path):
@@ -106,25 +126,39 @@ def test_body_over_the_limit_gets_413_declared_or_streamed(onnx_path):
     padded = b'{"features": [1, 2]' + b" " * 200 + b"}"
     with TestClient(app) as c:
         declared = c.post("/predict", content=padded, headers={"content-type": "application/json"})
-        streamed = c.post("/predict", content=iter([padded[:50], padded[50:]]), headers={"content-type": "application/json"})
-        small = c.post("/predict", content=iter([b'{"features": ', b"[1, 2]}"]), headers={"content-type": "application/json"})
+        streamed = c.post(
+            "/predict",
+            content=iter([padded[:50], padded[50:]]),
+            headers={"content-type": "application/json"},
+        )
+        small = c.post(
+            "/predict",
+            content=iter([b'{"features": ', b"[1, 2]}"]),
+            headers={"content-type": "application/json"},
+        )
     assert declared.status_code == 413 and streamed.status_code == 413
     assert "100 bytes" in declared.json()["detail"]
     assert small.status_code == 200
 
 
 def test_not_ready_before_the_model_is_loaded(onnx_path):
-    c = TestClient(create_app(lambda: OnnxPredictor(onnx_path)))  # no `with`: the lifespan never ran
+    c = TestClient(
+        create_app(lambda: OnnxPredictor(onnx_path))
+    )  # no `with`: the lifespan never ran
     assert c.get("/health").json() == {"status": "ok", "model_loaded": False}
     for response in (c.get("/ready"), c.post("/predict", json={"features": [1, 2]})):
         assert response.status_code == 503 and response.headers["retry-after"] == "1"
 
 
 def test_torchscript_backend_agrees_with_onnx(exported, onnx_path):
-    with TestClient(create_app(lambda: TorchScriptPredictor(exported["TorchScript script (.pt)"]))) as c:
+    with TestClient(
+        create_app(lambda: TorchScriptPredictor(exported["TorchScript script (.pt)"]))
+    ) as c:
         body = c.post("/predict", json={"features": [0.5, -0.3]}).json()
     assert body["model_format"] == "TorchScript"
-    np.testing.assert_allclose(body["probabilities"], _expected(onnx_path, [[0.5, -0.3]])[0], atol=1e-5)
+    np.testing.assert_allclose(
+        body["probabilities"], _expected(onnx_path, [[0.5, -0.3]])[0], atol=1e-5
+    )
 
 
 def test_serving_imports_no_torch(onnx_path):
@@ -135,13 +169,19 @@ def test_serving_imports_no_torch(onnx_path):
         "with c: assert c.post('/predict', json={'features': [0.5, -0.3]}).status_code == 200\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
-    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
 
 
 async def _fire(url: str, points: np.ndarray) -> list[httpx.Response]:
-    async with httpx.AsyncClient(base_url=url, timeout=30, limits=httpx.Limits(max_connections=len(points))) as c:
-        return await asyncio.gather(*(c.post("/predict", json={"features": p.tolist()}) for p in points))
+    async with httpx.AsyncClient(
+        base_url=url, timeout=30, limits=httpx.Limits(max_connections=len(points))
+    ) as c:
+        return await asyncio.gather(
+            *(c.post("/predict", json={"features": p.tolist()}) for p in points)
+        )
 
 
 def _max_batch(metrics_text: str) -> float:
@@ -156,7 +196,9 @@ def test_concurrent_requests_are_batched_and_equal_unbatched_answers(onnx_path):
     points = np.random.default_rng(0).uniform(-2, 2, size=(48, 2)).astype(np.float32)
     answers = {}
     for batching in (True, False):
-        app = create_app(lambda: SlowPredictor(onnx_path), ServiceSettings(batching=batching, max_batch_size=16))
+        app = create_app(
+            lambda: SlowPredictor(onnx_path), ServiceSettings(batching=batching, max_batch_size=16)
+        )
         with BackgroundServer(app) as server:
             responses = asyncio.run(_fire(server.url, points))
             metrics = httpx.get(server.url + "/metrics").text
@@ -203,7 +245,11 @@ def test_access_log_writes_one_json_line_per_request(client):
         logger.removeHandler(handler)
         logger.setLevel(old_level)
     lines = [json.loads(r) for r in records]
-    assert [(d["path"], d["status"]) for d in lines] == [("/predict", 200), ("/predict", 422), ("other", 404)]
+    assert [(d["path"], d["status"]) for d in lines] == [
+        ("/predict", 200),
+        ("/predict", 422),
+        ("other", 404),
+    ]
     assert lines[0]["batch_size"] == 1 and "batch_size" not in lines[1]
     assert all(d["latency_ms"] >= 0 and d["method"] in ("GET", "POST") for d in lines)
 
@@ -258,7 +304,15 @@ def test_server_process_leaves_no_process_or_port(onnx_path):
 )
 def test_bad_server_settings_stop_with_a_message(onnx_path, env, message):
     full = {**os.environ, "MLDEPLOY_MODEL": str(onnx_path), **env}
-    cmd = [sys.executable, "-m", "uvicorn", "--factory", "mldeploy.serving:create_app_from_env", "--port", "0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--factory",
+        "mldeploy.serving:create_app_from_env",
+        "--port",
+        "0",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=full)
     assert proc.returncode != 0
     assert message in proc.stderr and "Traceback" not in proc.stderr
@@ -277,9 +331,24 @@ def test_load_tools_refuse_other_hosts():
 
 def test_bench_without_wrk_says_how_to_install_it(tmp_path):
     env = {**os.environ, "PATH": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-m", "mldeploy.bench_serve"], capture_output=True, text=True, env=env, timeout=60)
-    assert proc.returncode == 2 and "apt-get install -y wrk" in proc.stderr and "Traceback" not in proc.stderr
-    bad = subprocess.run([sys.executable, "-m", "mldeploy.bench_serve", "--seconds", "1"], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mldeploy.loadtest.bench"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert (
+        proc.returncode == 2
+        and "apt-get install -y wrk" in proc.stderr
+        and "Traceback" not in proc.stderr
+    )
+    bad = subprocess.run(
+        [sys.executable, "-m", "mldeploy.loadtest.bench", "--seconds", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 2 and "at least 3" in bad.stderr
 
 

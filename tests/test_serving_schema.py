@@ -13,12 +13,16 @@ SETTINGS = ServiceSettings(max_batch_items=16, max_body_bytes=4096)
 # The schema comes from the app itself (no server needed to collect the tests); the requests go to
 # a real server. (schemathesis.pytest.from_fixture does not work with pytest 9.)
 schema = schemathesis.openapi.from_dict(create_app(lambda: None, SETTINGS).openapi())
-schema.config.generation.update(modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE], deterministic=True)
+schema.config.generation.update(
+    modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE], deterministic=True
+)
 
 
 @pytest.fixture(scope="module")
 def server(exported):
-    with BackgroundServer(create_app(lambda: OnnxPredictor(exported["ONNX (.onnx)"]), SETTINGS)) as running:
+    with BackgroundServer(
+        create_app(lambda: OnnxPredictor(exported["ONNX (.onnx)"]), SETTINGS)
+    ) as running:
         yield running
 
 

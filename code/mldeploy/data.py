@@ -17,7 +17,9 @@ class Split:
     y_test: np.ndarray
 
 
-def make_moons(n_samples: int = 2000, noise: float = 0.1, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def make_moons(
+    n_samples: int = 2000, noise: float = 0.1, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Two interleaving half circles with Gaussian noise; class 0 on top, class 1 below."""
     if n_samples < 2:
         raise ValueError(f"n_samples must be at least 2, got {n_samples}")
@@ -34,7 +36,9 @@ def make_moons(n_samples: int = 2000, noise: float = 0.1, seed: int = 0) -> tupl
     return x[order].astype(np.float32), y[order]
 
 
-def load_moons(n_samples: int = 2000, test_fraction: float = 0.2, noise: float = 0.1, seed: int = 0) -> Split:
+def load_moons(
+    n_samples: int = 2000, test_fraction: float = 0.2, noise: float = 0.1, seed: int = 0
+) -> Split:
     """The chapter's standard split: 2000 samples, 1600 for training and 400 for testing."""
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")

@@ -9,7 +9,9 @@ from torch import nn
 class SimpleMLP(nn.Module):
     """Two-moons classifier: 2 → 64 → 32 → 2 with ReLU, returning logits."""
 
-    def __init__(self, in_features: int = 2, hidden: tuple[int, int] = (64, 32), n_classes: int = 2):
+    def __init__(
+        self, in_features: int = 2, hidden: tuple[int, int] = (64, 32), n_classes: int = 2
+    ):
         super().__init__()
         self.net = nn.Sequential(
             nn.Linear(in_features, hidden[0]),

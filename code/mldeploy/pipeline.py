@@ -19,8 +19,10 @@ import httpx
 import numpy as np
 import torch
 
-from mldeploy import data, export, int8_ptq, models, runtime, serving, sizes, training
+from mldeploy import data, export, models, runtime, serving, training
+from mldeploy.export import sizes
 from mldeploy.paths import artifacts_dir
+from mldeploy.quant import int8_ptq
 
 N_STEPS = 8
 RULE = "=" * 65
@@ -32,7 +34,9 @@ class StepFailed(RuntimeError):
     """A pipeline step raised; carries the step number and title for the error message."""
 
     def __init__(self, number: int, title: str, cause: BaseException):
-        super().__init__(f"step {number}/{N_STEPS} ({title}) failed: {type(cause).__name__}: {cause}")
+        super().__init__(
+            f"step {number}/{N_STEPS} ({title}) failed: {type(cause).__name__}: {cause}"
+        )
         self.number = number
 
 
@@ -65,7 +69,9 @@ def _kib(n_bytes: int) -> str:
     return sizes.format_kib(n_bytes)
 
 
-def run_demo(out_dir: Path, *, epochs: int = 60, seed: int = 0, backend: str = "onnx") -> DemoResult:
+def run_demo(
+    out_dir: Path, *, epochs: int = 60, seed: int = 0, backend: str = "onnx"
+) -> DemoResult:
     """Run the eight steps, printing progress in the chapter's format; return the measurements."""
     result = DemoResult()
     print(RULE + "\n  ML Model Deployment Pipeline Demo\n" + RULE)
@@ -75,18 +81,20 @@ def run_demo(out_dir: Path, *, epochs: int = 60, seed: int = 0, backend: str = "
         print(f"{PAD}Train: {len(split.x_train)} samples, Test: {len(split.x_test)} samples")
 
     with _step(2, "Training simple MLP classifier"):
-        training.set_seed(seed)
-        model = models.SimpleMLP()
         report = {1, epochs} | set(range(10, epochs + 1, 10))
 
         def show(epoch: int, loss: float) -> None:
             if epoch in report:
                 print(f"  Epoch {epoch:>3}/{epochs}  loss={loss:.6f}", flush=True)
 
-        training.train_classifier(model, split.x_train, split.y_train, epochs=epochs, seed=seed, on_epoch=show)
+        model = training.train_two_moons(epochs=epochs, seed=seed, on_epoch=show).model
         train_acc = training.accuracy(training.predict_logits(model, split.x_train), split.y_train)
-        result.test_accuracy = training.accuracy(training.predict_logits(model, split.x_test), split.y_test)
-        print(f"\n{PAD}Train accuracy: {train_acc:.4f}\n{PAD}Test accuracy:  {result.test_accuracy:.4f}")
+        result.test_accuracy = training.accuracy(
+            training.predict_logits(model, split.x_test), split.y_test
+        )
+        print(
+            f"\n{PAD}Train accuracy: {train_acc:.4f}\n{PAD}Test accuracy:  {result.test_accuracy:.4f}"
+        )
 
     with _step(3, "Exporting models"):
         paths = export.export_all(model, torch.from_numpy(split.x_train[:8]), out_dir)
@@ -102,18 +110,28 @@ def run_demo(out_dir: Path, *, epochs: int = 60, seed: int = 0, backend: str = "
         session = runtime.make_session(onnx_path)
         logits = runtime.run_session(session, split.x_test)
         result.onnx_accuracy = training.accuracy(logits, split.y_test)
-        result.onnx_max_abs_diff = float(np.abs(logits - training.predict_logits(model, split.x_test)).max())
+        result.onnx_max_abs_diff = float(
+            np.abs(logits - training.predict_logits(model, split.x_test)).max()
+        )
         if result.onnx_max_abs_diff > 1e-4:
-            raise AssertionError(f"ONNX Runtime and PyTorch disagree by {result.onnx_max_abs_diff:.2e}")
+            raise AssertionError(
+                f"ONNX Runtime and PyTorch disagree by {result.onnx_max_abs_diff:.2e}"
+            )
         batch = split.x_test[:32]
-        result.onnx_latency_us = 1e6 * runtime.median_seconds(lambda: runtime.run_session(session, batch), repeats=200)
+        result.onnx_latency_us = 1e6 * runtime.median_seconds(
+            lambda: runtime.run_session(session, batch), repeats=200
+        )
         n = len(split.x_test)
         print(f"{PAD}ONNX Runtime accuracy ({n} samples): {result.onnx_accuracy:.4f}")
         print(f"{PAD}Max |ONNX - PyTorch| ({n} samples): {result.onnx_max_abs_diff:.1e}")
-        print(f"{PAD}Inference time (32 samples):        {result.onnx_latency_us:.1f} µs (median of 200)")
+        print(
+            f"{PAD}Inference time (32 samples):        {result.onnx_latency_us:.1f} µs (median of 200)"
+        )
 
     with _step(6, "Post-training INT8 quantization"):
-        int8_path = int8_ptq.quantize_int8_qdq(onnx_path, out_dir / "model_int8.onnx", split.x_train[:256])
+        int8_path = int8_ptq.quantize_int8_qdq(
+            onnx_path, out_dir / "model_int8.onnx", split.x_train[:256]
+        )
         result.int8_bytes = sizes.artifact_bytes(int8_path)
         result.int8_accuracy = training.accuracy(
             runtime.run_session(runtime.make_session(int8_path), split.x_test), split.y_test
@@ -154,7 +172,9 @@ def _check_endpoints(url: str, result: DemoResult) -> None:
         body = response.json()
         result.api_format = body["model_format"]
         print(f"{PAD}POST /predict -> {response.status_code}")
-        fields = ",\n".join(f"{PAD} {json.dumps(key)}: {json.dumps(value)}" for key, value in body.items())
+        fields = ",\n".join(
+            f"{PAD} {json.dumps(key)}: {json.dumps(value)}" for key, value in body.items()
+        )
         print(f"{PAD}Response:       {{\n{fields}\n{PAD}}}")
         latencies = []
         for _ in range(50):
@@ -163,12 +183,16 @@ def _check_endpoints(url: str, result: DemoResult) -> None:
             latencies.append(time.perf_counter() - start)
         result.api_latency_ms = 1e3 * float(np.median(latencies))
         print(f"{PAD}API latency:    {result.api_latency_ms:.2f} ms (median of 50 requests)")
-        batch = client.post("/predict_batch", json={"items": [{"features": p} for p in SAMPLE_POINTS]})
+        batch = client.post(
+            "/predict_batch", json={"items": [{"features": p} for p in SAMPLE_POINTS]}
+        )
         batch.raise_for_status()
         answer = batch.json()
         result.batch_predictions = answer["predictions"]
         print(f"\n{PAD}Batch of {len(SAMPLE_POINTS)} predictions (POST /predict_batch):")
-        for point, label, probs in zip(SAMPLE_POINTS, answer["predictions"], answer["probabilities"]):
+        for point, label, probs in zip(
+            SAMPLE_POINTS, answer["predictions"], answer["probabilities"]
+        ):
             shown = [round(p, 2) for p in probs]
             print(f"{PAD}  {str(point):<12} -> class={label}  probs={shown}")
 
@@ -207,10 +231,16 @@ def _positive_int(text: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the process exit code."""
     parser = argparse.ArgumentParser(description="Run the chapter's end-to-end deployment demo.")
-    parser.add_argument("--epochs", type=_positive_int, default=60, help="training epochs (default 60)")
+    parser.add_argument(
+        "--epochs", type=_positive_int, default=60, help="training epochs (default 60)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--backend", choices=["onnx", "torchscript"], default="onnx", help="serving backend")
-    parser.add_argument("--out", type=Path, default=None, help="artifact folder (default artifacts/demo)")
+    parser.add_argument(
+        "--backend", choices=["onnx", "torchscript"], default="onnx", help="serving backend"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="artifact folder (default artifacts/demo)"
+    )
     args = parser.parse_args(argv)
     try:
         out_dir = args.out if args.out is not None else artifacts_dir("demo")

@@ -5,8 +5,10 @@ Imports no torch at module level: the serving image runs this module without PyT
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +16,9 @@ import numpy as np
 import onnxruntime as ort
 
 
-def make_session(path: str | Path, *, threads: int = 1, spinning: bool = False) -> ort.InferenceSession:
+def make_session(
+    path: str | Path, *, threads: int = 1, spinning: bool = False
+) -> ort.InferenceSession:
     """A CPU session with a fixed thread count; spinning off so idle threads do not burn CPU."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -44,7 +48,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def check_parity(
-    model: "torch.nn.Module",
+    model: torch.nn.Module,
     session: ort.InferenceSession,
     batch_sizes: Sequence[int],
     *,
@@ -65,7 +69,9 @@ def check_parity(
         diff = float(np.abs(run_session(session, x) - expected).max())
         rows.append(ParityRow(batch, diff))
         if not diff <= tolerance:
-            raise AssertionError(f"ONNX Runtime differs from PyTorch by {diff:.3g} at batch size {batch}")
+            raise AssertionError(
+                f"ONNX Runtime differs from PyTorch by {diff:.3g} at batch size {batch}"
+            )
     return rows
 
 
@@ -79,3 +85,26 @@ def median_seconds(fn: Callable[[], object], *, repeats: int = 50, warmup: int =
         fn()
         times.append(time.perf_counter() - start)
     return float(np.median(times))
+
+
+@contextlib.contextmanager
+def quiet_logs() -> Iterator[None]:
+    """Silence the quantization tools' INFO chatter; one of them configures the *root* logger at
+    INFO when imported, after which every tool's progress lines would land on stderr."""
+    loggers = [logging.getLogger(), logging.getLogger("onnxruntime.quantization")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def require_model(path: str | Path) -> Path:
+    """The path of an existing model file, or a clear error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no ONNX model at {path}")
+    return path

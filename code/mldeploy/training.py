@@ -1,12 +1,18 @@
-"""A small, seeded training loop for classifiers on in-memory arrays."""
+"""A small, seeded training loop for classifiers on in-memory arrays, and the chapter's one
+two-moons model (``train_two_moons``) that every section, the demo and the tests share."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
+
+from mldeploy import data, models
+
+TWO_MOONS_EPOCHS = 60  # enough for the two-moons MLP to reach its plateau (test accuracy ≈ 0.99)
 
 
 def set_seed(seed: int) -> None:
@@ -67,3 +73,31 @@ def accuracy(logits: np.ndarray, y: np.ndarray) -> float:
     """Share of rows whose arg-max equals the label."""
     return float((np.asarray(logits).argmax(axis=1) == np.asarray(y)).mean())
 
+
+@dataclass
+class TwoMoons:
+    """The trained two-moons classifier, the split it saw, and its loss per epoch."""
+
+    model: models.SimpleMLP
+    split: data.Split
+    losses: list[float]
+
+    @property
+    def test_accuracy(self) -> float:
+        return accuracy(predict_logits(self.model, self.split.x_test), self.split.y_test)
+
+
+def train_two_moons(
+    *,
+    epochs: int = TWO_MOONS_EPOCHS,
+    seed: int = 0,
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> TwoMoons:
+    """The chapter's model: ``SimpleMLP`` trained (seeded) on the two-moons split of ``data.load_moons``."""
+    split = data.load_moons(seed=seed)
+    set_seed(seed)
+    model = models.SimpleMLP()
+    losses = train_classifier(
+        model, split.x_train, split.y_train, epochs=epochs, seed=seed, on_epoch=on_epoch
+    )
+    return TwoMoons(model.eval(), split, losses)

@@ -4,14 +4,37 @@ Imports no torch (the slim serving image has none); ``TorchScriptPredictor`` imp
 ``uvicorn --factory mldeploy.serving:create_app_from_env`` serves the model named by the environment.
 """
 
-from mldeploy.serving.app import ServiceSettings, create_app, create_app_from_env, enable_access_log
-from mldeploy.serving.batching import BatchResult, MicroBatcher, QueueFull, SampleRejected
-from mldeploy.serving.predictors import DelayedPredictor, OnnxPredictor, Predictor, TorchScriptPredictor
-from mldeploy.serving.schemas import BatchRequest, BatchResponse, PredictRequest, PredictResponse
-from mldeploy.serving.server import BackgroundServer
+from __future__ import annotations
 
-__all__ = [
-    "BackgroundServer", "BatchRequest", "DelayedPredictor", "BatchResponse", "BatchResult", "MicroBatcher", "OnnxPredictor",
-    "PredictRequest", "PredictResponse", "Predictor", "QueueFull", "SampleRejected", "ServiceSettings",
-    "TorchScriptPredictor", "create_app", "create_app_from_env", "enable_access_log",
-]
+import importlib
+from typing import Any
+
+# Imported on first use: ``python -m mldeploy.serving.healthcheck`` runs in the image's HEALTHCHECK
+# and must not pay for (or need) FastAPI and ONNX Runtime.
+_EXPORTS = {
+    "BackgroundServer": "mldeploy.serving.server",
+    "BatchRequest": "mldeploy.serving.schemas",
+    "BatchResponse": "mldeploy.serving.schemas",
+    "BatchResult": "mldeploy.serving.batching",
+    "DelayedPredictor": "mldeploy.serving.predictors",
+    "MicroBatcher": "mldeploy.serving.batching",
+    "OnnxPredictor": "mldeploy.serving.predictors",
+    "PredictRequest": "mldeploy.serving.schemas",
+    "PredictResponse": "mldeploy.serving.schemas",
+    "Predictor": "mldeploy.serving.predictors",
+    "QueueFull": "mldeploy.serving.batching",
+    "SampleRejected": "mldeploy.serving.batching",
+    "ServiceSettings": "mldeploy.serving.app",
+    "TorchScriptPredictor": "mldeploy.serving.predictors",
+    "create_app": "mldeploy.serving.app",
+    "create_app_from_env": "mldeploy.serving.app",
+    "enable_access_log": "mldeploy.serving.app",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'mldeploy.serving' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

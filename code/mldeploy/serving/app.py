@@ -7,10 +7,10 @@ list), ``POST /validate`` (parse and validate a sample without the model), ``GET
 
 # no `from __future__ import annotations`: FastAPI must see the per-app BatchRequest class itself
 import asyncio
-import json
-import math
 import contextlib
+import json
 import logging
+import math
 import os
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -58,7 +58,9 @@ class ServiceSettings:
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name != "batching" and (isinstance(value, bool) or not value >= (0 if f.name == "max_wait_ms" else 1)):
+            if f.name != "batching" and (
+                isinstance(value, bool) or not value >= (0 if f.name == "max_wait_ms" else 1)
+            ):
                 raise ValueError(f"{f.name} must be a positive number, got {value!r}")
 
     @classmethod
@@ -78,7 +80,9 @@ class ServiceSettings:
                 else:
                     values[f.name] = float(text) if f.type in (float, "float") else int(text)
             except ValueError:
-                raise ValueError(f"{key}={environ[key]!r} is not a valid {'boolean' if f.name == 'batching' else 'number'}") from None
+                raise ValueError(
+                    f"{key}={environ[key]!r} is not a valid {'boolean' if f.name == 'batching' else 'number'}"
+                ) from None
         return cls(**values)
 
 
@@ -87,7 +91,11 @@ class _NotReady(Exception):
 
 
 def _error(status: int, detail: str, retry: bool = False) -> JSONResponse:
-    return JSONResponse({"detail": detail}, status_code=status, headers={"Retry-After": str(RETRY_AFTER_S)} if retry else None)
+    return JSONResponse(
+        {"detail": detail},
+        status_code=status,
+        headers={"Retry-After": str(RETRY_AFTER_S)} if retry else None,
+    )
 
 
 def _json(body: dict) -> Response:
@@ -113,20 +121,33 @@ def _json_safe(value: object, limit: int | None = None) -> object:
 
 
 def _validation_errors(errors: Sequence[dict]) -> list[dict]:
-    return [{k: _json_safe(v, limit=8 if k == "input" else None) for k, v in error.items()} for error in errors]
+    return [
+        {k: _json_safe(v, limit=8 if k == "input" else None) for k, v in error.items()}
+        for error in errors
+    ]
 
 
 def _rejected(detail: str) -> JSONResponse:
     # same shape as FastAPI's own 422 errors, so clients parse one format
-    return JSONResponse({"detail": [{"loc": ["body", "features"], "msg": detail, "type": "model_rejected"}]}, status_code=422)
+    return JSONResponse(
+        {"detail": [{"loc": ["body", "features"], "msg": detail, "type": "model_rejected"}]},
+        status_code=422,
+    )
 
 
-SHED = {400: {"model": ErrorResponse, "description": "Body cannot be read (e.g. not UTF-8)"},
-        413: {"model": ErrorResponse, "description": "Request body larger than the configured limit"},
-        503: {"model": ErrorResponse, "description": "Queue full or model not loaded; retry after `Retry-After` seconds"}}
+SHED = {
+    400: {"model": ErrorResponse, "description": "Body cannot be read (e.g. not UTF-8)"},
+    413: {"model": ErrorResponse, "description": "Request body larger than the configured limit"},
+    503: {
+        "model": ErrorResponse,
+        "description": "Queue full or model not loaded; retry after `Retry-After` seconds",
+    },
+}
 
 
-def create_app(load_predictor: Callable[[], Predictor], settings: ServiceSettings | None = None) -> FastAPI:
+def create_app(
+    load_predictor: Callable[[], Predictor], settings: ServiceSettings | None = None
+) -> FastAPI:
     """Build the app; ``load_predictor`` runs once, in the lifespan handler, never per request."""
     settings = settings or ServiceSettings()
     state: dict[str, object] = {}  # predictor, executor, batcher: set while the app is running
@@ -149,8 +170,12 @@ def create_app(load_predictor: Callable[[], Predictor], settings: ServiceSetting
         state.update(predictor=predictor, executor=executor)
         if settings.batching:
             batcher = MicroBatcher(
-                predictor.predict_proba, executor, max_batch_size=settings.max_batch_size,
-                max_wait_s=settings.max_wait_ms / 1e3, max_queue=settings.max_queue, on_batch=metrics.observe_batch,
+                predictor.predict_proba,
+                executor,
+                max_batch_size=settings.max_batch_size,
+                max_wait_s=settings.max_wait_ms / 1e3,
+                max_queue=settings.max_queue,
+                on_batch=metrics.observe_batch,
             )
             batcher.start()
             state["batcher"] = batcher
@@ -191,8 +216,11 @@ def create_app(load_predictor: Callable[[], Predictor], settings: ServiceSetting
         return model  # type: ignore[return-value]
 
     def as_dict(proba: np.ndarray, model: Predictor) -> dict:
-        return {"prediction": int(proba.argmax()), "probabilities": [round(float(p), settings.digits) for p in proba],
-                "model_format": model.model_format}
+        return {
+            "prediction": int(proba.argmax()),
+            "probabilities": [round(float(p), settings.digits) for p in proba],
+            "model_format": model.model_format,
+        }
 
     async def run_model(x: np.ndarray) -> np.ndarray:
         loop = asyncio.get_running_loop()
@@ -218,7 +246,8 @@ def create_app(load_predictor: Callable[[], Predictor], settings: ServiceSetting
         return _json(as_dict(proba, model))
 
     limited_batch = create_model(
-        "BatchRequest", __base__=BatchRequest,
+        "BatchRequest",
+        __base__=BatchRequest,
         items=(list[PredictRequest], Field(..., min_length=1, max_length=settings.max_batch_items)),
     )
 
@@ -233,10 +262,17 @@ def create_app(load_predictor: Callable[[], Predictor], settings: ServiceSetting
             return _rejected(f"the model produced non-finite outputs for items {bad}")
         request.state.batch_size = len(x)
         rows = [as_dict(row, model) for row in proba]
-        return _json({"predictions": [r["prediction"] for r in rows], "probabilities": [r["probabilities"] for r in rows],
-                      "model_format": model.model_format})
+        return _json(
+            {
+                "predictions": [r["prediction"] for r in rows],
+                "probabilities": [r["probabilities"] for r in rows],
+                "model_format": model.model_format,
+            }
+        )
 
-    @app.post("/validate", response_model=ValidateResponse, responses={400: SHED[400], 413: SHED[413]})
+    @app.post(
+        "/validate", response_model=ValidateResponse, responses={400: SHED[400], 413: SHED[413]}
+    )
     async def validate(body: PredictRequest) -> Response:
         """Parse and validate a sample like ``/predict`` does, without calling the model."""
         return _json({"valid": True, "n_features": len(body.features)})
@@ -254,15 +290,27 @@ def create_app(load_predictor: Callable[[], Predictor], settings: ServiceSetting
         """Liveness: the process answers. ``model_loaded`` tells whether it can predict yet."""
         return JSONResponse(health_probe()[1])
 
-    @app.get("/ready", response_model=ReadyResponse, responses={503: {"model": ReadyResponse, "description": "Model not loaded"}})
+    @app.get(
+        "/ready",
+        response_model=ReadyResponse,
+        responses={503: {"model": ReadyResponse, "description": "Model not loaded"}},
+    )
     async def ready() -> JSONResponse:
         """Readiness: 200 once the model is loaded, 503 before that and while shutting down."""
         status, body = ready_probe()
-        return JSONResponse(body, status_code=status, headers={"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None)
+        return JSONResponse(
+            body,
+            status_code=status,
+            headers={"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None,
+        )
 
     def shed(path: str) -> bool:
         batcher = state.get("batcher")
-        if path == "/predict" and isinstance(batcher, MicroBatcher) and batcher.queue_depth >= batcher.max_queue:
+        if (
+            path == "/predict"
+            and isinstance(batcher, MicroBatcher)
+            and batcher.queue_depth >= batcher.max_queue
+        ):
             metrics.shed.inc()
             return True
         return False
@@ -273,8 +321,15 @@ def create_app(load_predictor: Callable[[], Predictor], settings: ServiceSetting
 
     known = {route.path for route in app.routes} | {"/docs", "/openapi.json"}
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(FastPaths, probes={"/health": health_probe, "/ready": ready_probe}, shed=shed, retry_after_s=RETRY_AFTER_S)
-    app.add_middleware(AccessLog, observe=metrics.observe_request, known_paths=known)  # outermost: sees 413s too
+    app.add_middleware(
+        FastPaths,
+        probes={"/health": health_probe, "/ready": ready_probe},
+        shed=shed,
+        retry_after_s=RETRY_AFTER_S,
+    )
+    app.add_middleware(
+        AccessLog, observe=metrics.observe_request, known_paths=known
+    )  # outermost: sees 413s too
     return app
 
 
@@ -286,7 +341,10 @@ def create_app_from_env() -> FastAPI:
     the limits are read by :meth:`ServiceSettings.from_env`. Bad settings stop with a clear message.
     """
     backend = os.environ.get("MLDEPLOY_BACKEND", "onnx").lower()
-    default = {"onnx": "artifacts/demo/model.onnx", "torchscript": "artifacts/demo/model_ts_script.pt"}
+    default = {
+        "onnx": "artifacts/demo/model.onnx",
+        "torchscript": "artifacts/demo/model_ts_script.pt",
+    }
     if backend not in default:
         raise SystemExit(f"MLDEPLOY_BACKEND must be 'onnx' or 'torchscript', got {backend!r}")
     path = Path(os.environ.get("MLDEPLOY_MODEL", default[backend]))

@@ -77,7 +77,9 @@ class MicroBatcher:
 
     def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._worker(), name="micro-batcher")
+            self._task = asyncio.get_running_loop().create_task(
+                self._worker(), name="micro-batcher"
+            )
 
     async def stop(self) -> None:
         """Stop the worker and fail whatever still waits (the server is shutting down)."""
@@ -133,7 +135,9 @@ class MicroBatcher:
             # waiting on an Event (not on queue.get) so a timeout can never lose a sample
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), remaining)
-            batch += self._take(self.max_batch_size - len(batch))  # take all that came, up to the maximum
+            batch += self._take(
+                self.max_batch_size - len(batch)
+            )  # take all that came, up to the maximum
 
     async def _run(self, batch: list[_Item]) -> None:
         loop = asyncio.get_running_loop()
@@ -153,10 +157,14 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         for item in batch:
             try:
-                proba = await loop.run_in_executor(self.executor, self.predict, item.features[None, :])
+                proba = await loop.run_in_executor(
+                    self.executor, self.predict, item.features[None, :]
+                )
             except Exception as exc:
                 if not item.future.done():
-                    item.future.set_exception(SampleRejected(f"the model failed on this sample: {exc}"))
+                    item.future.set_exception(
+                        SampleRejected(f"the model failed on this sample: {exc}")
+                    )
                 continue
             self._deliver([item], proba)
 
@@ -167,10 +175,14 @@ class MicroBatcher:
             if item.future.done():
                 continue
             if i >= len(proba):
-                item.future.set_exception(SampleRejected("the model returned fewer rows than it was given"))
+                item.future.set_exception(
+                    SampleRejected("the model returned fewer rows than it was given")
+                )
                 continue
             row = proba[i]
             if np.isfinite(row).all():
                 item.future.set_result(BatchResult(row, len(batch)))
             else:
-                item.future.set_exception(SampleRejected("the model produced a non-finite output for this sample"))
+                item.future.set_exception(
+                    SampleRejected("the model produced a non-finite output for this sample")
+                )

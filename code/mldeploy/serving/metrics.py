@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -18,15 +25,28 @@ class ServiceMetrics:
     def __init__(self, queue_depth: Callable[[], float] = lambda: 0.0):
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("mldeploy_requests", "HTTP requests", ["method", "path", "status"], registry=r)
+        self.requests = Counter(
+            "mldeploy_requests", "HTTP requests", ["method", "path", "status"], registry=r
+        )
         self.latency = Histogram(
-            "mldeploy_request_seconds", "Request latency inside the server", ["path"], buckets=LATENCY_BUCKETS, registry=r
+            "mldeploy_request_seconds",
+            "Request latency inside the server",
+            ["path"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
-        self.batch_size = Histogram("mldeploy_batch_size", "Samples per model call", buckets=BATCH_BUCKETS, registry=r)
+        self.batch_size = Histogram(
+            "mldeploy_batch_size", "Samples per model call", buckets=BATCH_BUCKETS, registry=r
+        )
         self.model_seconds = Histogram(
-            "mldeploy_model_seconds", "Time of one batched model call", buckets=LATENCY_BUCKETS, registry=r
+            "mldeploy_model_seconds",
+            "Time of one batched model call",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
-        self.shed = Counter("mldeploy_shed", "Requests answered 503 because the queue was full", registry=r)
+        self.shed = Counter(
+            "mldeploy_shed", "Requests answered 503 because the queue was full", registry=r
+        )
         self.queue = Gauge("mldeploy_queue_depth", "Samples waiting for a batch", registry=r)
         self.queue.set_function(queue_depth)
 

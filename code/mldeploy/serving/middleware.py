@@ -21,10 +21,16 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 access_logger = logging.getLogger("mldeploy.access")
 
 
-async def send_json(send: Send, status: int, body: dict, headers: list[tuple[bytes, bytes]] = ()) -> None:
+async def send_json(
+    send: Send, status: int, body: dict, headers: list[tuple[bytes, bytes]] = ()
+) -> None:
     """Send a complete JSON response straight from middleware."""
     payload = json.dumps(body).encode()
-    head = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()), *headers]
+    head = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(payload)).encode()),
+        *headers,
+    ]
     await send({"type": "http.response.start", "status": status, "headers": head})
     await send({"type": "http.response.body", "body": payload})
 
@@ -97,7 +103,12 @@ class AccessLog:
         known_paths: Collection[str] = (),
         logger: logging.Logger = access_logger,
     ):
-        self.app, self.observe, self.known_paths, self.logger = app, observe, frozenset(known_paths), logger
+        self.app, self.observe, self.known_paths, self.logger = (
+            app,
+            observe,
+            frozenset(known_paths),
+            logger,
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -119,8 +130,15 @@ class AccessLog:
             path = scope["path"] if scope["path"] in self.known_paths else "other"
             if self.observe is not None:
                 self.observe(scope["method"], path, status, seconds)
-            if self.logger.isEnabledFor(logging.INFO):  # skip building the line when nobody reads it
-                record = {"method": scope["method"], "path": path, "status": status, "latency_ms": round(seconds * 1e3, 3)}
+            if self.logger.isEnabledFor(
+                logging.INFO
+            ):  # skip building the line when nobody reads it
+                record = {
+                    "method": scope["method"],
+                    "path": path,
+                    "status": status,
+                    "latency_ms": round(seconds * 1e3, 3),
+                }
                 batch_size = scope.get("state", {}).get("batch_size")
                 if batch_size is not None:
                     record["batch_size"] = batch_size
@@ -136,8 +154,13 @@ class FastPaths:
     will be refused is stolen from the ones that will be served.
     """
 
-    def __init__(self, app: ASGIApp, probes: dict[str, Callable[[], tuple[int, dict]]],
-                 shed: Callable[[str], bool] = lambda path: False, retry_after_s: int = 1):
+    def __init__(
+        self,
+        app: ASGIApp,
+        probes: dict[str, Callable[[], tuple[int, dict]]],
+        shed: Callable[[str], bool] = lambda path: False,
+        retry_after_s: int = 1,
+    ):
         self.app, self.probes, self.shed = app, probes, shed
         self.retry = [(b"retry-after", str(retry_after_s).encode())]
 
@@ -149,6 +172,8 @@ class FastPaths:
                 await send_json(send, status, body, self.retry if status == 503 else [])
                 return
             if scope["method"] == "POST" and self.shed(scope["path"]):
-                await send_json(send, 503, {"detail": "server overloaded (queue full); retry later"}, self.retry)
+                await send_json(
+                    send, 503, {"detail": "server overloaded (queue full); retry later"}, self.retry
+                )
                 return
         await self.app(scope, receive, send)

@@ -11,13 +11,17 @@ FEATURE_LIMIT = 1e6  # far outside the data, far inside float32: no overflow to 
 
 # strict: "1.5" (a string) and true (a bool) are not numbers; allow_inf_nan=False: NaN/Infinity
 # are rejected (Pydantic accepts them by default).
-Feature = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-FEATURE_LIMIT, le=FEATURE_LIMIT)]
+Feature = Annotated[
+    float, Field(strict=True, allow_inf_nan=False, ge=-FEATURE_LIMIT, le=FEATURE_LIMIT)
+]
 
 
 class PredictRequest(BaseModel):
     """One sample: exactly two finite numbers."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"features": [0.5, -0.3]}]})
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"features": [0.5, -0.3]}]}
+    )
     features: list[Feature] = Field(..., min_length=N_FEATURES, max_length=N_FEATURES)
 
 

@@ -26,20 +26,24 @@ class BackgroundServer:
         self.host, self.port = self._sock.getsockname()
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
         self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True
+        )
         self._start_timeout = start_timeout
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def start(self) -> "BackgroundServer":
+    def start(self) -> BackgroundServer:
         self._thread.start()
         deadline = time.monotonic() + self._start_timeout
         while not self._server.started:
             if not self._thread.is_alive() or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"server on {self.url} did not start within {self._start_timeout:.0f} s")
+                raise RuntimeError(
+                    f"server on {self.url} did not start within {self._start_timeout:.0f} s"
+                )
             time.sleep(0.01)
         return self
 
@@ -49,12 +53,11 @@ class BackgroundServer:
             self._thread.join(timeout=10)
         self._sock.close()
 
-    def __enter__(self) -> "BackgroundServer":
+    def __enter__(self) -> BackgroundServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
 
 
 def serve_inherited_socket(fd: int) -> None:
@@ -69,13 +72,19 @@ def serve_inherited_socket(fd: int) -> None:
     # asyncio's own loop, not uvloop: under saturation uvloop left new connections unaccepted for
     # seconds (measured in 5.2), so health probes and newcomers starved; MLDEPLOY_LOOP overrides.
     loop = os.environ.get("MLDEPLOY_LOOP", "asyncio")
-    config = uvicorn.Config(create_app_from_env(), log_level="warning", access_log=False, lifespan="on", loop=loop)
+    config = uvicorn.Config(
+        create_app_from_env(), log_level="warning", access_log=False, lifespan="on", loop=loop
+    )
     uvicorn.Server(config).run(sockets=[sock])
 
 
 if __name__ == "__main__":
     import argparse
 
-    parser = argparse.ArgumentParser(description="Serve the model named by MLDEPLOY_* on an inherited socket.")
-    parser.add_argument("--fd", type=int, required=True, help="file descriptor of a bound, listening TCP socket")
+    parser = argparse.ArgumentParser(
+        description="Serve the model named by MLDEPLOY_* on an inherited socket."
+    )
+    parser.add_argument(
+        "--fd", type=int, required=True, help="file descriptor of a bound, listening TCP socket"
+    )
     serve_inherited_socket(parser.parse_args().fd)

@@ -11,9 +11,11 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from mldeploy import charlm, export, int4_onnx, runtime, sizes, weight_only
-from mldeploy.fake_quant import QuantSpec, packed_bytes
+from mldeploy import export, runtime
+from mldeploy.export import sizes
 from mldeploy.paths import artifacts_dir
+from mldeploy.quant import charlm, int4_onnx, weight_only
+from mldeploy.quant.fake_quant import QuantSpec, packed_bytes
 
 
 @dataclass
@@ -31,7 +33,9 @@ class LMBench:
     was_cached: bool
 
 
-def lm_bench(cfg: charlm.CharLMConfig = charlm.CharLMConfig(), n_calibration: int = 8192, n_eval: int = 4096) -> LMBench:
+def lm_bench(
+    cfg: charlm.CharLMConfig = charlm.CharLMConfig(), n_calibration: int = 8192, n_eval: int = 4096
+) -> LMBench:
     """Train (or load) the model, draw the windows, export the FP32 ONNX file."""
     corpus = charlm.load_corpus()
     model, cached = charlm.cached_charlm(cfg, corpus)
@@ -56,7 +60,17 @@ def bench_for(bench: LMBench, model: charlm.CharMLP, tag: str) -> LMBench:
         if init.name in state:
             init.CopyFrom(numpy_helper.from_array(state[init.name].astype(np.float32), init.name))
     onnx.save(proto, str(fp32))
-    return LMBench(model, bench.corpus, bench.calibration, bench.x, bench.y, bench.reference, out, fp32, bench.was_cached)
+    return LMBench(
+        model,
+        bench.corpus,
+        bench.calibration,
+        bench.x,
+        bench.y,
+        bench.reference,
+        out,
+        fp32,
+        bench.was_cached,
+    )
 
 
 @dataclass(frozen=True)
@@ -79,7 +93,14 @@ def onnx_point(bench: LMBench, name: str, family: str, path: str | Path) -> Poin
     return Point(name, family, sizes.artifact_bytes(path), m.perplexity, m.kl, m.agreement)
 
 
-def torch_point(bench: LMBench, name: str, family: str, model: torch.nn.Module, n_bytes: int, on_disk: bool = False) -> Point:
+def torch_point(
+    bench: LMBench,
+    name: str,
+    family: str,
+    model: torch.nn.Module,
+    n_bytes: int,
+    on_disk: bool = False,
+) -> Point:
     """Measure a PyTorch model (fake-quantized weights) whose packed size is ``n_bytes``."""
     m = charlm.lm_metrics(charlm.logits_of(model, bench.x), bench.y, bench.reference)
     return Point(name, family, n_bytes, m.perplexity, m.kl, m.agreement, on_disk)
@@ -116,7 +137,9 @@ def latency_ms(path: str | Path, x: np.ndarray, repeats: int = 30) -> float:
     return 1e3 * runtime.median_seconds(lambda: session.run(None, feed), repeats=repeats, warmup=3)
 
 
-def weight_only_point(bench: LMBench, spec: QuantSpec, method: str, name: str | None = None) -> tuple[Point, torch.nn.Module]:
+def weight_only_point(
+    bench: LMBench, spec: QuantSpec, method: str, name: str | None = None
+) -> tuple[Point, torch.nn.Module]:
     """Quantize every Linear with ``method`` at ``spec``; write a real MatMulNBits file when the
     operator supports the format (2/4/8 bits, block of 16 to 256 inputs), else estimate the size."""
     quantized, codes = weight_only.quantize_model(bench.model, spec, method, bench.calibration)
@@ -124,36 +147,8 @@ def weight_only_point(bench: LMBench, spec: QuantSpec, method: str, name: str | 
     family = f"{method.upper()} {spec.bits}-bit"
     g = spec.group_size
     if codes and spec.bits in (2, 4, 8) and g is not None and 16 <= g <= 256 and g & (g - 1) == 0:
-        path = int4_onnx.write_nbits(bench.fp32_onnx, bench.out_dir / f"{method}_{spec.bits}bit_g{g}.onnx", codes)
+        path = int4_onnx.write_nbits(
+            bench.fp32_onnx, bench.out_dir / f"{method}_{spec.bits}bit_g{g}.onnx", codes
+        )
         return onnx_point(bench, name, family, path), quantized
     return torch_point(bench, name, family, quantized, estimated_bytes(bench, spec)), quantized
-
-
-_STYLE = {"FP32": ("k", "*"), "INT8": ("C0", "s"), "RTN": ("C1", "o"), "GPTQ": ("C2", "D"), "QAT": ("C3", "^"), "AWQ": ("C4", "v")}
-_LABEL_OFFSET = {"FP32": (-6, 8), "INT8": (0, 9), "RTN": (0, 9), "GPTQ": (0, -13), "QAT": (-8, -13), "AWQ": (0, -13)}
-
-
-def plot_curve(points: list[Point], ax: "matplotlib.axes.Axes") -> None:
-    """Accuracy–size plane: one colour and line per method, hollow markers for estimated sizes."""
-    families: dict[str, list[Point]] = {}
-    for p in points:
-        families.setdefault(p.family.split()[0], []).append(p)
-    for family, members in families.items():
-        color, marker = _STYLE[family]
-        members = sorted(members, key=lambda p: p.bytes)
-        if family in ("RTN", "GPTQ", "QAT"):
-            ax.plot([p.bytes / 1024 for p in members], [p.perplexity for p in members], color=color, lw=1, alpha=0.6)
-        for i, p in enumerate(members):
-            face = color if p.on_disk else "white"
-            offset = _LABEL_OFFSET[family] if family != "INT8" or i % 2 == 0 else (0, -13)  # INT8 pair overlaps
-            ax.scatter(p.bytes / 1024, p.perplexity, marker=marker, s=55, color=face, edgecolors=color, zorder=3)
-            tag = p.name.split(" ", 1)[1] if family != "FP32" and " " in p.name else p.name
-            ax.annotate(tag.replace(" (ORT)", ""), (p.bytes / 1024, p.perplexity), fontsize=7, color=color,
-                        xytext=offset, textcoords="offset points", ha="center")
-        ax.scatter([], [], marker=marker, color=color, label=family)
-    ax.set_xscale("log")
-    ax.margins(x=0.08, y=0.08)
-    ax.set_xlabel("model file size (KiB, log scale; hollow = estimated packed size)")
-    ax.set_ylabel("held-out perplexity (lower is better)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="upper right", fontsize=8)

@@ -10,7 +10,13 @@ from __future__ import annotations
 
 import torch
 
-from mldeploy.fake_quant import QuantizedWeight, QuantSpec, dequantize, minmax_params, quantize
+from mldeploy.quant.fake_quant import (
+    QuantizedWeight,
+    QuantSpec,
+    dequantize,
+    minmax_params,
+    quantize,
+)
 
 
 def hessian(x: torch.Tensor) -> torch.Tensor:
@@ -48,7 +54,9 @@ def gptq_quantize(
         err1 = torch.zeros_like(W1)
         for i in range(b2 - b1):
             col = b1 + i
-            if spec.group_size is not None and col % g == 0:  # new group: range of the updated weights
+            if (
+                spec.group_size is not None and col % g == 0
+            ):  # new group: range of the updated weights
                 scales[:, col // g], zeros[:, col // g] = minmax_params(W1[:, i : i + g], spec.bits)
             s, z = scales[:, col // g], zeros[:, col // g]
             q = quantize(W1[:, i], s, z, spec.bits)
@@ -59,10 +67,3 @@ def gptq_quantize(
         W[:, b2:] -= err1 @ Hinv[b1:b2, b2:]  # the deferred update of all columns after the block
     dtype = w.dtype
     return QuantizedWeight(codes.to(dtype), scales.to(dtype), zeros.to(dtype), spec)
-
-
-def output_error(x: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor) -> float:
-    """Relative squared error of a layer's outputs: ‖X Ŵᵀ − X Wᵀ‖² / ‖X Wᵀ‖²."""
-    x, w, w_hat = x.detach().double(), w.detach().double(), w_hat.detach().double()
-    ref = x @ w.T
-    return float(((x @ w_hat.T - ref) ** 2).sum() / (ref**2).sum())

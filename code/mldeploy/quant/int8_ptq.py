@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +24,8 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from mldeploy.runtime import quiet_logs, require_model
+
 CALIBRATION_METHODS = {
     "MinMax": CalibrationMethod.MinMax,
     "Entropy": CalibrationMethod.Entropy,
@@ -38,7 +39,10 @@ class BatchReader(CalibrationDataReader):
     def __init__(self, input_name: str, x: np.ndarray, batch_size: int = 512):
         if len(x) == 0:
             raise ValueError("calibration data is empty")
-        self._batches = [{input_name: np.ascontiguousarray(x[i : i + batch_size])} for i in range(0, len(x), batch_size)]
+        self._batches = [
+            {input_name: np.ascontiguousarray(x[i : i + batch_size])}
+            for i in range(0, len(x), batch_size)
+        ]
         self._position = 0
 
     def get_next(self) -> dict[str, np.ndarray] | None:
@@ -49,29 +53,6 @@ class BatchReader(CalibrationDataReader):
 
     def rewind(self) -> None:
         self._position = 0
-
-
-@contextlib.contextmanager
-def quiet_logs() -> Iterator[None]:
-    """Silence the quantization tools' INFO chatter; one of them configures the *root* logger at
-    INFO when imported, after which every tool's progress lines would land on stderr."""
-    loggers = [logging.getLogger(), logging.getLogger("onnxruntime.quantization")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
-def require_model(path: str | Path) -> Path:
-    """The path of an existing model file, or a clear error naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no ONNX model at {path}")
-    return path
 
 
 @contextlib.contextmanager
@@ -102,12 +83,19 @@ def quantize_int8_dynamic(fp32_path: str | Path, out_path: str | Path) -> Path:
     """Dynamic INT8: weights stored as INT8 per output channel; activation ranges computed per batch at run time."""
     out_path = Path(out_path)
     with _prepared(fp32_path) as prepared:
-        quantize_dynamic(str(prepared), str(out_path), weight_type=QuantType.QInt8, per_channel=True)
+        quantize_dynamic(
+            str(prepared), str(out_path), weight_type=QuantType.QInt8, per_channel=True
+        )
     return out_path
 
 
 def quantize_int8_qdq(
-    fp32_path: str | Path, out_path: str | Path, calibration: np.ndarray, *, method: str = "MinMax", input_name: str = "input"
+    fp32_path: str | Path,
+    out_path: str | Path,
+    calibration: np.ndarray,
+    *,
+    method: str = "MinMax",
+    input_name: str = "input",
 ) -> Path:
     """Static INT8 in QDQ format: weights per channel, activation ranges from ``calibration`` by ``method``
     (``MinMax``, ``Entropy`` or ``Percentile``)."""

@@ -1,8 +1,8 @@
 """Notebook housekeeping: re-execute notebooks in place (``make refresh``) and turn a
 percent-format script into a notebook when writing a new section.
 
-    python -m mldeploy.notebooks refresh notebooks/5.1-model-export.ipynb
-    python -m mldeploy.notebooks from-script draft.py notebooks/5.x-name.ipynb
+    python -m mldeploy.book.notebooks refresh notebooks/5.1-model-export.ipynb
+    python -m mldeploy.book.notebooks from-script draft.py notebooks/5.x-name.ipynb
 
 A percent-format script separates cells with ``# %%`` (code) and ``# %% [markdown]`` lines; the
 markdown cell's lines start with ``# ``. Cell tags go in brackets: ``# %% tags=["hide-input"]``.
@@ -39,7 +39,9 @@ def from_script(text: str) -> nbformat.NotebookNode:
             return
         body = "\n".join(lines).strip("\n")
         if kind == "markdown":
-            body = "\n".join(line[2:] if line.startswith("# ") else line.lstrip("#") for line in body.split("\n"))
+            body = "\n".join(
+                line[2:] if line.startswith("# ") else line.lstrip("#") for line in body.split("\n")
+            )
             cell = nbformat.v4.new_markdown_cell(body)
         else:
             cell = nbformat.v4.new_code_cell(body)
@@ -64,7 +66,12 @@ def _coalesce_streams(outputs: list) -> list:
     """Merge consecutive stdout (or stderr) chunks: how the kernel splits a stream is timing noise."""
     merged: list = []
     for output in outputs:
-        if merged and output.output_type == "stream" and merged[-1].output_type == "stream" and merged[-1].name == output.name:
+        if (
+            merged
+            and output.output_type == "stream"
+            and merged[-1].output_type == "stream"
+            and merged[-1].name == output.name
+        ):
             merged[-1].text += output.text
         else:
             merged.append(output)
@@ -95,7 +102,7 @@ def stamp(nb: nbformat.NotebookNode) -> dict[str, str]:
         "python": platform.python_version(),
         "torch": importlib.metadata.version("torch"),
         "onnxruntime": importlib.metadata.version("onnxruntime"),
-        "date": datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
+        "date": datetime.datetime.now(datetime.UTC).date().isoformat(),
     }
     nb.metadata.setdefault("mldeploy", {})["verified"] = verified
     return verified
@@ -105,7 +112,12 @@ def execute(path: Path, timeout: int = 600) -> float:
     """Execute a notebook top to bottom in its own folder and write it back; return seconds taken."""
     nb = nbformat.read(path, as_version=4)
     start = time.perf_counter()
-    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}})
+    client = NotebookClient(
+        nb,
+        timeout=timeout,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(path.parent)}},
+    )
     client.execute()
     elapsed = time.perf_counter() - start
     nb = clean(nb)

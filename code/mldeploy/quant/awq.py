@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from mldeploy.fake_quant import QuantSpec, rtn
-from mldeploy.gptq import output_error
+from mldeploy.quant.fake_quant import QuantSpec, rtn
+from mldeploy.quant.metrics import output_error
 
 
 def awq_search(

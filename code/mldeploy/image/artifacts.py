@@ -1,6 +1,6 @@
 """``make artifacts``: train the chapter's model and write exactly what the serving image copies.
 
-    python -m mldeploy.serve_artifacts [--out artifacts/serve] [--epochs 60] [--seed 0]
+    python -m mldeploy.image.artifacts [--out artifacts/serve] [--epochs 60] [--seed 0]
 
 Writes ``model.onnx`` (the default image) and ``model_ts_script.pt`` (the TorchScript variant),
 each with a ``.sha256`` file that the Docker build checks with ``sha256sum --check``.
@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from mldeploy.checksums import verify_checksum, write_checksum
+from mldeploy.image.checksums import verify_checksum, write_checksum
 
 ONNX_NAME = "model.onnx"
 TORCHSCRIPT_NAME = "model_ts_script.pt"
@@ -29,22 +29,23 @@ class ServeArtifacts:
 
     def files(self) -> list[Path]:
         """Every file a COPY line may name: the two models and their checksums."""
-        return [p for model in (self.onnx, self.torchscript) for p in (model, model.with_name(model.name + ".sha256"))]
+        return [
+            p
+            for model in (self.onnx, self.torchscript)
+            for p in (model, model.with_name(model.name + ".sha256"))
+        ]
 
 
 def build(out_dir: str | Path, *, epochs: int = 60, seed: int = 0) -> ServeArtifacts:
-    """Train SimpleMLP on two moons, export ONNX and TorchScript, write and re-check checksums."""
+    """Train the chapter's two-moons model, export ONNX and TorchScript, write and re-check checksums."""
     import torch  # only the build needs torch; the image that serves the result does not
 
-    from mldeploy import data, export, models, training
+    from mldeploy import export, training
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    split = data.load_moons(seed=seed)
-    training.set_seed(seed)
-    model = models.SimpleMLP()
-    training.train_classifier(model, split.x_train, split.y_train, epochs=epochs, seed=seed)
-    accuracy = training.accuracy(training.predict_logits(model, split.x_test), split.y_test)
+    trained = training.train_two_moons(epochs=epochs, seed=seed)
+    model, split, accuracy = trained.model, trained.split, trained.test_accuracy
     example = torch.from_numpy(split.x_train[:8])
     onnx_path = export.export_onnx(model, example, out / ONNX_NAME)
     ts_path = export.export_torchscript(model, example, out / TORCHSCRIPT_NAME, method="script")
@@ -64,9 +65,15 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit code."""
     from mldeploy.paths import REPO_ROOT
 
-    parser = argparse.ArgumentParser(description="Write the serving image's model files and checksums.")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "artifacts" / "serve", help="output folder")
-    parser.add_argument("--epochs", type=_positive_int, default=60, help="training epochs (default 60)")
+    parser = argparse.ArgumentParser(
+        description="Write the serving image's model files and checksums."
+    )
+    parser.add_argument(
+        "--out", type=Path, default=REPO_ROOT / "artifacts" / "serve", help="output folder"
+    )
+    parser.add_argument(
+        "--epochs", type=_positive_int, default=60, help="training epochs (default 60)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     args = parser.parse_args(argv)
     if args.out.exists() and not args.out.is_dir():
@@ -92,7 +99,7 @@ def ensure(out_dir: str | Path, **kwargs: int) -> ServeArtifacts | None:
 
     Returns the new build, or ``None`` when the existing files were kept (their accuracy is not re-measured).
     """
-    from mldeploy.checksums import ChecksumError
+    from mldeploy.image.checksums import ChecksumError
 
     out = Path(out_dir)
     try:

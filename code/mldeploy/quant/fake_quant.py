@@ -39,7 +39,9 @@ class QuantSpec:
         return in_features // self.group_size
 
     def label(self) -> str:
-        return f"{self.bits}-bit " + ("per-channel" if self.group_size is None else f"g{self.group_size}")
+        return f"{self.bits}-bit " + (
+            "per-channel" if self.group_size is None else f"g{self.group_size}"
+        )
 
 
 def minmax_params(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,7 +90,9 @@ def rtn(w: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
     blocks = w.detach().reshape(rows * g, cols // g)
     scale, zero = minmax_params(blocks, spec.bits)
     codes = quantize(blocks, scale[:, None], zero[:, None], spec.bits)
-    return QuantizedWeight(codes.reshape(rows, cols), scale.reshape(rows, g), zero.reshape(rows, g), spec)
+    return QuantizedWeight(
+        codes.reshape(rows, cols), scale.reshape(rows, g), zero.reshape(rows, g), spec
+    )
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:

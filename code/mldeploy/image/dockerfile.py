@@ -16,7 +16,9 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-_VAR = re.compile(r"\$(?:\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}|(?P<plain>[A-Za-z_][A-Za-z0-9_]*))")
+_VAR = re.compile(
+    r"\$(?:\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}|(?P<plain>[A-Za-z_][A-Za-z0-9_]*))"
+)
 
 
 class DockerfileError(ValueError):
@@ -64,9 +66,13 @@ class Instruction:
         try:
             argv = json.loads(rest)
         except json.JSONDecodeError:
-            raise DockerfileError(f"line {self.line}: {self.keyword} is not in exec (JSON array) form") from None
+            raise DockerfileError(
+                f"line {self.line}: {self.keyword} is not in exec (JSON array) form"
+            ) from None
         if not (isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv)):
-            raise DockerfileError(f"line {self.line}: {self.keyword} must be a non-empty list of strings")
+            raise DockerfileError(
+                f"line {self.line}: {self.keyword} must be a non-empty list of strings"
+            )
         return argv
 
     def text(self) -> str:
@@ -151,7 +157,9 @@ class Dockerfile:
             if len(parts) < 2:
                 raise DockerfileError(f"line {instr.line}: COPY needs a source and a destination")
             dest = posixpath.normpath(posixpath.join(workdir, parts[-1]))  # relative: under WORKDIR
-            dest += "/" if parts[-1].endswith("/") else ""  # a trailing slash means "into this folder"
+            dest += (
+                "/" if parts[-1].endswith("/") else ""
+            )  # a trailing slash means "into this folder"
             specs.append(CopySpec(tuple(parts[:-1]), dest, flags.get("from"), instr.line))
         return specs
 
@@ -301,7 +309,9 @@ def context_files(root: str | Path, rules: list[IgnoreRule]) -> list[str]:
     for folder, dirs, files in os.walk(root):
         rel = Path(folder).relative_to(root).as_posix()
         rel = "" if rel == "." else rel + "/"
-        dirs[:] = sorted(d for d in dirs if not is_ignored(rel + d, rules) or _exception_inside(rel + d, rules))
+        dirs[:] = sorted(
+            d for d in dirs if not is_ignored(rel + d, rules) or _exception_inside(rel + d, rules)
+        )
         kept.extend(rel + f for f in files if not is_ignored(rel + f, rules))
     return sorted(kept)
 

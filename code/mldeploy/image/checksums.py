@@ -45,11 +45,15 @@ def verify_checksum(path: str | Path) -> str:
     if not path.is_file():
         raise ChecksumError(f"no model file at {path}")
     if not record.is_file():
-        raise ChecksumError(f"no checksum file {record.name} beside {path.name}: run `make artifacts`")
+        raise ChecksumError(
+            f"no checksum file {record.name} beside {path.name}: run `make artifacts`"
+        )
     fields = record.read_text(encoding="ascii", errors="replace").split()
     if len(fields) != 2 or fields[1].lstrip("*") != path.name or len(fields[0]) != 64:
         raise ChecksumError(f"{record.name} is not a sha256sum line for {path.name}")
     actual = sha256_file(path)
     if actual != fields[0].lower():
-        raise ChecksumError(f"{path.name} does not match {record.name}: the file changed after export")
+        raise ChecksumError(
+            f"{path.name} does not match {record.name}: the file changed after export"
+        )
     return actual

@@ -1,6 +1,6 @@
 """The container's health check: exit 0 if the service answers ``/health`` with the model loaded.
 
-    python -m mldeploy.healthcheck            # http://127.0.0.1:$UVICORN_PORT/health (default 8888)
+    python -m mldeploy.serving.healthcheck            # http://127.0.0.1:$UVICORN_PORT/health (default 8888)
 
 Standard library only, so it runs in the slim image without curl or httpx. Docker reads the
 exit code: 0 healthy, 1 unhealthy; one line on stdout says why.

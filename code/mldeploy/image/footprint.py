@@ -45,11 +45,15 @@ def _distributions(paths: list[str] | None) -> dict[str, metadata.Distribution]:
     dists = metadata.distributions(path=paths) if paths is not None else metadata.distributions()
     found: dict[str, metadata.Distribution] = {}
     for dist in dists:
-        found.setdefault(canonical(dist.metadata["Name"]), dist)  # first on the path wins, as in import
+        found.setdefault(
+            canonical(dist.metadata["Name"]), dist
+        )  # first on the path wins, as in import
     return found
 
 
-def closure(requirements: Iterable[Requirement], paths: list[str] | None = None) -> dict[str, metadata.Distribution]:
+def closure(
+    requirements: Iterable[Requirement], paths: list[str] | None = None
+) -> dict[str, metadata.Distribution]:
     """Every installed distribution the requirements pull in (extras and environment markers honoured)."""
     installed = _distributions(paths)
     result: dict[str, metadata.Distribution] = {}
@@ -57,7 +61,9 @@ def closure(requirements: Iterable[Requirement], paths: list[str] | None = None)
     seen: set[tuple[str, str]] = set()
     while todo:
         req, extra = todo.pop()
-        if req.marker is not None and not req.marker.evaluate({**default_environment(), "extra": extra}):
+        if req.marker is not None and not req.marker.evaluate(
+            {**default_environment(), "extra": extra}
+        ):
             continue
         name = canonical(req.name)
         if name not in installed:

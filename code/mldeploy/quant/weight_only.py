@@ -12,10 +12,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from mldeploy.awq import awq_search
-from mldeploy.charlm import CharMLP, single_thread
-from mldeploy.fake_quant import QuantizedWeight, QuantSpec, rtn
-from mldeploy.gptq import gptq_quantize, hessian, output_error
+from mldeploy.quant.awq import awq_search
+from mldeploy.quant.charlm import CharMLP
+from mldeploy.quant.fake_quant import QuantizedWeight, QuantSpec, rtn
+from mldeploy.quant.gptq import gptq_quantize, hessian
+from mldeploy.quant.metrics import output_error
+from mldeploy.reproducibility import single_thread
 
 METHODS = ("rtn", "gptq", "awq")
 AWQ_ROWS = 2048
@@ -26,7 +28,9 @@ def layer_inputs(model: CharMLP, x: np.ndarray, batch_size: int = 4096) -> dict[
     """The input of every Linear layer of ``model`` for the windows ``x`` (captured by forward hooks)."""
     seen: dict[str, list[torch.Tensor]] = {name: [] for name in model.linears()}
     hooks = [
-        layer.register_forward_hook(lambda _m, inp, _out, name=name: seen[name].append(inp[0].detach()))
+        layer.register_forward_hook(
+            lambda _m, inp, _out, name=name: seen[name].append(inp[0].detach())
+        )
         for name, layer in model.linears().items()
     ]
     try:
@@ -61,7 +65,9 @@ def quantize_model(
                 packed[name] = rtn(w, spec)
                 layer.weight.data = packed[name].dequantize()
                 continue
-            x = layer_inputs(quantized, calibration)[name]  # inputs after the earlier layers' quantization
+            x = layer_inputs(quantized, calibration)[
+                name
+            ]  # inputs after the earlier layers' quantization
             if method == "gptq":
                 packed[name] = gptq_quantize(w, hessian(x), spec)
                 layer.weight.data = packed[name].dequantize()

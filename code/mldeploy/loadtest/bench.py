@@ -1,7 +1,7 @@
 """``make bench-serve``: start the service in child processes, drive it with wrk, print a table.
 
 Everything is measured in one run, side by side, so the ratios hold on a noisy shared machine even
-when the absolute numbers do not. ``python -m mldeploy.bench_serve --seconds 5``.
+when the absolute numbers do not. ``python -m mldeploy.loadtest.bench --seconds 5``.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import httpx
 import numpy as np
 
-from mldeploy import loadgen
+from mldeploy.loadtest import loadgen
+from mldeploy.loadtest.models import WIDE, two_moons_onnx, wide_onnx
 from mldeploy.paths import artifacts_dir
 from mldeploy.runtime import make_session, median_seconds, run_session
-from mldeploy.serving_models import WIDE, two_moons_onnx, wide_onnx
 
 BODY = json.dumps({"features": [0.5, -0.3]})
 
@@ -33,7 +33,12 @@ class Row:
 
 
 def _server(model: str, batching: bool, **extra: str) -> loadgen.ServerProcess:
-    env = {"MLDEPLOY_MODEL": model, "MLDEPLOY_BACKEND": "onnx", "MLDEPLOY_BATCHING": "1" if batching else "0", **extra}
+    env = {
+        "MLDEPLOY_MODEL": model,
+        "MLDEPLOY_BACKEND": "onnx",
+        "MLDEPLOY_BATCHING": "1" if batching else "0",
+        **extra,
+    }
     return loadgen.ServerProcess(env)
 
 
@@ -41,7 +46,9 @@ def _wrk(url: str, connections: int, seconds: float) -> loadgen.WrkResult:
     """POST the sample body to ``url``; every answer must be a 200."""
     result = loadgen.run_wrk(url, connections=connections, seconds=seconds, body=BODY)
     if result.errors or set(result.codes) - {200}:
-        raise RuntimeError(f"{url} at {connections} clients: socket errors {result.errors}, statuses {result.codes}")
+        raise RuntimeError(
+            f"{url} at {connections} clients: socket errors {result.errors}, statuses {result.codes}"
+        )
     return result
 
 
@@ -63,7 +70,9 @@ def _paired(urls: dict, connections: int, seconds: float, rounds: int = 5) -> di
     return runs
 
 
-def _median_ratio(a: list[loadgen.WrkResult], b: list[loadgen.WrkResult], attr: str = "throughput") -> float:
+def _median_ratio(
+    a: list[loadgen.WrkResult], b: list[loadgen.WrkResult], attr: str = "throughput"
+) -> float:
     return float(np.median([getattr(x, attr) / getattr(y, attr) for x, y in zip(a, b)]))
 
 
@@ -76,14 +85,38 @@ def overhead_rows(seconds: float) -> list[Row]:
     model = str(two_moons_onnx())
     with _server(model, batching=True) as server:
         _wrk(server.url + "/predict", 64, 1.0)  # warm-up
-        runs = _paired({"/validate": server.url + "/validate", "/predict": server.url + "/predict"}, 64, 2 * seconds)
+        runs = _paired(
+            {"/validate": server.url + "/validate", "/predict": server.url + "/predict"},
+            64,
+            2 * seconds,
+        )
         size, model_ms = batch_stats(server.url)
     ratio = _median_ratio(runs["/predict"], runs["/validate"])
     return [
-        Row("two-moons /validate (no model), 64 clients", f"{_median(runs['/validate'], 'throughput'):,.0f} req/s", "", None),
-        Row("two-moons /predict, 64 clients", f"{_median(runs['/predict'], 'throughput'):,.0f} req/s", "", None),
-        Row("/predict ÷ /validate throughput (median of 5 paired runs)", f"{ratio:.2f}x", "≥ 0.80x", ratio >= 0.8),
-        Row("two-moons /predict: mean batch size / time per batched model call", f"{size:.1f} / {model_ms:.2f} ms", "", None),
+        Row(
+            "two-moons /validate (no model), 64 clients",
+            f"{_median(runs['/validate'], 'throughput'):,.0f} req/s",
+            "",
+            None,
+        ),
+        Row(
+            "two-moons /predict, 64 clients",
+            f"{_median(runs['/predict'], 'throughput'):,.0f} req/s",
+            "",
+            None,
+        ),
+        Row(
+            "/predict ÷ /validate throughput (median of 5 paired runs)",
+            f"{ratio:.2f}x",
+            "≥ 0.80x",
+            ratio >= 0.8,
+        ),
+        Row(
+            "two-moons /predict: mean batch size / time per batched model call",
+            f"{size:.1f} / {model_ms:.2f} ms",
+            "",
+            None,
+        ),
     ]
 
 
@@ -96,14 +129,23 @@ def batch_stats(url: str) -> tuple[float, float]:
         return float(match.group(1)) if match else 0.0
 
     batches = value("mldeploy_batch_size_count") or 1.0
-    return value("mldeploy_batch_size_sum") / batches, 1e3 * value("mldeploy_model_seconds_sum") / batches
+    return value("mldeploy_batch_size_sum") / batches, 1e3 * value(
+        "mldeploy_model_seconds_sum"
+    ) / batches
 
 
 def batching_rows(seconds: float) -> tuple[list[Row], dict]:
     """Batched vs unbatched on the wide model: 64 clients, 1 client, /health under load, overload."""
     model = str(wide_onnx())
     call_ms = single_call_ms(model)
-    rows = [Row(f"wide MLP {WIDE['hidden']}x{WIDE['layers']}: one single-sample call", f"{call_ms:.2f} ms", "≥ 0.5 ms", call_ms >= 0.5)]
+    rows = [
+        Row(
+            f"wide MLP {WIDE['hidden']}x{WIDE['layers']}: one single-sample call",
+            f"{call_ms:.2f} ms",
+            "≥ 0.5 ms",
+            call_ms >= 0.5,
+        )
+    ]
     measured: dict = {}
     # both servers run side by side (an idle one costs nothing: no spinning threads)
     with _server(model, batching=True) as batched, _server(model, batching=False) as unbatched:
@@ -112,9 +154,13 @@ def batching_rows(seconds: float) -> tuple[list[Row], dict]:
             _wrk(url, 64, 1.0)  # warm-up
         at64 = _paired(urls, 64, 2 * seconds)
         at1 = _paired(urls, 1, 2 * seconds)
-        load = loadgen.start_wrk(batched.url + "/predict", connections=64, seconds=seconds, body=BODY)
+        load = loadgen.start_wrk(
+            batched.url + "/predict", connections=64, seconds=seconds, body=BODY
+        )
         time.sleep(0.5)  # let /predict saturate first
-        measured["health"] = loadgen.run_wrk(batched.url + "/health", connections=1, seconds=seconds - 1, method="GET")
+        measured["health"] = loadgen.run_wrk(
+            batched.url + "/health", connections=1, seconds=seconds - 1, method="GET"
+        )
         measured["health_load"] = loadgen.finish_wrk(load)
         measured["overload"], measured["probe"] = _overload(batched.url, seconds)
     measured.update(at64=at64, at1=at1)
@@ -122,16 +168,48 @@ def batching_rows(seconds: float) -> tuple[list[Row], dict]:
     p99 = {k: _median(at64[k], "p99_ms") for k in (True, False)}
     p50_1 = {k: _median(at1[k], "p50_ms") for k in (True, False)}
     rows += [
-        Row("unbatched, 64 clients: throughput", f"{_median(at64[False], 'throughput'):,.0f} req/s", "", None),
-        Row("batched, 64 clients: throughput", f"{_median(at64[True], 'throughput'):,.0f} req/s", "", None),
-        Row("batched ÷ unbatched throughput, 64 clients (median of 5 paired runs)", f"{speedup:.1f}x", "≥ 2x", speedup >= 2),
-        Row("64 clients p50: batched / unbatched", f"{_median(at64[True], 'p50_ms'):.2f} ms / {_median(at64[False], 'p50_ms'):.2f} ms", "", None),
-        Row("64 clients p99 (median of 5): batched / unbatched", f"{p99[True]:.2f} ms / {p99[False]:.2f} ms", "batched ≤ unbatched",
-            p99[True] <= p99[False]),
-        Row("1 client p50 (median of 5): batched / unbatched", f"{p50_1[True]:.3f} ms / {p50_1[False]:.3f} ms", "within 0.3 ms",
-            abs(p50_1[True] - p50_1[False]) <= 0.3),
-        Row("/health p99 while /predict is saturated (64 clients)", f"{measured['health'].p99_ms:.2f} ms", "≤ 5 ms",
-            measured["health"].p99_ms <= 5),
+        Row(
+            "unbatched, 64 clients: throughput",
+            f"{_median(at64[False], 'throughput'):,.0f} req/s",
+            "",
+            None,
+        ),
+        Row(
+            "batched, 64 clients: throughput",
+            f"{_median(at64[True], 'throughput'):,.0f} req/s",
+            "",
+            None,
+        ),
+        Row(
+            "batched ÷ unbatched throughput, 64 clients (median of 5 paired runs)",
+            f"{speedup:.1f}x",
+            "≥ 2x",
+            speedup >= 2,
+        ),
+        Row(
+            "64 clients p50: batched / unbatched",
+            f"{_median(at64[True], 'p50_ms'):.2f} ms / {_median(at64[False], 'p50_ms'):.2f} ms",
+            "",
+            None,
+        ),
+        Row(
+            "64 clients p99 (median of 5): batched / unbatched",
+            f"{p99[True]:.2f} ms / {p99[False]:.2f} ms",
+            "batched ≤ unbatched",
+            p99[True] <= p99[False],
+        ),
+        Row(
+            "1 client p50 (median of 5): batched / unbatched",
+            f"{p50_1[True]:.3f} ms / {p50_1[False]:.3f} ms",
+            "within 0.3 ms",
+            abs(p50_1[True] - p50_1[False]) <= 0.3,
+        ),
+        Row(
+            "/health p99 while /predict is saturated (64 clients)",
+            f"{measured['health'].p99_ms:.2f} ms",
+            "≤ 5 ms",
+            measured["health"].p99_ms <= 5,
+        ),
     ]
     rows += _overload_rows(measured["overload"], measured["probe"], p99[True])
     return rows, measured
@@ -145,31 +223,65 @@ def _overload(url: str, seconds: float) -> tuple[loadgen.WrkResult, loadgen.Prob
     return loadgen.finish_wrk(load), probe
 
 
-def _overload_rows(wrk: loadgen.WrkResult, probe: loadgen.ProbeResult, p99_at_64: float) -> list[Row]:
+def _overload_rows(
+    wrk: loadgen.WrkResult, probe: loadgen.ProbeResult, p99_at_64: float
+) -> list[Row]:
     total = sum(wrk.codes.values())
     shed = wrk.codes.get(503, 0) / total if total else 0.0
     other = {code: n for code, n in wrk.codes.items() if code not in (200, 503)}
     ok, rejected = probe.latencies(200) * 1e3, probe.latencies(503) * 1e3
     rows = [
-        Row("512 clients: answers 200 / 503 / other", f"{wrk.codes.get(200, 0):,} / {wrk.codes.get(503, 0):,} / {sum(other.values())}",
-            "no other status, no socket error", not other and wrk.errors == 0),
+        Row(
+            "512 clients: answers 200 / 503 / other",
+            f"{wrk.codes.get(200, 0):,} / {wrk.codes.get(503, 0):,} / {sum(other.values())}",
+            "no other status, no socket error",
+            not other and wrk.errors == 0,
+        ),
         Row("512 clients: share of 503", f"{shed:.0%}", "", None),
-        Row("512 clients: accepted throughput", f"{wrk.codes.get(200, 0) / wrk.seconds:,.0f} req/s", "", None),
-        Row("512 clients: all answers p50 / p90 / p99 (wrk)", f"{wrk.p50_ms:.2f} ms / {wrk.p90_ms:.2f} ms / {wrk.p99_ms:.2f} ms", "", None),
+        Row(
+            "512 clients: accepted throughput",
+            f"{wrk.codes.get(200, 0) / wrk.seconds:,.0f} req/s",
+            "",
+            None,
+        ),
+        Row(
+            "512 clients: all answers p50 / p90 / p99 (wrk)",
+            f"{wrk.p50_ms:.2f} ms / {wrk.p90_ms:.2f} ms / {wrk.p99_ms:.2f} ms",
+            "",
+            None,
+        ),
         Row("512 clients: probe answers 200 / 503", f"{len(ok)} / {len(rejected)}", "", None),
     ]
     if len(rejected):
         fast = len(ok) == 0 or np.percentile(rejected, 50) <= np.percentile(ok, 50)
-        rows.append(Row("512 clients: 503 latency p50 / p99 (probe)",
-                        f"{np.percentile(rejected, 50):.2f} ms / {np.percentile(rejected, 99):.2f} ms", "fast: p50 ≤ accepted p50", fast))
+        rows.append(
+            Row(
+                "512 clients: 503 latency p50 / p99 (probe)",
+                f"{np.percentile(rejected, 50):.2f} ms / {np.percentile(rejected, 99):.2f} ms",
+                "fast: p50 ≤ accepted p50",
+                fast,
+            )
+        )
     if len(ok) and shed >= 0.2:
         # with a share s ≥ 20% of 503s, their median is at most the overall percentile 1 - s/2 ≤ p90
-        rows.append(Row("512 clients: 503 p50, bounded by wrk's p90 of all answers", f"≤ {wrk.p90_ms:.2f} ms",
-                        "fast: ≤ accepted p50", wrk.p90_ms <= np.percentile(ok, 50)))
+        rows.append(
+            Row(
+                "512 clients: 503 p50, bounded by wrk's p90 of all answers",
+                f"≤ {wrk.p90_ms:.2f} ms",
+                "fast: ≤ accepted p50",
+                wrk.p90_ms <= np.percentile(ok, 50),
+            )
+        )
     if len(ok):
         p99_ok = float(np.percentile(ok, 99))
-        rows.append(Row("512 clients: accepted p50 / p99 (probe)", f"{np.percentile(ok, 50):.2f} ms / {p99_ok:.2f} ms",
-                        "bounded: p99 ≤ 10 × batched 64-client p99", p99_ok <= 10 * p99_at_64))
+        rows.append(
+            Row(
+                "512 clients: accepted p50 / p99 (probe)",
+                f"{np.percentile(ok, 50):.2f} ms / {p99_ok:.2f} ms",
+                "bounded: p99 ≤ 10 × batched 64-client p99",
+                p99_ok <= 10 * p99_at_64,
+            )
+        )
     return rows
 
 
@@ -182,8 +294,15 @@ def format_table(rows: list[Row]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Benchmark the inference service with wrk and print a table.")
-    parser.add_argument("--seconds", type=float, default=5.0, help="duration of each load phase (default 5, at least 3)")
+    parser = argparse.ArgumentParser(
+        description="Benchmark the inference service with wrk and print a table."
+    )
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=5.0,
+        help="duration of each load phase (default 5, at least 3)",
+    )
     args = parser.parse_args(argv)
     if not args.seconds >= 3:
         parser.error(f"--seconds must be at least 3, got {args.seconds}")
@@ -200,10 +319,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     table = format_table(rows)
     print(table)
-    (artifacts_dir("serving") / "bench_serve.md").write_text(table + "\n")
+    (artifacts_dir("serving") / "bench.md").write_text(table + "\n")
     missed = [r.name for r in rows if r.met is False]
-    print(f"\n{len(rows) - len(missed) - sum(r.met is None for r in rows)} targets met, {len(missed)} missed"
-          f" ({time.perf_counter() - start:.0f} s).")
+    print(
+        f"\n{len(rows) - len(missed) - sum(r.met is None for r in rows)} targets met, {len(missed)} missed"
+        f" ({time.perf_counter() - start:.0f} s)."
+    )
     return 0
 
 

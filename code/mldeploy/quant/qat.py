@@ -13,8 +13,9 @@ import numpy as np
 from torch import nn
 from torch.nn.utils import parametrize
 
-from mldeploy.charlm import CharMLP, fit, single_thread
-from mldeploy.fake_quant import QuantizedWeight, QuantSpec, fake_quantize, rtn
+from mldeploy.quant.charlm import CharMLP, fit
+from mldeploy.quant.fake_quant import QuantizedWeight, QuantSpec, fake_quantize, rtn
+from mldeploy.reproducibility import single_thread
 
 
 class FakeQuant(nn.Module):
@@ -60,7 +61,9 @@ def qat_finetune(
     return convert_qat(qat)
 
 
-def float_finetune(model: CharMLP, ids: np.ndarray, *, steps: int, lr: float = 1e-3, seed: int = 1) -> CharMLP:
+def float_finetune(
+    model: CharMLP, ids: np.ndarray, *, steps: int, lr: float = 1e-3, seed: int = 1
+) -> CharMLP:
     """The PTQ side of a fair comparison: the same steps, data and learning rate, without fake quantization."""
     tuned = copy.deepcopy(model)
     with single_thread():

@@ -8,12 +8,10 @@ is exactly where INT8/INT4 weight quantization acts. Trained weights are cached 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import sysconfig
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,14 +21,35 @@ from torch import nn
 from torch.nn import functional as F
 
 from mldeploy.paths import artifacts_dir
+from mldeploy.reproducibility import single_thread
 from mldeploy.training import set_seed
 
 # A fixed, sorted list of standard-library modules: the same text on every Python 3.11 install.
 TRAIN_FILES = (
-    "abc.py", "argparse.py", "ast.py", "bisect.py", "collections/__init__.py", "contextlib.py",
-    "copy.py", "csv.py", "dataclasses.py", "datetime.py", "difflib.py", "enum.py", "fractions.py",
-    "functools.py", "inspect.py", "json/decoder.py", "json/encoder.py", "pathlib.py", "random.py",
-    "shutil.py", "statistics.py", "string.py", "tempfile.py", "typing.py",
+    "abc.py",
+    "argparse.py",
+    "ast.py",
+    "bisect.py",
+    "collections/__init__.py",
+    "contextlib.py",
+    "copy.py",
+    "csv.py",
+    "dataclasses.py",
+    "datetime.py",
+    "difflib.py",
+    "enum.py",
+    "fractions.py",
+    "functools.py",
+    "inspect.py",
+    "json/decoder.py",
+    "json/encoder.py",
+    "pathlib.py",
+    "random.py",
+    "shutil.py",
+    "statistics.py",
+    "string.py",
+    "tempfile.py",
+    "typing.py",
 )
 VALID_FILES = ("heapq.py", "textwrap.py")  # held out: perplexity is measured on unseen files
 
@@ -58,7 +77,8 @@ class CharLMConfig:
     def key(self) -> str:
         """Short hash of everything the trained weights depend on (cache key)."""
         blob = json.dumps(
-            {"config": dataclasses.asdict(self), "train": TRAIN_FILES, "torch": torch.__version__}, sort_keys=True
+            {"config": dataclasses.asdict(self), "train": TRAIN_FILES, "torch": torch.__version__},
+            sort_keys=True,
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -66,7 +86,9 @@ class CharLMConfig:
 class CharMLP(nn.Module):
     """Embedding of ``context`` characters → Linear → ReLU → Linear → ReLU → Linear → next-character logits."""
 
-    def __init__(self, context: int = 32, embed: int = 32, hidden: int = 512, vocab: int = VOCAB_SIZE):
+    def __init__(
+        self, context: int = 32, embed: int = 32, hidden: int = 512, vocab: int = VOCAB_SIZE
+    ):
         super().__init__()
         self.context = context
         self.embed = nn.Embedding(vocab, embed)
@@ -87,7 +109,9 @@ class CharMLP(nn.Module):
 
 def encode(text: str) -> np.ndarray:
     """Character ids (uint8) of a text, using the fixed vocabulary."""
-    raw = np.frombuffer(text.replace("\t", "    ").encode("ascii", errors="replace"), dtype=np.uint8)
+    raw = np.frombuffer(
+        text.replace("\t", "    ").encode("ascii", errors="replace"), dtype=np.uint8
+    )
     return _LOOKUP[raw]
 
 
@@ -101,7 +125,9 @@ def read_stdlib(files: tuple[str, ...]) -> str:
     root = Path(sysconfig.get_paths()["stdlib"])
     missing = [name for name in files if not (root / name).is_file()]
     if missing:
-        raise FileNotFoundError(f"standard-library files not found under the stdlib folder: {missing}")
+        raise FileNotFoundError(
+            f"standard-library files not found under the stdlib folder: {missing}"
+        )
     return "\n".join((root / name).read_text(encoding="utf-8") for name in files)
 
 
@@ -123,7 +149,9 @@ def windows(ids: np.ndarray, context: int, positions: np.ndarray) -> tuple[np.nd
     return x, ids[positions + context].astype(np.int64)
 
 
-def sample_windows(ids: np.ndarray, context: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def sample_windows(
+    ids: np.ndarray, context: int, n: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """``n`` windows at seeded random positions (calibration and evaluation sets)."""
     rng = np.random.default_rng(seed)
     return windows(ids, context, rng.integers(0, len(ids) - context, size=n))
@@ -135,18 +163,6 @@ def train_charlm(cfg: CharLMConfig, corpus: Corpus) -> CharMLP:
         return _train(cfg, corpus)
 
 
-@contextlib.contextmanager
-def single_thread() -> Iterator[None]:
-    """Run torch on one thread: reductions then happen in one fixed order whatever the core count,
-    and on a busy 2-core machine one thread is faster than two fighting for the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _train(cfg: CharLMConfig, corpus: Corpus) -> CharMLP:
     set_seed(cfg.seed)
     model = CharMLP(cfg.context, cfg.embed, cfg.hidden)
@@ -154,7 +170,15 @@ def _train(cfg: CharLMConfig, corpus: Corpus) -> CharMLP:
     return model
 
 
-def fit(model: CharMLP, ids: np.ndarray, *, steps: int, batch_size: int = 128, lr: float = 3e-3, seed: int = 0) -> float:
+def fit(
+    model: CharMLP,
+    ids: np.ndarray,
+    *,
+    steps: int,
+    batch_size: int = 128,
+    lr: float = 3e-3,
+    seed: int = 0,
+) -> float:
     """Train ``model`` in place on random windows of ``ids``: AdamW, cosine schedule to zero.
 
     Used for the first training and for the equal-budget fine-tuning of QAT and PTQ; returns the
@@ -182,7 +206,9 @@ def fit(model: CharMLP, ids: np.ndarray, *, steps: int, batch_size: int = 128, l
     return float(np.mean(losses[-50:]))
 
 
-def cached_charlm(cfg: CharLMConfig = CharLMConfig(), corpus: Corpus | None = None) -> tuple[CharMLP, bool]:
+def cached_charlm(
+    cfg: CharLMConfig = CharLMConfig(), corpus: Corpus | None = None
+) -> tuple[CharMLP, bool]:
     """The trained model for ``cfg``, loaded from ``artifacts/5.3/`` if cached; also whether it was."""
     path = artifacts_dir("5.3") / f"charlm-{cfg.key()}.pt"
     if path.is_file():
@@ -205,7 +231,9 @@ class LMMetrics:
     kl: float = 0.0
 
 
-def lm_metrics(logits: np.ndarray, targets: np.ndarray, reference: np.ndarray | None = None) -> LMMetrics:
+def lm_metrics(
+    logits: np.ndarray, targets: np.ndarray, reference: np.ndarray | None = None
+) -> LMMetrics:
     """Perplexity = exp(mean cross-entropy); with ``reference`` logits also top-1 agreement and
     mean KL(reference ‖ model) in nats."""
     logp = torch.log_softmax(torch.as_tensor(logits, dtype=torch.float64), dim=-1)
@@ -226,8 +254,12 @@ def logits_of(model: nn.Module, x: np.ndarray, batch_size: int = 2048) -> np.nda
     return torch.cat([model(xs[i : i + batch_size]) for i in range(0, len(xs), batch_size)]).numpy()
 
 
-def session_logits(session: "onnxruntime.InferenceSession", x: np.ndarray, batch_size: int = 2048) -> np.ndarray:
+def session_logits(
+    session: onnxruntime.InferenceSession, x: np.ndarray, batch_size: int = 2048
+) -> np.ndarray:
     """Logits of an exported model (ONNX Runtime session) for int64 windows, in batches."""
     name = session.get_inputs()[0].name
     x = np.ascontiguousarray(x, dtype=np.int64)
-    return np.concatenate([session.run(None, {name: x[i : i + batch_size]})[0] for i in range(0, len(x), batch_size)])
+    return np.concatenate(
+        [session.run(None, {name: x[i : i + batch_size]})[0] for i in range(0, len(x), batch_size)]
+    )

@@ -49,11 +49,15 @@ def _forward_arg_name(model: nn.Module) -> str:
     return params[0]
 
 
-def _dynamic_batch(model: nn.Module, example: torch.Tensor) -> dict[str, dict[int, torch.export.Dim]]:
+def _dynamic_batch(
+    model: nn.Module, example: torch.Tensor
+) -> dict[str, dict[int, torch.export.Dim]]:
     """``dynamic_shapes`` that make dimension 0 (the batch) dynamic, from 1 to ``MAX_BATCH``."""
     if example.shape[0] < 2:
         # torch.export treats sizes 0 and 1 as constants, so a batch of one would be baked in.
-        raise ValueError(f"export a dynamic batch from an example of at least 2 rows, got {example.shape[0]}")
+        raise ValueError(
+            f"export a dynamic batch from an example of at least 2 rows, got {example.shape[0]}"
+        )
     return {_forward_arg_name(model): {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)}}
 
 
@@ -80,7 +84,11 @@ def strip_torchscript_debug(path: str | Path) -> int:
     """
     path = Path(path)
     with zipfile.ZipFile(path) as src:
-        kept = [(info, src.read(info.filename)) for info in src.infolist() if not info.filename.endswith(".debug_pkl")]
+        kept = [
+            (info, src.read(info.filename))
+            for info in src.infolist()
+            if not info.filename.endswith(".debug_pkl")
+        ]
         removed = len(src.infolist()) - len(kept)
     tmp = path.with_name(path.name + ".tmp")
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as dst:
@@ -91,7 +99,11 @@ def strip_torchscript_debug(path: str | Path) -> int:
 
 
 def export_torchscript(
-    model: nn.Module, example: torch.Tensor, path: str | Path, method: str = "trace", strip_debug: bool = True
+    model: nn.Module,
+    example: torch.Tensor,
+    path: str | Path,
+    method: str = "trace",
+    strip_debug: bool = True,
 ) -> Path:
     """Legacy TorchScript export by ``trace`` (records one run) or ``script`` (compiles the source).
 
@@ -110,7 +122,11 @@ def export_torchscript(
 
 
 def export_program(
-    model: nn.Module, example: torch.Tensor, path: str | Path, dynamic_batch: bool = True, strip_debug: bool = True
+    model: nn.Module,
+    example: torch.Tensor,
+    path: str | Path,
+    dynamic_batch: bool = True,
+    strip_debug: bool = True,
 ) -> Path:
     """Current path: ``torch.export`` captures a whole-graph ``ExportedProgram`` saved as ``.pt2``.
 
@@ -130,10 +146,16 @@ def export_program(
 
 def explain_export_failure(model: nn.Module, example: torch.Tensor) -> str | None:
     """Try ``torch.export`` quietly; return a one-line reason if it fails, ``None`` if it succeeds."""
-    with _quiet_export(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    with (
+        _quiet_export(),
+        contextlib.redirect_stdout(io.StringIO()),
+        contextlib.redirect_stderr(io.StringIO()),
+    ):
         try:
             torch.export.export(model, (example,))
-        except Exception as exc:  # the exporter raises several error types; all mean "cannot capture"
+        except (
+            Exception
+        ) as exc:  # the exporter raises several error types; all mean "cannot capture"
             first_sentence = str(exc).strip().splitlines()[0].split(" (")[0].rstrip(".")
             return f"torch.export cannot capture {type(model).__name__}: {type(exc).__name__}: {first_sentence}"
     return None
@@ -146,7 +168,13 @@ def strip_onnx_metadata(proto: onnx.ModelProto) -> onnx.ModelProto:
     size depend on where the export ran.
     """
     for graph in [proto.graph]:
-        for item in [*graph.node, *graph.value_info, *graph.initializer, *graph.input, *graph.output]:
+        for item in [
+            *graph.node,
+            *graph.value_info,
+            *graph.initializer,
+            *graph.input,
+            *graph.output,
+        ]:
             del item.metadata_props[:]
     for function in proto.functions:
         for node in function.node:
@@ -199,8 +227,12 @@ def export_all(model: nn.Module, example: torch.Tensor, out_dir: str | Path) -> 
     out.mkdir(parents=True, exist_ok=True)
     return {
         "Native PyTorch (.pt)": save_state_dict(model, out / "model_state_dict.pt"),
-        "TorchScript trace (.pt)": export_torchscript(model, example, out / "model_ts_trace.pt", "trace"),
-        "TorchScript script (.pt)": export_torchscript(model, example, out / "model_ts_script.pt", "script"),
+        "TorchScript trace (.pt)": export_torchscript(
+            model, example, out / "model_ts_trace.pt", "trace"
+        ),
+        "TorchScript script (.pt)": export_torchscript(
+            model, example, out / "model_ts_script.pt", "script"
+        ),
         "torch.export (.pt2)": export_program(model, example, out / "model.pt2"),
         "ONNX (.onnx)": export_onnx(model, example, out / "model.onnx"),
     }

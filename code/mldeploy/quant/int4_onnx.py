@@ -14,9 +14,15 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from mldeploy.fake_quant import QuantizedWeight
+from mldeploy.quant.fake_quant import QuantizedWeight
+from mldeploy.runtime import quiet_logs, require_model
 
-FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+FLOAT_TYPES = {
+    onnx.TensorProto.FLOAT,
+    onnx.TensorProto.FLOAT16,
+    onnx.TensorProto.DOUBLE,
+    onnx.TensorProto.BFLOAT16,
+}
 
 
 def gemm_to_matmul(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -25,27 +31,48 @@ def gemm_to_matmul(proto: onnx.ModelProto) -> onnx.ModelProto:
     nodes = []
     for node in proto.graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        plain = attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0 and not attrs.get("transA", 0)
+        plain = (
+            attrs.get("alpha", 1.0) == 1.0
+            and attrs.get("beta", 1.0) == 1.0
+            and not attrs.get("transA", 0)
+        )
         if node.op_type != "Gemm" or node.input[1] not in inits or not plain:
             nodes.append(node)
             continue
         w = numpy_helper.to_array(inits[node.input[1]])
         if attrs.get("transB", 0):
             w = w.T
-        inits[node.input[1]].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(w), node.input[1]))
+        inits[node.input[1]].CopyFrom(
+            numpy_helper.from_array(np.ascontiguousarray(w), node.input[1])
+        )
         if len(node.input) > 2 and node.input[2]:
             product = node.output[0] + "_matmul"
-            nodes.append(helper.make_node("MatMul", [node.input[0], node.input[1]], [product], name=node.name + "_matmul"))
-            nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=node.name + "_bias"))
+            nodes.append(
+                helper.make_node(
+                    "MatMul", [node.input[0], node.input[1]], [product], name=node.name + "_matmul"
+                )
+            )
+            nodes.append(
+                helper.make_node(
+                    "Add", [product, node.input[2]], [node.output[0]], name=node.name + "_bias"
+                )
+            )
         else:
-            nodes.append(helper.make_node("MatMul", node.input[:2], node.output, name=node.name + "_matmul"))
+            nodes.append(
+                helper.make_node("MatMul", node.input[:2], node.output, name=node.name + "_matmul")
+            )
     del proto.graph.node[:]
     proto.graph.node.extend(nodes)
     return proto
 
 
 def quantize_nbits_rtn(
-    fp32_path: str | Path, out_path: str | Path, *, block_size: int = 32, bits: int = 4, rewrite_gemm: bool = True
+    fp32_path: str | Path,
+    out_path: str | Path,
+    *,
+    block_size: int = 32,
+    bits: int = 4,
+    rewrite_gemm: bool = True,
 ) -> Path:
     """ONNX Runtime's round-to-nearest weight-only quantizer (asymmetric, one scale per block).
 
@@ -53,13 +80,13 @@ def quantize_nbits_rtn(
     """
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    from mldeploy.int8_ptq import quiet_logs, require_model
-
     proto = onnx.load(str(require_model(fp32_path)))
     if rewrite_gemm:
         proto = gemm_to_matmul(proto)
     with quiet_logs():
-        quantizer = MatMulNBitsQuantizer(proto, bits=bits, block_size=block_size, is_symmetric=False)
+        quantizer = MatMulNBitsQuantizer(
+            proto, bits=bits, block_size=block_size, is_symmetric=False
+        )
         quantizer.process()
     out_path = Path(out_path)
     onnx.save(quantizer.model.model, str(out_path))
@@ -78,19 +105,28 @@ def pack_codes(codes: np.ndarray, bits: int, block_size: int) -> np.ndarray:
     return packed.reshape(n, k // block_size, block_size * bits // 8)
 
 
-def write_nbits(fp32_path: str | Path, out_path: str | Path, weights: dict[str, QuantizedWeight]) -> Path:
+def write_nbits(
+    fp32_path: str | Path, out_path: str | Path, weights: dict[str, QuantizedWeight]
+) -> Path:
     """Replace the weight of each ``Gemm``/``MatMul`` whose initializer is ``<layer>.weight`` by a
     ``MatMulNBits`` node holding the given codes, scales and zero points."""
-    from mldeploy.int8_ptq import require_model
-
     proto = gemm_to_matmul(onnx.load(str(require_model(fp32_path))))
     inits = {t.name: t for t in proto.graph.initializer}
-    missing = sorted(set(weights) - {n.input[1][: -len(".weight")] for n in proto.graph.node if n.op_type == "MatMul"})
+    missing = sorted(
+        set(weights)
+        - {n.input[1][: -len(".weight")] for n in proto.graph.node if n.op_type == "MatMul"}
+    )
     if missing:
-        raise ValueError(f"no MatMul or Gemm with a weight named <layer>.weight for layers {missing}")
+        raise ValueError(
+            f"no MatMul or Gemm with a weight named <layer>.weight for layers {missing}"
+        )
     nodes = []
     for node in proto.graph.node:
-        layer = node.input[1][: -len(".weight")] if node.op_type == "MatMul" and len(node.input) > 1 else ""
+        layer = (
+            node.input[1][: -len(".weight")]
+            if node.op_type == "MatMul" and len(node.input) > 1
+            else ""
+        )
         if layer not in weights:
             nodes.append(node)
             continue
@@ -106,15 +142,24 @@ def write_nbits(fp32_path: str | Path, out_path: str | Path, weights: dict[str, 
             zero = pack_codes(np.pad(zero, ((0, 0), (0, pad))), container, blocks + pad).reshape(-1)
         tensors = [
             numpy_helper.from_array(pack_codes(codes, container, block_size), f"{layer}.weight_q"),
-            numpy_helper.from_array(qw.scale.numpy().astype(np.float32).reshape(-1), f"{layer}.weight_scales"),
+            numpy_helper.from_array(
+                qw.scale.numpy().astype(np.float32).reshape(-1), f"{layer}.weight_scales"
+            ),
             numpy_helper.from_array(zero.reshape(-1), f"{layer}.weight_zero_points"),
         ]
         proto.graph.initializer.remove(inits.pop(node.input[1]))
         proto.graph.initializer.extend(tensors)
         nodes.append(
             helper.make_node(
-                "MatMulNBits", [node.input[0]] + [t.name for t in tensors], node.output, name=node.name + "_nbits",
-                domain="com.microsoft", K=k, N=n, bits=container, block_size=block_size,
+                "MatMulNBits",
+                [node.input[0]] + [t.name for t in tensors],
+                node.output,
+                name=node.name + "_nbits",
+                domain="com.microsoft",
+                K=k,
+                N=n,
+                bits=container,
+                block_size=block_size,
             )
         )
     del proto.graph.node[:]

@@ -82,7 +82,9 @@ def have_wrk() -> bool:
     return shutil.which("wrk") is not None
 
 
-def start_wrk(url: str, *, connections: int, seconds: float, method: str = "POST", body: str = "") -> subprocess.Popen:
+def start_wrk(
+    url: str, *, connections: int, seconds: float, method: str = "POST", body: str = ""
+) -> subprocess.Popen:
     """Start wrk against ``url`` in the background; finish it with :func:`finish_wrk`."""
     require_loopback(url)
     if not have_wrk():
@@ -90,7 +92,17 @@ def start_wrk(url: str, *, connections: int, seconds: float, method: str = "POST
     script = Path(tempfile.gettempdir()) / f"mldeploy-wrk-{os.getpid()}.lua"
     script.write_text(_WRK_SCRIPT)
     threads = 1 if connections < 8 else 2
-    cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "10s", "-s", str(script), url]
+    cmd = [
+        "wrk",
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{max(1, round(seconds))}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(script),
+        url,
+    ]
     env = {**os.environ, "WRK_METHOD": method, "WRK_BODY": body}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
@@ -100,14 +112,25 @@ def finish_wrk(proc: subprocess.Popen) -> WrkResult:
     line = next((ln for ln in out.splitlines() if ln.startswith("WRKJSON ")), None)
     if proc.returncode != 0 or line is None:
         raise RuntimeError(f"wrk failed (exit {proc.returncode}): {err.strip() or out.strip()}")
-    d = json.loads(line[len("WRKJSON "):])
-    return WrkResult(d["requests"], d["duration_us"] / 1e6, d["p50_us"] / 1e3, d["p90_us"] / 1e3, d["p99_us"] / 1e3,
-                     d["errors"], {int(k): v for k, v in d["codes"].items()})
+    d = json.loads(line[len("WRKJSON ") :])
+    return WrkResult(
+        d["requests"],
+        d["duration_us"] / 1e6,
+        d["p50_us"] / 1e3,
+        d["p90_us"] / 1e3,
+        d["p99_us"] / 1e3,
+        d["errors"],
+        {int(k): v for k, v in d["codes"].items()},
+    )
 
 
-def run_wrk(url: str, *, connections: int, seconds: float, method: str = "POST", body: str = "") -> WrkResult:
+def run_wrk(
+    url: str, *, connections: int, seconds: float, method: str = "POST", body: str = ""
+) -> WrkResult:
     """Run wrk for ``seconds`` with ``connections`` keep-alive clients; return its measurements."""
-    return finish_wrk(start_wrk(url, connections=connections, seconds=seconds, method=method, body=body))
+    return finish_wrk(
+        start_wrk(url, connections=connections, seconds=seconds, method=method, body=body)
+    )
 
 
 @dataclass
@@ -120,7 +143,9 @@ class ProbeResult:
         return np.array([t for s, t in self.samples if s == status])
 
 
-async def _probe_connection(host: str, port: int, request: bytes, until: float, out: ProbeResult, seed: int) -> None:
+async def _probe_connection(
+    host: str, port: int, request: bytes, until: float, out: ProbeResult, seed: int
+) -> None:
     rng = random.Random(seed)
     reader, writer = await asyncio.open_connection(host, port)
     try:
@@ -131,7 +156,11 @@ async def _probe_connection(host: str, port: int, request: bytes, until: float, 
             start = time.perf_counter()
             writer.write(request)
             head = await reader.readuntil(b"\r\n\r\n")
-            length = next(int(ln.split(b":")[1]) for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-length:"))
+            length = next(
+                int(ln.split(b":")[1])
+                for ln in head.split(b"\r\n")
+                if ln.lower().startswith(b"content-length:")
+            )
             await reader.readexactly(length)
             out.samples.append((int(head[9:12]), time.perf_counter() - start))
     finally:
@@ -140,11 +169,18 @@ async def _probe_connection(host: str, port: int, request: bytes, until: float, 
 
 async def _probe(url: str, body: bytes, connections: int, seconds: float) -> ProbeResult:
     parts = urlsplit(url)
-    request = (f"POST {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/json\r\n"
-               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    request = (
+        f"POST {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
     out = ProbeResult()
     until = time.perf_counter() + seconds
-    await asyncio.gather(*(_probe_connection(parts.hostname, parts.port, request, until, out, i) for i in range(connections)))
+    await asyncio.gather(
+        *(
+            _probe_connection(parts.hostname, parts.port, request, until, out, i)
+            for i in range(connections)
+        )
+    )
     return out
 
 
@@ -172,7 +208,9 @@ class LoadResult:
         return float(np.percentile(self.latencies, q) * 1e3)
 
 
-async def async_load(url: str, payloads: list[dict], *, concurrency: int, path: str = "/predict") -> LoadResult:
+async def async_load(
+    url: str, payloads: list[dict], *, concurrency: int, path: str = "/predict"
+) -> LoadResult:
     """Send every payload once from ``concurrency`` closed-loop workers, each with its own
     ``httpx.AsyncClient`` and connection (one shared pool scans all its connections for every
     request, which makes the client itself the bottleneck at high concurrency)."""
@@ -183,7 +221,9 @@ async def async_load(url: str, payloads: list[dict], *, concurrency: int, path: 
 
     async def worker() -> None:
         nonlocal failures
-        async with httpx.AsyncClient(base_url=url, timeout=30.0, limits=httpx.Limits(max_connections=1)) as client:
+        async with httpx.AsyncClient(
+            base_url=url, timeout=30.0, limits=httpx.Limits(max_connections=1)
+        ) as client:
             await client.get("/health")  # connect before the clock starts
             await ready.wait()
             while queue:
@@ -222,13 +262,19 @@ class ServerProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> "ServerProcess":
+    def start(self) -> ServerProcess:
         fd = self._sock.fileno()
         cmd = [sys.executable, "-m", "mldeploy.serving.server", "--fd", str(fd)]
         # stderr to a file, not a pipe: nobody reads a pipe while the server runs, and a full one blocks it
         self._stderr = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(cmd, pass_fds=[fd], env=self._env, stdout=subprocess.DEVNULL, stderr=self._stderr,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd,
+            pass_fds=[fd],
+            env=self._env,
+            stdout=subprocess.DEVNULL,
+            stderr=self._stderr,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + self._start_timeout
         while True:
             if self.proc.poll() is not None:
@@ -243,7 +289,9 @@ class ServerProcess:
                 pass
             if time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"server on {self.url} not ready within {self._start_timeout:.0f} s")
+                raise RuntimeError(
+                    f"server on {self.url} not ready within {self._start_timeout:.0f} s"
+                )
             time.sleep(0.1)
 
     def stop(self) -> None:
@@ -258,7 +306,7 @@ class ServerProcess:
             self._stderr.close()
         self._sock.close()
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

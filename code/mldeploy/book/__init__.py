@@ -1,0 +1,1 @@
+"""Tooling for the book itself (not deployment code): notebook refresh and conversion."""

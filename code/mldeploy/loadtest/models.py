@@ -1,0 +1,83 @@
+"""The two models the serving section measures: the course's two-moons MLP (cheap: HTTP overhead
+dominates) and a wide MLP whose single-sample call is costly enough for batching to matter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from mldeploy.paths import artifacts_dir
+
+WIDE = {"hidden": 1024, "layers": 5}
+
+
+def two_moons_onnx(out_dir: Path | None = None, *, seed: int = 0) -> Path:
+    """The chapter's two-moons model (``training.train_two_moons``) as ONNX; reuse the file if present."""
+    out_dir = out_dir or artifacts_dir("serving")
+    path = out_dir / "two_moons.onnx"
+    if path.is_file():
+        return path
+    import torch  # only needed to build the file, never to serve it
+
+    from mldeploy import export, training
+
+    trained = training.train_two_moons(seed=seed)
+    return export.export_onnx(trained.model, torch.from_numpy(trained.split.x_train[:8]), path)
+
+
+def wide_onnx(
+    out_dir: Path | None = None, *, hidden: int = WIDE["hidden"], layers: int = WIDE["layers"]
+) -> Path:
+    """A wide MLP (seeded random weights) as ONNX; reuse the file if present."""
+    out_dir = out_dir or artifacts_dir("serving")
+    path = out_dir / f"wide_mlp_{hidden}x{layers}.onnx"
+    return path if path.is_file() else build_wide_mlp(path, hidden=hidden, layers=layers)
+
+
+def build_wide_mlp(
+    path: str | Path,
+    *,
+    hidden: int = 1024,
+    layers: int = 3,
+    n_features: int = 2,
+    n_classes: int = 2,
+    seed: int = 0,
+) -> Path:
+    """Write ``n_features → hidden (× layers, ReLU) → n_classes`` to ``path``; weights He-initialised."""
+    if hidden < 1 or layers < 1:
+        raise ValueError("hidden and layers must be positive")
+    rng = np.random.default_rng(seed)
+    sizes = [n_features] + [hidden] * layers + [n_classes]
+    nodes, inits, x = [], [], "input"
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        w = (rng.standard_normal((fan_in, fan_out)) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+        inits += [
+            numpy_helper.from_array(w, f"w{i}"),
+            numpy_helper.from_array(np.zeros(fan_out, np.float32), f"b{i}"),
+        ]
+        nodes += [
+            helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"]),
+            helper.make_node("Add", [f"m{i}", f"b{i}"], [f"a{i}"]),
+        ]
+        x = f"a{i}"
+        if i < len(sizes) - 2:
+            nodes.append(helper.make_node("Relu", [x], [f"r{i}"]))
+            x = f"r{i}"
+    nodes.append(helper.make_node("Identity", [x], ["logits"]))
+    graph = helper.make_graph(
+        nodes,
+        "wide_mlp",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", n_features])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", n_classes])],
+        initializer=inits,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 18)], producer_name="mldeploy"
+    )
+    onnx.checker.check_model(model)
+    path = Path(path)
+    onnx.save(model, path)
+    return path
