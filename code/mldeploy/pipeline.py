@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -256,3 +257,26 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"  Total time: {time.perf_counter() - start:.1f} s")
     return 0
+
+
+def run_script(out_dir: Path, *args: str, timeout: float = 300) -> str | None:
+    """Run ``code/serve_model.py`` in a child process, as a reader would from a shell; return its
+    output, or print one sentence and return ``None`` when it fails or runs out of time."""
+    from mldeploy import timeouts
+    from mldeploy.paths import REPO_ROOT
+
+    limit = timeouts.scaled(timeout)
+    command = [sys.executable, str(REPO_ROOT / "code" / "serve_model.py"), "--out", str(out_dir)]
+    try:
+        done = subprocess.run([*command, *args], capture_output=True, text=True, timeout=limit)
+    except subprocess.TimeoutExpired:
+        print(
+            f"The demo did not finish within {limit:.0f} s: the machine is busy or slow. Close other "
+            f"programs, or set {timeouts.ENV}=3 before starting Jupyter, and run the cell again."
+        )
+        return None
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
+        print(f"The demo stopped with exit code {done.returncode}: {last}")
+        return None
+    return done.stdout
