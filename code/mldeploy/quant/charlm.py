@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from mldeploy import reproducibility
 from mldeploy.paths import artifacts_dir
 from mldeploy.reproducibility import single_thread
 from mldeploy.training import set_seed
@@ -77,7 +78,12 @@ class CharLMConfig:
     def key(self) -> str:
         """Short hash of everything the trained weights depend on (cache key)."""
         blob = json.dumps(
-            {"config": dataclasses.asdict(self), "train": TRAIN_FILES, "torch": torch.__version__},
+            {
+                "config": dataclasses.asdict(self),
+                "train": TRAIN_FILES,
+                "torch": torch.__version__,
+                "compute": reproducibility.PINNED_ENV if reproducibility.pinned() else "native",
+            },
             sort_keys=True,
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
