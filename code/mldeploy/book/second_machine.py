@@ -126,13 +126,13 @@ def _ort_jobs(work: Path) -> dict:
 def _worker(jobs: dict, prefix: list[str]) -> dict[str, float]:
     proc = subprocess.run(
         [*prefix, sys.executable, "-c", WORKER, json.dumps(jobs)],
-        env={**os.environ, "QEMU_LOG": ""},
         capture_output=True,
         text=True,
         timeout=timeouts.scaled(3600),
     )
     if proc.returncode != 0:
-        raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "?")
+        lines = [line for line in proc.stderr.splitlines() if "TCG doesn't support" not in line]
+        raise RuntimeError(f"exit {proc.returncode}: {lines[-1] if lines else '(no message)'}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

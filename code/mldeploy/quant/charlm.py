@@ -14,11 +14,15 @@ import json
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+if TYPE_CHECKING:
+    import onnxruntime
 
 from mldeploy import reproducibility
 from mldeploy.paths import artifacts_dir
