@@ -94,7 +94,8 @@ def run_demo(
             training.predict_logits(model, split.x_test), split.y_test
         )
         print(
-            f"\n{PAD}Train accuracy: {train_acc:.4f}\n{PAD}Test accuracy:  {result.test_accuracy:.4f}"
+            f"\n{PAD}Train accuracy: {train_acc:.4f}"
+            f"\n{PAD}Test accuracy:  {result.test_accuracy:.4f}"
         )
 
     with _step(3, "Exporting models"):
@@ -126,7 +127,8 @@ def run_demo(
         print(f"{PAD}ONNX Runtime accuracy ({n} samples): {result.onnx_accuracy:.4f}")
         print(f"{PAD}Max |ONNX - PyTorch| ({n} samples): {result.onnx_max_abs_diff:.1e}")
         print(
-            f"{PAD}Inference time (32 samples):        {result.onnx_latency_us:.1f} µs (median of 200)"
+            f"{PAD}Inference time (32 samples):        "
+            f"{result.onnx_latency_us:.1f} µs (median of 200)"
         )
 
     with _step(6, "Post-training INT8 quantization"):
@@ -271,8 +273,9 @@ def run_script(out_dir: Path, *args: str, timeout: float = 300) -> str | None:
         done = subprocess.run([*command, *args], capture_output=True, text=True, timeout=limit)
     except subprocess.TimeoutExpired:
         print(
-            f"The demo did not finish within {limit:.0f} s: the machine is busy or slow. Close other "
-            f"programs, or set {timeouts.ENV}=3 before starting Jupyter, and run the cell again."
+            f"The demo did not finish within {limit:.0f} s: the machine is busy or slow. "
+            f"Close other programs, or set {timeouts.ENV}=3 before starting Jupyter, "
+            "and run the cell again."
         )
         return None
     if done.returncode != 0:

@@ -60,7 +60,7 @@ def check_parity(
     tolerance: float = 1e-5,
     seed: int = 0,
 ) -> list[ParityRow]:
-    """Compare PyTorch and ONNX Runtime outputs on random batches; raise if any differs by > tolerance."""
+    """Compare PyTorch and ONNX Runtime on random batches; raise if any differs by > tolerance."""
     import torch
 
     rng = np.random.default_rng(seed)

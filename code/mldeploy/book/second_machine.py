@@ -82,7 +82,7 @@ def run_notebooks(notebooks: list[Path]) -> int:
 
 
 def _ort_jobs(work: Path) -> dict:
-    """Export the models the notebooks evaluate with ONNX Runtime; windows and references as .npy."""
+    """The models that notebooks evaluate with ONNX Runtime, with inputs and references as .npy."""
     import numpy as np
     import torch
 
