@@ -27,8 +27,10 @@ SAMPLES = [[0.5, -0.3], [-1.0, 0.5], [2.0, 0.25], [0.0, 0.0], [1.2, -0.7]]
 def _say(request: pytest.FixtureRequest, line: str) -> None:
     """Write a line into pytest's terminal output (the size report is part of the result)."""
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(line)
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is not None and capture is not None:
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(line)
 
 
 @pytest.fixture(scope="module")
@@ -114,23 +116,14 @@ def test_has_no_torch_inside(container):
     assert "onnxruntime" in installed and not any(name.startswith(("torch", "nvidia")) for name in installed)
 
 
-def _healthcheck(box: run.Container) -> tuple[int, str]:
-    """The engine runs the image's HEALTHCHECK (Docker has no command for it: run the same command)."""
-    if box.engine.name == "podman":  # prints nothing when healthy, "unhealthy" otherwise
-        proc = box.engine.run("healthcheck", "run", box.name, check=False, timeout=60)
-        return proc.returncode, proc.stdout.strip() or "healthy"
-    proc = box.exec("python", "-m", "mldeploy.healthcheck")
-    return proc.returncode, proc.stdout.strip()
-
-
 def test_healthcheck_passes_while_up_and_fails_when_the_server_is_down(engine, image, container):
-    assert _healthcheck(container) == (0, "healthy")
+    assert container.healthcheck() == (0, "healthy")
     if engine.name == "podman":
         assert container.state()["Health"]["Status"] == "healthy"
     # the same image with the server not started: the container lives, the check must fail
     idle = ("python", "-c", "import time; time.sleep(120)")
     with run.running(engine, image.tag, command=idle, wait=False) as box:
-        code, text = _healthcheck(box)
+        code, text = box.healthcheck()
         assert code != 0 and text.startswith("unhealthy"), text
 
 

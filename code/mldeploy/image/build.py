@@ -152,6 +152,15 @@ def build(engine: Engine, tag: str = TAG, target: str = TARGET, say: Say = say_s
     return time.monotonic() - start
 
 
+STEP_LINE = re.compile(r"\[\d+/\d+\] (STEP|COMMIT)|#\d+ \[[^\]]+\] [A-Z]")  # Podman | Docker BuildKit
+
+
+def log_excerpt(path: Path = BUILD_LOG) -> list[str]:
+    """The build steps of the last build's log, image ids masked (they change with every build)."""
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines() if path.is_file() else []
+    return [re.sub(r"\b[0-9a-f]{12,64}\b", "<id>", re.sub(r"\s+", " ", line.strip())) for line in lines if STEP_LINE.match(line)]
+
+
 @dataclass(frozen=True)
 class Layer:
     size: int

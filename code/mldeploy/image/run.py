@@ -41,6 +41,14 @@ class Container:
         flags = list(args[:2]) if args[:1] == ("--user",) else []
         return self.engine.run("exec", *flags, self.name, *args[len(flags):], check=False, timeout=timeout)
 
+    def healthcheck(self) -> tuple[int, str]:
+        """The engine runs the image's HEALTHCHECK once (Docker has no command for it: run the same command)."""
+        if self.engine.name == "podman":  # prints nothing when healthy, "unhealthy" otherwise
+            proc = self.engine.run("healthcheck", "run", self.name, check=False, timeout=60)
+            return proc.returncode, proc.stdout.strip() or "healthy"
+        proc = self.exec("python", "-m", "mldeploy.healthcheck")
+        return proc.returncode, proc.stdout.strip()
+
     def logs(self) -> str:
         proc = self.engine.run("logs", self.name, check=False, timeout=60)
         return proc.stdout + proc.stderr
