@@ -24,13 +24,19 @@ WORKDIR /app
 FROM base AS builder
 RUN python -m venv /opt/venv
 COPY requirements-serve.txt /tmp/requirements-serve.txt
-RUN pip install --no-cache-dir --requirement /tmp/requirements-serve.txt
+# Behind a proxy that re-signs HTTPS, pass its CA bundle as a build secret (never stored in a layer):
+#   docker build --secret id=pip-ca,src=/etc/ssl/certs/ca-certificates.crt .
+RUN --mount=type=secret,id=pip-ca \
+    if [ -s /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi \
+ && pip install --no-cache-dir --requirement /tmp/requirements-serve.txt
 
 # --- builder-torch: the same plus the CPU build of torch, for the TorchScript variant -----------
 FROM builder AS builder-torch
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 COPY requirements-serve-torch.txt /tmp/requirements-serve-torch.txt
-RUN pip install --no-cache-dir --extra-index-url "${TORCH_INDEX_URL}" --requirement /tmp/requirements-serve-torch.txt
+RUN --mount=type=secret,id=pip-ca \
+    if [ -s /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi \
+ && pip install --no-cache-dir --extra-index-url "${TORCH_INDEX_URL}" --requirement /tmp/requirements-serve-torch.txt
 
 # --- runtime-torchscript: the draft's TorchScript service (build with --target) ----------------
 FROM base AS runtime-torchscript

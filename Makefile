@@ -43,7 +43,7 @@ refresh: $(STAMP)  ## re-execute every notebook in place (updates stored outputs
 	$(PY) -m mldeploy.book.notebooks refresh $(NOTEBOOKS)
 
 test-lib: $(STAMP)
-	$(PY) -m pytest tests -m "not book"
+	$(PY) -m pytest tests -m "not book and not image"
 
 test-notebooks: $(STAMP)
 	$(PY) -m pytest --nbval --nbval-sanitize-with tests/sanitize.cfg -p no:cacheprovider $(NOTEBOOKS)
@@ -57,8 +57,11 @@ test-browser: $(STAMP)  ## the built book in headless chromium; screenshots go t
 page-weight: $(STAMP)  ## bytes a first visit to each page of the book transfers
 	$(PY) -m pytest tests/test_browser.py -q -k page_weight && cat _build/page-weight.txt
 
-test: $(STAMP) lint  ## lint, unit + service tests, nbval over every notebook, book build
-	$(PY) -m pytest tests --nbval --nbval-sanitize-with tests/sanitize.cfg $(NOTEBOOKS)
+test: $(STAMP) lint  ## lint, image tests (where an engine answers), unit + service tests, nbval over every notebook, book build
+	@if [ "$$CI" = true ] || $(PY) -m mldeploy.image.build --check >/dev/null 2>&1; then \
+	  $(MAKE) --no-print-directory image-test; \
+	else echo "image tests not run: $$($(PY) -m mldeploy.image.build --check 2>&1 | sed 's/^error: //')"; fi
+	$(PY) -m pytest tests -m "not image" --nbval --nbval-sanitize-with tests/sanitize.cfg $(NOTEBOOKS)
 
 LINT_PATHS := code tests _ext notebooks
 
@@ -82,18 +85,28 @@ constraints:  ## after changing a pin in requirements*.txt: install without the 
 	mv constraints.txt.new constraints.txt
 
 clean:  ## remove built and generated files (keeps .venv)
+	-@if [ -d artifacts/cache/podman/storage ]; then $(PY) -m mldeploy.image.build --reset; fi
 	rm -rf _build artifacts .pytest_cache
 
 # --- section 5.4: the serving image -------------------------------------------------------------
 SERVE_DIR := artifacts/serve
 SERVE_SOURCES := $(wildcard code/mldeploy/image/*.py) $(addprefix code/mldeploy/,export/formats.py models.py training.py data.py)
 
-.PHONY: artifacts lint-docker
+.PHONY: artifacts lint-docker image image-test image-reset
 
 $(SERVE_DIR)/model.onnx.sha256: $(STAMP) $(SERVE_SOURCES)
 	$(PY) -m mldeploy.image.artifacts --out $(SERVE_DIR)
 
 artifacts: $(SERVE_DIR)/model.onnx.sha256  ## export the model files the Docker image copies (artifacts/serve/)
+
+image: $(SERVE_DIR)/model.onnx.sha256  ## build the serving image ml-server:0.1.0 with Docker, or Podman (installed when missing, as root)
+	$(PY) -m mldeploy.image.build
+
+image-test: image  ## prove the image: answers like the library, uid 10001, read-only root, no torch, HEALTHCHECK, SIGTERM, kube play
+	$(PY) -m pytest tests/test_image.py -m image -p no:cacheprovider
+
+image-reset: $(STAMP)  ## remove every image and container of this repository's Podman storage (before deleting artifacts/cache)
+	$(PY) -m mldeploy.image.build --reset
 
 lint-docker: $(STAMP)  ## lint the Dockerfile (hadolint) and validate deploy/k8s/ against the Kubernetes schema
 	$(VENV)/bin/hadolint Dockerfile

@@ -57,6 +57,16 @@ for name, job in spec.items():
         logits -= logits.max(axis=1, keepdims=True)
         logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
         out[name] = float(np.exp(-logp[np.arange(len(y)), y].mean()))
+        ref = np.load(job["reference"]).astype(np.float64)
+        ref -= ref.max(axis=1, keepdims=True)
+        ref_logp = ref - np.log(np.exp(ref).sum(axis=1, keepdims=True))
+        kl = (np.exp(ref_logp) * (ref_logp - logp)).sum(axis=1).mean()
+        out[name.replace("perplexity", "KL vs FP32")] = float(kl)
+        out[name.replace("perplexity", "top-1 agreement")] = float(
+            (logits.argmax(1) == ref.argmax(1)).mean()
+        )
+    elif job["kind"] == "accuracy":
+        out[name] = float((logits.argmax(1) == np.load(job["y"])).mean())
     else:
         out[name] = float(np.abs(logits - np.load(job["reference"])).max())
 print(json.dumps(out))
@@ -97,6 +107,11 @@ def _ort_jobs(work: Path) -> dict:
     bench = benchmark.lm_bench()
     np.save(work / "lm_x.npy", bench.x[:1024])
     np.save(work / "lm_y.npy", bench.y[:1024])
+    np.save(work / "lm_ref.npy", bench.reference[:1024])
+    np.save(work / "moons_y.npy", moons.split.y_test)
+    int8_moons = int8_ptq.quantize_int8_qdq(
+        onnx_moons, work / "moons_int8.onnx", moons.split.x_train
+    )
     lm = {
         "LM FP32": bench.fp32_onnx,
         "LM INT8 dynamic": int8_ptq.quantize_int8_dynamic(bench.fp32_onnx, work / "dyn.onnx"),
@@ -119,7 +134,14 @@ def _ort_jobs(work: Path) -> dict:
             "model": str(path),
             "x": str(work / "lm_x.npy"),
             "y": str(work / "lm_y.npy"),
+            "reference": str(work / "lm_ref.npy"),
         }
+    jobs["two-moons INT8 accuracy"] = {
+        "kind": "accuracy",
+        "model": str(int8_moons),
+        "x": str(work / "moons_x.npy"),
+        "y": str(work / "moons_y.npy"),
+    }
     return jobs
 
 
@@ -149,12 +171,11 @@ def run_ort() -> int:
         print(f"evaluating {len(jobs)} models under qemu -cpu {QEMU_CPU} (slow: minutes) ...")
         emulated = _worker(jobs, [qemu, "-cpu", QEMU_CPU])
     rows = {}
-    for name in jobs:
+    for name in native:
         a, b = emulated[name], native[name]
-        drift = abs(a - b) / max(abs(b), 1e-12) if name.endswith("perplexity") else abs(a - b)
-        rows[name] = {"native": b, "haswell": a, "drift": drift}
-        kind = "relative" if name.endswith("perplexity") else "absolute"
-        print(f"  {name:<34} native {b:.6g}  haswell {a:.6g}  {kind} drift {drift:.2e}")
+        drift = abs(a - b) / max(abs(b), 1e-12)
+        rows[name] = {"native": b, "haswell": a, "relative_drift": drift}
+        print(f"  {name:<38} native {b:<10.6g} haswell {a:<10.6g} relative drift {drift:.2e}")
     (OUT / "ort-drift.json").write_text(json.dumps(rows, indent=2, sort_keys=True) + "\n")
     return 0
 

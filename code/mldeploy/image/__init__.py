@@ -1,3 +1,4 @@
-"""Section 5.4: what the serving image contains — model files and checksums (``artifacts``,
-``checksums``), the Dockerfile parsed (``dockerfile``) and the dependency footprint
-(``footprint``)."""
+"""Section 5.4: the serving image. What it contains — model files and checksums (``artifacts``,
+``checksums``), the Dockerfile parsed (``dockerfile``), the dependency footprint (``footprint``) —
+and building, running and inspecting it with whichever container engine answers (``engine``,
+``build``, ``run``)."""
