@@ -323,27 +323,12 @@ def link_problems(path: Path, glossary: Path, folder: Path | None = None) -> lis
     return problems
 
 
-def _delinked(text: str) -> tuple[str, list[tuple[re.Match, int, int]]]:
-    """The text with glossary links replaced by their words, and where each link's words now sit."""
-    plain, spans, last = [], [], 0
-    length = 0
-    for m in GLOSSARY_LINK.finditer(text):
-        plain.append(text[last:m.start()])
-        length += m.start() - last
-        spans.append((m, length, length + len(m.group("text"))))
-        plain.append(m.group("text"))
-        length += len(m.group("text"))
-        last = m.end()
-    plain.append(text[last:])
-    return "".join(plain), spans
-
-
 def mislinks(source: Source) -> list[re.Match]:
     """Glossary links whose words are part of a longer word that means something else (运行时间)."""
-    plain, spans = _delinked(source.text)
     bad = []
-    for m, a, b in spans:
-        for x, y in _not_uses(m.group("anchor") or "", plain):
+    for m in GLOSSARY_LINK.finditer(source.text):
+        a, b = m.start("text"), m.end("text")
+        for x, y in _not_uses(m.group("anchor") or "", source.text):
             if x < b and a < y:
                 bad.append(m)
                 break
@@ -418,7 +403,23 @@ NOT_USES: dict[str, list[str]] = {
 
 
 def _not_uses(anchor: str, text: str) -> list[tuple[int, int]]:
-    return [m.span() for pattern in NOT_USES.get(anchor, []) for m in re.finditer(pattern, text)]
+    """Spans of ``text`` inside compounds that are not uses of the term, glossary links read as their words."""
+    plain, index = [], []
+    last = 0
+    for m in GLOSSARY_LINK.finditer(text):
+        plain.append(text[last:m.start()])
+        index += range(last, m.start())
+        plain.append(m.group("text"))
+        index += range(m.start("text"), m.end("text"))
+        last = m.end()
+    plain.append(text[last:])
+    index += range(last, len(text) + 1)
+    joined = "".join(plain)
+    spans = []
+    for pattern in NOT_USES.get(anchor, []):
+        for m in re.finditer(pattern, joined):
+            spans.append((index[m.start()], index[m.end() - 1] + 1))
+    return spans
 NOT_PROSE = re.compile(r"`[^`]*`|<[^>]+>|https?://\S+")
 
 
