@@ -13,7 +13,7 @@ QUIET_INDEX = 2>&1 | { grep -v 'is ignored: it is neither a file nor a directory
 PORT ?= 8888
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
 
-.PHONY: help venv demo serve book lab refresh test test-lib test-notebooks test-book test-browser page-weight bench-serve constraints clean
+.PHONY: help venv demo serve book pdf lab refresh test test-lib test-notebooks test-book test-browser page-weight axe bench-serve constraints clean
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -36,8 +36,15 @@ serve: $(STAMP)  ## serve the demo's ONNX model on 127.0.0.1:$(PORT) (run `make 
 book: $(STAMP)  ## build the static HTML book into _build/html (no re-execution)
 	$(VENV)/bin/jupyter-book build . --builder html --warningiserror --keep-going --quiet
 
+pdf: $(STAMP)  ## the whole book as PDF (双语, 中文, English) printed by chromium, linked from the book
+	BOOK_PDF=1 $(VENV)/bin/jupyter-book build . --builder html --warningiserror --keep-going --quiet
+	$(PY) tests/bookpdf.py _build/html
+
+# The repository root is served (notebooks/ opens first) so that links from a notebook to
+# ../chapters/glossary.md resolve; Markdown files open rendered (settings in .jupyter/lab/).
 lab: $(STAMP)  ## open the notebooks in JupyterLab
-	$(VENV)/bin/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) notebooks/
+	JUPYTERLAB_SETTINGS_DIR=$(CURDIR)/.jupyter/lab/user-settings $(VENV)/bin/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) \
+	  --ServerApp.root_dir=$(CURDIR) --LabApp.default_url=/lab/tree/notebooks
 
 refresh: $(STAMP)  ## re-execute every notebook in place (updates stored outputs)
 	$(PY) -m mldeploy.notebooks refresh $(NOTEBOOKS)
@@ -51,13 +58,20 @@ test-notebooks: $(STAMP)
 test-book: $(STAMP)
 	$(PY) -m pytest tests -m book
 
-test-browser: $(STAMP)  ## the built book in headless chromium; screenshots go to _build/screenshots/
+AXE := node_modules/axe-core/axe.min.js
+$(AXE): package.json package-lock.json
+	npm ci --no-audit --no-fund --ignore-scripts
+	@touch $@
+
+axe: $(AXE)  ## install axe-core (npm) for the accessibility audit in the browser tests
+
+test-browser: $(STAMP) $(AXE)  ## the built book in headless chromium; screenshots go to _build/screenshots/
 	$(PY) -m pytest tests/test_browser.py
 
 page-weight: $(STAMP)  ## bytes a first visit to each page of the book transfers
 	$(PY) -m pytest tests/test_browser.py -q -k page_weight && cat _build/page-weight.txt
 
-test: $(STAMP)  ## unit + service tests, nbval over every notebook, book build
+test: $(STAMP) $(AXE)  ## unit + service tests, nbval over every notebook, book build
 	$(PY) -m pytest tests --nbval --nbval-sanitize-with tests/sanitize.cfg $(NOTEBOOKS)
 
 constraints:  ## after changing a pin in requirements*.txt: install without the old lock, then re-pin everything
