@@ -5,7 +5,8 @@
 - The theme's colour mode defaults to "" and logs "Got invalid theme mode" on a first visit.
 - Page weight: the theme's 1.5 MB ``fontawesome.js`` only redraws as SVG the icons its CSS already
   draws with the icon font, so it goes; the search index (and its scripts) is loaded only by the
-  search page, not by every page in ``<head>``; MathJax only where a page has mathematics.
+  search page, not by every page in ``<head>``; MathJax only where a page has mathematics, and
+  sphinx-design's styles and tab script only where a page uses its components.
 - Accessibility: the solution toggles' ``aria-label="Toggle hidden content"`` hid their visible
   label from screen readers (axe: label-content-name-mismatch); the label itself names them.
 - Every page gets a ``<meta name="description">``: its first English paragraph.
@@ -64,6 +65,8 @@ def add_description(app: Sphinx, pagename: str, templatename: str, context: dict
 FONTAWESOME = re.compile(r'\s*<script defer src="[^"]*_static/scripts/fontawesome\.js[^"]*"></script>')
 SEARCH_SCRIPTS = re.compile(r'\s*<script src="[^"]*(?:_static/searchtools\.js|_static/language_data\.js|searchindex\.js)"></script>')
 MATHJAX = re.compile(r'\s*<script>window\.MathJax = .*?</script>\s*<script defer="defer" src="[^"]*mathjax/tex-chtml\.js"></script>', re.S)
+DESIGN = re.compile(r'\s*<link rel="stylesheet" type="text/css" href="[^"]*_static/sphinx-design\.min\.css[^"]*" />'
+                    r'|\s*<script data-sd-tabs-storage-prefix="[^"]*" src="[^"]*_static/design-tabs\.js[^"]*"></script>')
 HAS_MATH = re.compile(r'class="[^"]*\bmath\b|\\\(|\\\[|\$\$')
 
 
@@ -75,6 +78,8 @@ def lighten(html: str, search_page: bool) -> str:
     body = html[html.find("<body"):]
     if not HAS_MATH.search(body):
         html = MATHJAX.sub("", html)
+    if 'class="sd-' not in body:  # no sphinx-design component (cards, tabs) on the page
+        html = DESIGN.sub("", html)
     return html.replace('<summary aria-label="Toggle hidden content">', "<summary>")
 
 
