@@ -100,6 +100,7 @@
           first.data = first.data.slice(number[1].length);
         }
       }
+      el.removeChild(kids[i]);
       var parts = pairNodes(zhNodes, enNodes);
       var anchor = tail[0] || null;
       if (prefix) el.insertBefore(prefix, anchor);

@@ -1,0 +1,1 @@
+"""Helpers for the book's notebooks (what a page shows, in both languages)."""
