@@ -33,11 +33,14 @@ demo: $(STAMP)  ## run the full pipeline demo (train, export, quantize, serve, c
 serve: $(STAMP)  ## serve the demo's ONNX model on 127.0.0.1:$(PORT) (run `make demo` first)
 	$(VENV)/bin/uvicorn --factory mldeploy.serving:create_app_from_env --host 127.0.0.1 --port $(PORT) --loop asyncio --no-access-log
 
+# _static/ is copied afresh: Sphinx keeps an older copy of a changed file there
 book: $(STAMP)  ## build the static HTML book into _build/html (no re-execution)
+	rm -rf _build/html/_static
 	$(VENV)/bin/jupyter-book build . --builder html --warningiserror --keep-going --quiet
 
 pdf: $(STAMP)  ## the whole book as PDF (双语, 中文, English) printed by chromium, linked from the book
-	BOOK_PDF=1 $(VENV)/bin/jupyter-book build . --builder html --warningiserror --keep-going --quiet
+	rm -rf _build/html/_static
+	BOOK_PDF=1 $(VENV)/bin/jupyter-book build . --all --builder html --warningiserror --keep-going --quiet
 	$(PY) tests/bookpdf.py _build/html
 
 # The repository root is served (notebooks/ opens first) so that links from a notebook to

@@ -10,10 +10,12 @@
 - Accessibility: the solution toggles' ``aria-label="Toggle hidden content"`` hid their visible
   label from screen readers (axe: label-content-name-mismatch); the label itself names them.
 - Every page gets a ``<meta name="description">``: its first English paragraph.
+- ``make pdf`` (BOOK_PDF=1) links the first page to the whole book printed as PDF.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -54,6 +56,17 @@ def _description(doctree: nodes.document | None) -> str:
             text = " ".join(node.astext().split())
             return text if len(text) <= 160 else text[:157].rsplit(" ", 1)[0] + "…"
     return ""
+
+
+def add_pdf_links(app: Sphinx, pagename: str, templatename: str, context: dict, doctree: object) -> None:
+    """With BOOK_PDF=1 (``make pdf``, which prints them into pdf/), the first page links the PDFs."""
+    if not os.environ.get("BOOK_PDF") or pagename != app.config.root_doc or "body" not in context:
+        return
+    link = lambda mode, label: f'<a href="{context["pathto"](f"pdf/mldeploy-{mode}.pdf", 1)}">{label}</a>'  # noqa: E731
+    context["body"] += (
+        '<p class="book-pdf-links"><span lang="zh">整本书的 PDF：</span><span lang="en">The whole book as PDF: </span>'
+        f'{link("both", "双语 · bilingual")} · {link("zh", "中文")} · {link("en", "English")}</p>'
+    )
 
 
 def add_description(app: Sphinx, pagename: str, templatename: str, context: dict, doctree: object) -> None:
@@ -98,6 +111,7 @@ def lighten_pages(app: Sphinx, exception: Exception | None) -> None:
 
 def setup(app: Sphinx) -> dict:
     app.connect("html-page-context", add_description)
+    app.connect("html-page-context", add_pdf_links)
     app.connect("build-finished", lighten_pages)
     app.connect("config-inited", default_mode)
     # early: the event stops at the first handler that returns a template name

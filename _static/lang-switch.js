@@ -235,6 +235,11 @@
   } else {
     build();
   }
+  // For the PDF printer (tests/bookpdf.py): cut pairs in content added later, and switch modes.
+  window.bookLanguage = {
+    refresh: function (scope) { splitPairs(scope); apply(root.getAttribute("data-lang-mode")); },
+    apply: apply,
+  };
   // Another tab changed the language: follow it.
   window.addEventListener("storage", function (event) {
     if (event.key === KEY && valid(event.newValue)) apply(event.newValue);
