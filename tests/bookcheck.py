@@ -593,6 +593,8 @@ def quoted_numbers(text: str) -> list[tuple[str, float, int]]:
             continue  # a version or a section number
         if re.match(r"\d+\.\d+[a-z]?(?:\.\d+)?$", m.group(0)) and not unit and re.search(r"(节|section|Section|见|see)\s*$", before):
             continue
+        if re.match(r"\s*[×x]?\s*\d", text[m.end():m.end() + 4]) and unit in ("×", "x", None) or re.search(r"\d\s*[×x]\s*$", before):
+            continue  # a shape such as 2 × 3
         if not unit and re.fullmatch(r"5\.\d", m.group(0)):
             continue  # a section of this chapter
         if decimals is None and unit not in ("KiB", "MiB", "KB", "MB", "%", "×", "x", "倍", "req/s"):
