@@ -139,6 +139,10 @@
         el.removeChild(n);
       });
     });
+    // the search button's visible words name it now (axe: label-content-name-mismatch)
+    Array.prototype.forEach.call(document.querySelectorAll(".search-button__button[aria-label]"), function (el) {
+      el.removeAttribute("aria-label");
+    });
     // figure and table numbers: "Fig. 3 " -> 图 3 · Fig. 3
     Array.prototype.forEach.call(document.querySelectorAll(".caption-number"), function (el) {
       var m = el.textContent.match(/^(Fig\.|Table)\s*(\S+?)\s*$/);
