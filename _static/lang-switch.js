@@ -141,7 +141,7 @@
     });
     // the search button's visible words name it now (axe: label-content-name-mismatch)
     Array.prototype.forEach.call(document.querySelectorAll(".search-button__button[aria-label]"), function (el) {
-      el.removeAttribute("aria-label");
+      if (el.textContent.trim()) el.removeAttribute("aria-label");  // an icon-only button keeps its name
     });
     // figure and table numbers: "Fig. 3 " -> 图 3 · Fig. 3
     Array.prototype.forEach.call(document.querySelectorAll(".caption-number"), function (el) {
