@@ -608,8 +608,9 @@ def test_student_view_in_jupyterlab_shows_no_raw_markup(browser, jupyterlab) -> 
             assert re.search(r"[\u4e00-\u9fff]{8}", joined) and re.search(r"\b(the|and|of)\b", joined), notebook.name
             # solutions are folded (cell metadata jupyter.source_hidden) as the text promises
             hidden = sum("hide-input" in c.metadata.get("tags", []) for c in nbformat.read(notebook, as_version=4).cells)
-            folded = tab.locator(".jp-CodeCell .jp-InputPlaceholder").count()
-            assert folded >= hidden, f"{notebook.name}: {hidden} solutions, {folded} folded in JupyterLab"
+            folded = tab.evaluate("() => [...document.querySelectorAll('.jp-CodeCell .jp-InputPlaceholder')]"
+                                  ".filter(p => p.checkVisibility()).length")
+            assert folded == hidden, f"{notebook.name}: {hidden} solutions, {folded} folded in JupyterLab"
             tab.screenshot(path=str(SCREENSHOTS / f"jupyterlab-{notebook.stem}.png"))
     finally:
         context.close()
