@@ -13,7 +13,7 @@ QUIET_INDEX = 2>&1 | { grep -v 'is ignored: it is neither a file nor a directory
 PORT ?= 8888
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
 
-.PHONY: help venv demo serve book lab refresh test test-lib test-notebooks test-book test-browser page-weight bench-serve constraints clean lint format second-machine
+.PHONY: help venv demo serve book pdf lab refresh test test-lib test-notebooks test-book test-browser page-weight axe bench-serve constraints clean lint format second-machine
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -33,11 +33,21 @@ demo: $(STAMP)  ## run the full pipeline demo (train, export, quantize, serve, c
 serve: $(STAMP)  ## serve the demo's ONNX model on 127.0.0.1:$(PORT) (run `make demo` first)
 	$(VENV)/bin/uvicorn --factory mldeploy.serving:create_app_from_env --host 127.0.0.1 --port $(PORT) --loop asyncio --no-access-log
 
+# _static/ is copied afresh: Sphinx keeps an older copy of a changed file there
 book: $(STAMP)  ## build the static HTML book into _build/html (no re-execution)
+	rm -rf _build/html/_static
 	$(VENV)/bin/jupyter-book build . --builder html --warningiserror --keep-going --quiet
 
+pdf: $(STAMP)  ## the whole book as PDF (双语, 中文, English) printed by chromium, linked from the book
+	rm -rf _build/html/_static
+	BOOK_PDF=1 $(VENV)/bin/jupyter-book build . --all --builder html --warningiserror --keep-going --quiet
+	$(PY) tests/bookpdf.py _build/html
+
+# The repository root is served (notebooks/ opens first) so that links from a notebook to
+# ../chapters/glossary.md resolve; Markdown files open rendered (settings in .jupyter/lab/).
 lab: $(STAMP)  ## open the notebooks in JupyterLab
-	$(VENV)/bin/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) notebooks/
+	JUPYTERLAB_SETTINGS_DIR=$(CURDIR)/.jupyter/lab/user-settings $(VENV)/bin/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) \
+	  --ServerApp.root_dir=$(CURDIR) --LabApp.default_url=/lab/tree/notebooks
 
 refresh: $(STAMP)  ## re-execute every notebook in place (updates stored outputs)
 	$(PY) -m mldeploy.book.notebooks refresh $(NOTEBOOKS)
@@ -51,13 +61,20 @@ test-notebooks: $(STAMP)
 test-book: $(STAMP)
 	$(PY) -m pytest tests -m book
 
-test-browser: $(STAMP)  ## the built book in headless chromium; screenshots go to _build/screenshots/
+AXE := node_modules/axe-core/axe.min.js
+$(AXE): package.json package-lock.json
+	npm ci --no-audit --no-fund --ignore-scripts
+	@touch $@
+
+axe: $(AXE)  ## install axe-core (npm) for the accessibility audit in the browser tests
+
+test-browser: $(STAMP) $(AXE)  ## the built book in headless chromium; screenshots go to _build/screenshots/
 	$(PY) -m pytest tests/test_browser.py
 
 page-weight: $(STAMP)  ## bytes a first visit to each page of the book transfers
 	$(PY) -m pytest tests/test_browser.py -q -k page_weight && cat _build/page-weight.txt
 
-test: $(STAMP) lint  ## lint, image tests (where an engine answers), unit + service tests, nbval over every notebook, book build
+test: $(STAMP) $(AXE) lint  ## lint, image tests (where an engine answers), unit + service tests, nbval over every notebook, book build
 	@if [ "$$CI" = true ] || $(PY) -m mldeploy.image.build --check >/dev/null 2>&1; then \
 	  $(MAKE) --no-print-directory image-test; \
 	else echo "image tests not run: $$($(PY) -m mldeploy.image.build --check 2>&1 | sed 's/^error: //')"; fi

@@ -158,6 +158,12 @@ def split_blocks(source: Source) -> tuple[list[Block], list[str]]:
             lang, start = None, i + 1
             i += 1
             continue
+        if lang is not None and HEADING.match(line):
+            problems.append(
+                f'{_where(source, i + 1)}: heading inside a <div lang="{lang}"> block (Sphinx would close the '
+                "section inside the div and break the page): put it before the div, bilingual "
+                "(`python tests/bookcheck.py fix-structure FILE` moves it)"
+            )
         if "<div lang" in line:
             problems.append(
                 f'{_where(source, i + 1)}: write <div lang="zh"> / <div lang="en"> alone on its line'
@@ -346,6 +352,54 @@ def link_problems(path: Path, glossary: Path, folder: Path | None = None) -> lis
     return problems
 
 
+def mislinks(source: Source) -> list[re.Match]:
+    """Glossary links whose words are part of a longer word that means something else (运行时间)."""
+    bad = []
+    for m in GLOSSARY_LINK.finditer(source.text):
+        a, b = m.start("text"), m.end("text")
+        for x, y in _not_uses(m.group("anchor") or "", source.text):
+            if x < b and a < y:
+                bad.append(m)
+                break
+    return bad
+
+
+def mislink_problems(path: Path) -> list[str]:
+    problems = []
+    for source in markdown_sources(path):
+        for m in mislinks(source):
+            problems.append(
+                f"{path.name}, {source.where}: {m.group(0)!r} links part of a longer word that means "
+                "something else (`python tests/bookcheck.py relink FILE` fixes it)"
+            )
+    return problems
+
+
+def unlink_mislinks(path: Path) -> int:
+    """Replace each mislink by its plain words, in place; return how many."""
+    count = 0
+    if path.suffix == ".ipynb":
+        nb = nbformat.read(path, as_version=4)
+        for cell in nb.cells:
+            if cell.cell_type != "markdown":
+                continue
+            bad = mislinks(Source(path, "", cell.source))
+            for m in sorted(bad, key=lambda m: -m.start()):
+                cell.source = cell.source[: m.start()] + m.group("text") + cell.source[m.end() :]
+            count += len(bad)
+        if count:
+            nbformat.write(nb, path)
+    else:
+        text = path.read_text(encoding="utf-8")
+        bad = mislinks(Source(path, "", text))
+        for m in sorted(bad, key=lambda m: -m.start()):
+            text = text[: m.start()] + m.group("text") + text[m.end() :]
+        count = len(bad)
+        if count:
+            path.write_text(text, encoding="utf-8")
+    return count
+
+
 def _mask(text: str, spans: list[tuple[int, int]]) -> str:
     chars = list(text)
     for a, b in spans:
@@ -365,6 +419,44 @@ def _pattern(name: str, lang: str) -> re.Pattern:
 
 
 ANY_LINK = re.compile(r"!?\[[^\]]*\]\([^)]*\)")
+
+# Longer words that contain a glossary name but mean something else: never a use of the term, and a
+# glossary link inside one is a mislink. Chinese has no spaces between words, so 运行时 (runtime) is
+# also found inside 运行时间 (run time); English compounds name other things (shape inference is the
+# ONNX checker's, a container runtime is Docker's, Percentile is a calibration method).
+NOT_USES: dict[str, list[str]] = {
+    "runtime": [r"运行时间", r"容器运行时", r"[Cc]ontainer runtimes?"],
+    "inference": [r"[Ss]hape inference", r"[Tt]ype inference"],
+    "percentile": [
+        r"(?<=[\w,，、] )Percentile",
+        r"(?<=[,，、])Percentile",
+        r"Percentile(?= calibration| 校准)",
+        r"百分位校准",
+    ],
+    "batch": [r"[Ll]azy batch(?:es)?"],
+}
+
+
+def _not_uses(anchor: str, text: str) -> list[tuple[int, int]]:
+    """Spans of ``text`` inside compounds that are not uses of the term, glossary links read as their words."""
+    plain, index = [], []
+    last = 0
+    for m in GLOSSARY_LINK.finditer(text):
+        plain.append(text[last : m.start()])
+        index += range(last, m.start())
+        plain.append(m.group("text"))
+        index += range(m.start("text"), m.end("text"))
+        last = m.end()
+    plain.append(text[last:])
+    index += range(last, len(text) + 1)
+    joined = "".join(plain)
+    spans = []
+    for pattern in NOT_USES.get(anchor, []):
+        for m in re.finditer(pattern, joined):
+            spans.append((index[m.start()], index[m.end() - 1] + 1))
+    return spans
+
+
 NOT_PROSE = re.compile(r"`[^`]*`|<[^>]+>|https?://\S+")
 
 
@@ -420,6 +512,7 @@ def first_unlinked_uses(path: Path, glossary: Path) -> list[Unlinked]:
                 masked = _mask(
                     masked, [m.span() for n in longer for m in _pattern(n, lang).finditer(masked)]
                 )
+                masked = _mask(masked, _not_uses(term.anchor, text))
                 uses = sorted(
                     (m.start(), m.group())
                     for n in names
@@ -476,6 +569,255 @@ def link_first_uses(path: Path, glossary: Path) -> int:
             path.write_text(text, encoding="utf-8")
         count += 1
     return count
+
+
+# --- one vocabulary, one accent, no talk of drafts ---------------------------------------------
+
+# Words that drift from the glossary's headwords (and so lose their links): variant -> headword.
+VARIANTS: dict[str, str] = {
+    r"批大小": "批次大小 (batch size, headword 批次)",
+    r"批量(?!化)": "批次 (batch)",
+    r"两月牙|双月牙": "双月 (two moons)",
+    r"(?<!百)分位数": "百分位数 (percentile)",
+    r"脚本(?=（scripting|\(scripting| · scripting)": "脚本化 (scripting)",
+    r"(?<![\w-])[Rr]un-time(?![\w-])": "run time (English prose) / runtime (the glossary term)",
+}
+# British vowels in an IPA transcription: the glossary uses American English throughout.
+BRITISH_IPA = re.compile(r"ɒ|əʊ|eə(?!r)|ɪə(?!r)|ʊə(?!r)")
+IPA = re.compile(r"/[^/\s`][^/`\n]{0,40}?/")
+DRAFT = re.compile(r"\bdrafts?\b|草稿", re.IGNORECASE)
+
+
+def _prose(path: Path) -> list[tuple[Source, str]]:
+    """(source, text) of the prose a reader sees: code fences, inline code and link targets removed."""
+    out = []
+    for source in markdown_sources(path):
+        blocks, _ = split_blocks(source)
+        text = "\n".join(b.text for b in blocks)
+        text = re.sub(r"`[^`]*`", " ", text)
+        text = re.sub(r"\]\([^)]*\)", "]", text)
+        out.append((source, text))
+    return out
+
+
+def terminology_problems(path: Path) -> list[str]:
+    """Chinese terms as the glossary writes them; IPA in American English; no mention of drafts."""
+    problems = []
+    for source, text in _prose(path):
+        where = f"{path.name}, {source.where}" if path.suffix == ".ipynb" else path.name
+        for pattern, headword in VARIANTS.items():
+            for m in re.finditer(pattern, text):
+                problems.append(f"{where}: {m.group(0)!r} — the glossary's word is {headword}")
+        for m in IPA.finditer(text):
+            if re.search(r"[ˈˌəɪʊʃʒθðŋæɑɔɛʌː]", m.group(0)) and BRITISH_IPA.search(m.group(0)):
+                problems.append(
+                    f"{where}: IPA {m.group(0)} is British; write the American pronunciation"
+                )
+        for m in DRAFT.finditer(text):
+            problems.append(
+                f"{where}: {text[max(0, m.start() - 30) : m.end() + 10]!r} mentions a draft the reader never saw"
+            )
+    return problems
+
+
+# --- numbers in prose agree with the outputs ---------------------------------------------------
+
+NUMBER = re.compile(
+    r"(?<![\w.\-/])(\d{1,3}(?:,\d{3})+|\d+)(?:\.(\d+))?(?:\s?(KiB|MiB|KB|MB|ms|µs|s|%|×|x|倍|秒|毫秒|微秒|req/s))?(?![\w.])"
+)
+
+
+def _numbers_in_outputs(cells: list[dict]) -> list[float]:
+    values = []
+    for cell in cells:
+        for out in cell.get("outputs", []):
+            texts = [out.get("text", "")] + [
+                out.get("data", {}).get(m, "") for m in ("text/plain", "text/html", "text/markdown")
+            ]
+            for t in texts:
+                t = "".join(t) if isinstance(t, list) else t
+                for m in re.finditer(r"-?\d[\d,]*\.?\d*(?:e[-+]?\d+)?", t):
+                    try:
+                        values.append(float(m.group(0).replace(",", "").rstrip(".")))
+                    except ValueError:
+                        pass
+    return values
+
+
+def quoted_numbers(text: str) -> list[tuple[str, float, int]]:
+    """Numbers a sentence quotes as measurements: with decimals or a unit (12.3 ms, 3.9×, 2338 个参数 excluded)."""
+    found = []
+    for m in NUMBER.finditer(text):
+        whole, decimals, unit = m.group(1), m.group(2), m.group(3)
+        before = text[max(0, m.start() - 12) : m.start()]
+        if re.search(
+            r"(?:\d\.|\b(?:PyTorch|Python|torch|onnxruntime|Runtime|opset|ONNX|Sphinx|v|version|节|section|Section|§)\s*)$",
+            before,
+        ):
+            continue  # a version or a section number
+        if (
+            re.match(r"\d+\.\d+[a-z]?(?:\.\d+)?$", m.group(0))
+            and not unit
+            and re.search(r"(节|section|Section|见|see)\s*$", before)
+        ):
+            continue
+        if (
+            re.match(r"\s*[×x]?\s*\d", text[m.end() : m.end() + 4])
+            and unit in ("×", "x", None)
+            or re.search(r"\d\s*[×x]\s*$", before)
+        ):
+            continue  # a shape such as 2 × 3
+        if not unit and re.fullmatch(r"5\.\d", m.group(0)):
+            continue  # a section of this chapter
+        if decimals is None and unit not in (
+            "KiB",
+            "MiB",
+            "KB",
+            "MB",
+            "%",
+            "×",
+            "x",
+            "倍",
+            "req/s",
+        ):
+            continue  # counts, and durations quoted as rough run times ("about 15 s")
+        if re.search(r"(?:arXiv:?\s*|abs/)$", before) or (
+            decimals and len(whole) == 4 and len(decimals) == 5
+        ):
+            continue  # a paper's arXiv number
+        value = float(whole.replace(",", "") + ("." + decimals if decimals else ""))
+        found.append((m.group(0), value, len(decimals or "")))
+    return found
+
+
+def number_problems(path: Path) -> list[str]:
+    """Each measured-looking number in a notebook's prose appears, rounded as quoted, in one of its outputs."""
+    cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+    outputs = _numbers_in_outputs(cells)
+    problems = []
+    for source, text in _prose(path):
+        text = "\n".join(line for line in text.split("\n") if not HEADING.match(line))
+        text = re.sub(
+            r"\d+(?:\.\d+)+[a-z]?\s*(?:节|section)|(?:section|Section|§)\s*\d+(?:\.\d+)*[a-z]?",
+            " ",
+            text,
+        )
+        text = re.sub(r"\b\d+\.\d+\.\d+\b", " ", text)  # version numbers
+        for shown, value, digits in quoted_numbers(text):
+            candidates = [value, value / 100] if shown.endswith("%") else [value]
+            ok = any(
+                abs(round(o, digits) - c) < 1e-9 or abs(round(o * f, digits) - c) < 1e-9
+                for o in outputs
+                for c in candidates
+                for f in (1, 1 / 1024, 1024, 1e3, 1e-3)
+            )
+            if not ok:
+                problems.append(
+                    f"{path.name}, {source.where}: {shown!r} in the prose matches no number in the outputs"
+                )
+    return problems
+
+
+# --- what JupyterLab and the book show of a section ---------------------------------------------
+
+
+def solution_visibility_problems(path: Path) -> list[str]:
+    """Solution cells (tag hide-input) are folded in JupyterLab too: metadata jupyter.source_hidden."""
+    cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+    return [
+        f"{path.name}, cell {i}: tagged {SOLUTION_TAG!r} but not folded in JupyterLab "
+        "(`python tests/bookcheck.py fix-structure FILE` sets jupyter.source_hidden)"
+        for i, c in enumerate(cells)
+        if c["cell_type"] == "code"
+        and SOLUTION_TAG in c.get("metadata", {}).get("tags", [])
+        and not c.get("metadata", {}).get("jupyter", {}).get("source_hidden")
+    ]
+
+
+def figure_problems(path: Path) -> list[str]:
+    """Every plot: alt text and a numbered caption in both languages (cell metadata mystnb.image/figure)."""
+    cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+    problems = []
+    for i, cell in enumerate(cells):
+        if cell["cell_type"] != "code" or not any(
+            "image/png" in o.get("data", {}) for o in cell.get("outputs", [])
+        ):
+            continue
+        mystnb = cell.get("metadata", {}).get("mystnb", {})
+        alt = mystnb.get("image", {}).get("alt", "")
+        caption = mystnb.get("figure", {}).get("caption", "")
+        name = mystnb.get("figure", {}).get("name", "")
+        for what, text in (("image.alt", alt), ("figure.caption", caption)):
+            if not re.search(r"[\u4e00-\u9fff].* · [^\u4e00-\u9fff]*[A-Za-z]", text):
+                problems.append(
+                    f"{path.name}, cell {i}: a figure needs metadata mystnb.{what} as `中文 · English`"
+                )
+        if not name:
+            problems.append(
+                f"{path.name}, cell {i}: a figure needs metadata mystnb.figure.name (numbers and links it)"
+            )
+    return problems
+
+
+def lift_headings(text: str) -> str:
+    """Move every heading found inside a language block to just before that block (idempotent)."""
+    out: list[str] = []
+    opened: int | None = None
+    fence: str | None = None
+    lifted = False
+    for line in text.split("\n"):
+        stripped = line.strip()
+        if fence:
+            fence = None if stripped.startswith(fence) else fence
+            out.append(line)
+            continue
+        match = FENCE.match(line)
+        if match:
+            fence = match.group(1)
+        elif OPEN.match(stripped):
+            opened = len(out)
+        elif CLOSE.match(stripped) and opened is not None:
+            opened = None
+        elif opened is not None and HEADING.match(line):
+            out[opened:opened] = [line, ""]
+            opened += 2
+            lifted = True
+            continue
+        if lifted and not stripped and out and not out[-1].strip():
+            continue  # the blank line that followed the lifted heading
+        lifted = False
+        out.append(line)
+    return "\n".join(out)
+
+
+def fix_structure(path: Path) -> list[str]:
+    """Idempotent repairs any section can take after a merge: headings out of language blocks,
+    solutions folded in JupyterLab, mislinked glossary words unlinked and first uses relinked."""
+    changes = []
+    nb = nbformat.read(path, as_version=4)
+    dirty = False
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type == "markdown":
+            lifted = lift_headings(cell.source)
+            if lifted != cell.source:
+                cell.source, dirty = lifted, True
+                changes.append(f"cell {i}: heading moved out of a language block")
+        elif SOLUTION_TAG in cell.metadata.get("tags", []) and not cell.metadata.get(
+            "jupyter", {}
+        ).get("source_hidden"):
+            cell.metadata.setdefault("jupyter", {})["source_hidden"] = True
+            dirty = True
+            changes.append(f"cell {i}: solution folded in JupyterLab")
+    if dirty:
+        nbformat.write(nb, path)
+    glossary = Path(__file__).resolve().parents[1] / "chapters" / "glossary.md"
+    unlinked = unlink_mislinks(path)
+    if unlinked:
+        changes.append(f"{unlinked} mislinked glossary words unlinked")
+    linked = link_first_uses(path, glossary)
+    if linked:
+        changes.append(f"{linked} first uses linked")
+    return changes
 
 
 # --- exercises and stamps --------------------------------------------------------------------
@@ -551,13 +893,28 @@ def pinned_versions(
 
 
 def main(argv: list[str]) -> int:
-    """``python tests/bookcheck.py link-first-uses FILE...``: link first uses of glossary terms."""
-    if len(argv) < 2 or argv[0] != "link-first-uses":
+    """Repair commands, each idempotent (safe to re-run after a merge):
+
+    python tests/bookcheck.py link-first-uses FILE...   link each glossary term's first use
+    python tests/bookcheck.py relink FILE...            unlink mislinks (运行时间), then link first uses
+    python tests/bookcheck.py fix-structure FILE...     headings out of language blocks, solutions folded
+                                                        in JupyterLab, then relink
+    """
+    commands = {"link-first-uses", "relink", "fix-structure"}
+    if len(argv) < 2 or argv[0] not in commands:
         print(main.__doc__, file=sys.stderr)
         return 2
     glossary = Path(__file__).resolve().parents[1] / "chapters" / "glossary.md"
     for name in argv[1:]:
-        print(f"{name}: linked {link_first_uses(Path(name), glossary)} first uses")
+        path = Path(name)
+        if argv[0] == "link-first-uses":
+            print(f"{name}: linked {link_first_uses(path, glossary)} first uses")
+        elif argv[0] == "relink":
+            print(
+                f"{name}: unlinked {unlink_mislinks(path)} mislinks, linked {link_first_uses(path, glossary)} first uses"
+            )
+        else:
+            print(f"{name}: " + ("; ".join(fix_structure(path)) or "nothing to change"))
     return 0
 
 

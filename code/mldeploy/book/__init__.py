@@ -1,1 +1,3 @@
-"""Tooling for the book itself (not deployment code): notebook refresh and conversion."""
+"""Tooling for the book itself, not deployment code: what a page shows in both languages
+(``bilingual``), notebook refresh and conversion (``notebooks``), nbval's declared numeric
+tolerance (``nbval_tolerance``) and the second-machine check (``second_machine``)."""
