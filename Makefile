@@ -13,7 +13,7 @@ QUIET_INDEX = 2>&1 | { grep -v 'is ignored: it is neither a file nor a directory
 PORT ?= 8888
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
 
-.PHONY: help venv demo serve book lab refresh test test-lib test-notebooks test-book test-browser page-weight bench-serve constraints clean
+.PHONY: help venv demo serve book lab refresh test test-lib test-notebooks test-book test-browser page-weight bench-serve constraints clean lint format second-machine
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -57,8 +57,23 @@ test-browser: $(STAMP)  ## the built book in headless chromium; screenshots go t
 page-weight: $(STAMP)  ## bytes a first visit to each page of the book transfers
 	$(PY) -m pytest tests/test_browser.py -q -k page_weight && cat _build/page-weight.txt
 
-test: $(STAMP)  ## unit + service tests, nbval over every notebook, book build
+test: $(STAMP) lint  ## lint, unit + service tests, nbval over every notebook, book build
 	$(PY) -m pytest tests --nbval --nbval-sanitize-with tests/sanitize.cfg $(NOTEBOOKS)
+
+LINT_PATHS := code tests _ext notebooks
+
+lint: $(STAMP)  ## ruff: lint and format check of the library, tests, book extensions and notebook code cells
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+
+format: $(STAMP)  ## apply ruff's fixes and formatting (then re-run `make lint`)
+	$(VENV)/bin/ruff check --fix $(LINT_PATHS)
+	$(VENV)/bin/ruff format $(LINT_PATHS)
+
+second-machine: $(STAMP)  ## re-run every notebook as another CPU would; ONNX Runtime on an emulated Haswell (qemu-user)
+	$(PY) -m mldeploy.book.second_machine notebooks
+	@if command -v qemu-x86_64 >/dev/null; then $(PY) -m mldeploy.book.second_machine ort; \
+	else echo "qemu-x86_64 not found (apt-get install -y qemu-user): ONNX Runtime's kernels not checked on an AVX2-only CPU"; fi
 
 constraints:  ## after changing a pin in requirements*.txt: install without the old lock, then re-pin everything
 	@test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)

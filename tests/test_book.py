@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from mldeploy import timeouts
 from mldeploy.paths import REPO_ROOT
 
 pytestmark = pytest.mark.book
@@ -28,7 +29,7 @@ def test_book_builds_without_warnings_and_has_every_page(tmp_path):
         ],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeouts.scaled(900),
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     html = tmp_path / "_build" / "html"

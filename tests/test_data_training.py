@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from mldeploy import data, models, runtime, training
 
@@ -31,6 +32,8 @@ def test_training_is_reproducible_and_learns(split):
 
     (m1, h1), (m2, h2) = run(), run()
     assert h1 == h2
+    for a, b in zip(m1.parameters(), m2.parameters(), strict=True):
+        assert torch.equal(a, b)
     assert h1[-1] < 0.5 * h1[0]
     assert training.accuracy(training.predict_logits(m1, split.x_test), split.y_test) > 0.95
 

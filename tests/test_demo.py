@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 
+from mldeploy import timeouts
 from mldeploy.paths import REPO_ROOT
 
 SCRIPT = REPO_ROOT / "code" / "serve_model.py"
@@ -12,7 +13,11 @@ SCRIPT = REPO_ROOT / "code" / "serve_model.py"
 
 def _run(*args, **kwargs):
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300, **kwargs
+        [sys.executable, str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeouts.scaled(600),
+        **kwargs,
     )
 
 

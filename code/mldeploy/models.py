@@ -1,4 +1,5 @@
-"""Models of the chapter: the draft's SimpleMLP and a small model with data-dependent control flow."""
+"""Models of the chapter: SimpleMLP (2→64→32→2) and a small model with data-dependent control
+flow."""
 
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def count_parameters(model: nn.Module) -> int:
 
 
 class SignGateCond(nn.Module):
-    """``SignGate`` rewritten with ``torch.cond`` so that ``torch.export`` captures both branches."""
+    """``SignGate`` rewritten with ``torch.cond`` so ``torch.export`` captures both branches."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cond(x.sum() > 0, lambda t: t * 2, lambda t: -t, (x,))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -93,7 +94,8 @@ def run_demo(
             training.predict_logits(model, split.x_test), split.y_test
         )
         print(
-            f"\n{PAD}Train accuracy: {train_acc:.4f}\n{PAD}Test accuracy:  {result.test_accuracy:.4f}"
+            f"\n{PAD}Train accuracy: {train_acc:.4f}"
+            f"\n{PAD}Test accuracy:  {result.test_accuracy:.4f}"
         )
 
     with _step(3, "Exporting models"):
@@ -125,7 +127,8 @@ def run_demo(
         print(f"{PAD}ONNX Runtime accuracy ({n} samples): {result.onnx_accuracy:.4f}")
         print(f"{PAD}Max |ONNX - PyTorch| ({n} samples): {result.onnx_max_abs_diff:.1e}")
         print(
-            f"{PAD}Inference time (32 samples):        {result.onnx_latency_us:.1f} µs (median of 200)"
+            f"{PAD}Inference time (32 samples):        "
+            f"{result.onnx_latency_us:.1f} µs (median of 200)"
         )
 
     with _step(6, "Post-training INT8 quantization"):
@@ -256,3 +259,27 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"  Total time: {time.perf_counter() - start:.1f} s")
     return 0
+
+
+def run_script(out_dir: Path, *args: str, timeout: float = 300) -> str | None:
+    """Run ``code/serve_model.py`` in a child process, as a reader would from a shell; return its
+    output, or print one sentence and return ``None`` when it fails or runs out of time."""
+    from mldeploy import timeouts
+    from mldeploy.paths import REPO_ROOT
+
+    limit = timeouts.scaled(timeout)
+    command = [sys.executable, str(REPO_ROOT / "code" / "serve_model.py"), "--out", str(out_dir)]
+    try:
+        done = subprocess.run([*command, *args], capture_output=True, text=True, timeout=limit)
+    except subprocess.TimeoutExpired:
+        print(
+            f"The demo did not finish within {limit:.0f} s: the machine is busy or slow. "
+            f"Close other programs, or set {timeouts.ENV}=3 before starting Jupyter, "
+            "and run the cell again."
+        )
+        return None
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
+        print(f"The demo stopped with exit code {done.returncode}: {last}")
+        return None
+    return done.stdout

@@ -93,7 +93,7 @@ def train_two_moons(
     seed: int = 0,
     on_epoch: Callable[[int, float], None] | None = None,
 ) -> TwoMoons:
-    """The chapter's model: ``SimpleMLP`` trained (seeded) on the two-moons split of ``data.load_moons``."""
+    """The chapter's model: ``SimpleMLP`` trained (seeded) on ``data.load_moons``'s split."""
     split = data.load_moons(seed=seed)
     set_seed(seed)
     model = models.SimpleMLP()

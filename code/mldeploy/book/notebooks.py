@@ -63,7 +63,7 @@ def from_script(text: str) -> nbformat.NotebookNode:
 
 
 def _coalesce_streams(outputs: list) -> list:
-    """Merge consecutive stdout (or stderr) chunks: how the kernel splits a stream is timing noise."""
+    """Merge consecutive stdout (or stderr) chunks: how a kernel splits a stream is timing noise."""
     merged: list = []
     for output in outputs:
         if (
@@ -109,7 +109,7 @@ def stamp(nb: nbformat.NotebookNode) -> dict[str, str]:
 
 
 def execute(path: Path, timeout: int = 600) -> float:
-    """Execute a notebook top to bottom in its own folder and write it back; return seconds taken."""
+    """Execute a notebook top to bottom in its own folder, write it back; return seconds taken."""
     nb = nbformat.read(path, as_version=4)
     start = time.perf_counter()
     client = NotebookClient(

@@ -24,7 +24,7 @@ MAX_BATCH = 4096  # upper bound of the dynamic batch dimension in exported graph
 
 @contextlib.contextmanager
 def _quiet_export() -> Iterator[None]:
-    """Silence deprecation chatter and the ONNX exporter's 'torchvision is not installed' log lines."""
+    """Silence deprecation chatter and the ONNX exporter's 'torchvision is not installed' lines."""
     names = ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx.experimental.symbolic_shapes")
     loggers = [logging.getLogger(name) for name in names]
     levels = [lg.level for lg in loggers]
@@ -69,7 +69,7 @@ def save_state_dict(model: nn.Module, path: str | Path) -> Path:
 
 
 def contains_text(path: str | Path, text: str) -> bool:
-    """Whether a model file holds ``text`` anywhere, looking inside (compressed) zip archives too."""
+    """Whether a model file holds ``text`` anywhere, inside (compressed) zip archives too."""
     needle = text.encode()
     path = Path(path)
     if zipfile.is_zipfile(path):
@@ -79,7 +79,7 @@ def contains_text(path: str | Path, text: str) -> bool:
 
 
 def strip_torchscript_debug(path: str | Path) -> int:
-    """Remove the ``*.debug_pkl`` records (source ranges with absolute file paths) from a TorchScript
+    """Remove the ``*.debug_pkl`` records (source ranges with absolute paths) from a TorchScript
     archive in place; return how many were removed. The module loads and runs the same without them.
     """
     path = Path(path)
@@ -145,7 +145,7 @@ def export_program(
 
 
 def explain_export_failure(model: nn.Module, example: torch.Tensor) -> str | None:
-    """Try ``torch.export`` quietly; return a one-line reason if it fails, ``None`` if it succeeds."""
+    """Try ``torch.export`` quietly: a one-line reason if it fails, ``None`` if it succeeds."""
     with (
         _quiet_export(),
         contextlib.redirect_stdout(io.StringIO()),
@@ -157,7 +157,8 @@ def explain_export_failure(model: nn.Module, example: torch.Tensor) -> str | Non
             Exception
         ) as exc:  # the exporter raises several error types; all mean "cannot capture"
             first_sentence = str(exc).strip().splitlines()[0].split(" (")[0].rstrip(".")
-            return f"torch.export cannot capture {type(model).__name__}: {type(exc).__name__}: {first_sentence}"
+            name, error = type(model).__name__, type(exc).__name__
+            return f"torch.export cannot capture {name}: {error}: {first_sentence}"
     return None
 
 

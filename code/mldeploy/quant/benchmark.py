@@ -34,9 +34,10 @@ class LMBench:
 
 
 def lm_bench(
-    cfg: charlm.CharLMConfig = charlm.CharLMConfig(), n_calibration: int = 8192, n_eval: int = 4096
+    cfg: charlm.CharLMConfig | None = None, n_calibration: int = 8192, n_eval: int = 4096
 ) -> LMBench:
     """Train (or load) the model, draw the windows, export the FP32 ONNX file."""
+    cfg = cfg or charlm.CharLMConfig()
     corpus = charlm.load_corpus()
     model, cached = charlm.cached_charlm(cfg, corpus)
     calibration, _ = charlm.sample_windows(corpus.train, cfg.context, n_calibration, seed=1)

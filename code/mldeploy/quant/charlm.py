@@ -14,12 +14,17 @@ import json
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+if TYPE_CHECKING:
+    import onnxruntime
+
+from mldeploy import reproducibility
 from mldeploy.paths import artifacts_dir
 from mldeploy.reproducibility import single_thread
 from mldeploy.training import set_seed
@@ -77,7 +82,12 @@ class CharLMConfig:
     def key(self) -> str:
         """Short hash of everything the trained weights depend on (cache key)."""
         blob = json.dumps(
-            {"config": dataclasses.asdict(self), "train": TRAIN_FILES, "torch": torch.__version__},
+            {
+                "config": dataclasses.asdict(self),
+                "train": TRAIN_FILES,
+                "torch": torch.__version__,
+                "compute": reproducibility.PINNED_ENV if reproducibility.pinned() else "native",
+            },
             sort_keys=True,
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:12]

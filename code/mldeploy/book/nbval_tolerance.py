@@ -1,0 +1,206 @@
+"""nbval with a declared numeric tolerance: numbers within it, text and structure exactly.
+
+nbval compares stored and fresh outputs as strings; its sanitize file can mask a value but cannot
+say "equal within 0.1 %". Some outputs legitimately move in the last digits between CPUs (ONNX
+Runtime's kernels dispatch on AVX-512, AVX2 and VNNI and have no switch to pin them). A cell, or a
+whole notebook, declares how much, and why, in its metadata::
+
+    cell.metadata["tolerance"] = {"rel": 0.002, "abs": 0, "reason": "ONNX Runtime INT8 kernels ..."}
+    notebook.metadata["mldeploy"]["tolerance"] = {...}          # default for every cell
+
+A fresh output then passes when it has the stored output's text with every number ``a`` in place
+of the stored ``b`` such that ``|a - b| <= abs + rel * |b|``; anything else fails as nbval reports
+it. Runs of spaces are compared as one space (a wider number shifts table padding).
+
+Registered as a pytest plugin (entry point ``mldeploy_nbval``); it changes nothing unless nbval
+runs. With ``MLDEPLOY_DRIFT_REPORT=path.json`` it also writes, per notebook, the largest relative
+difference seen between stored and fresh numbers — the measured drift between two machines.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import pytest
+
+from mldeploy import timeouts
+from mldeploy.reproducibility import pin_environment
+
+NUMBER = re.compile(r"(?<![\w.])[-+]?(?:\d+(?:,\d{3})*(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?(?![\w])")
+TEXT_KEYS = ("text/plain", "text/html", "text/markdown", "text/latex")
+
+
+class ToleranceError(ValueError):
+    """A tolerance declared without a reason, or with values that are not small non-negatives."""
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    rel: float = 0.0
+    abs: float = 0.0
+    reason: str = ""
+
+    @classmethod
+    def parse(cls, raw: Any, where: str) -> Tolerance:
+        if not isinstance(raw, dict) or not str(raw.get("reason", "")).strip():
+            raise ToleranceError(f"{where}: a tolerance needs rel/abs and a one-line 'reason'")
+        rel, abs_ = float(raw.get("rel", 0.0)), float(raw.get("abs", 0.0))
+        if not (0 <= rel < 0.5 and 0 <= abs_ and math.isfinite(abs_)):
+            raise ToleranceError(f"{where}: tolerance rel must be in [0, 0.5) and abs >= 0")
+        return cls(rel, abs_, str(raw["reason"]))
+
+    def accepts(self, fresh: float, stored: float) -> bool:
+        return abs(fresh - stored) <= self.abs + self.rel * abs(stored)
+
+
+def _to_float(token: str) -> float:
+    return float(token.replace(",", ""))
+
+
+def split_numbers(text: str) -> tuple[list[str], list[float]]:
+    """The text between numbers (spaces collapsed) and the numbers themselves."""
+    parts = NUMBER.split(text)
+    skeleton = [re.sub(r"[ \t]+", " ", part) for part in parts]
+    return skeleton, [_to_float(m) for m in NUMBER.findall(text)]
+
+
+def relative_drift(fresh: str, stored: str) -> float | None:
+    """Largest relative difference between corresponding numbers, or None if the text differs."""
+    fresh_text, fresh_nums = split_numbers(fresh)
+    stored_text, stored_nums = split_numbers(stored)
+    if fresh_text != stored_text or len(fresh_nums) != len(stored_nums):
+        return None
+    drift = 0.0
+    for a, b in zip(fresh_nums, stored_nums):
+        if a != b:
+            drift = max(drift, abs(a - b) / max(abs(b), 1e-12))
+    return drift
+
+
+def reconcile(fresh: str, stored: str, tolerance: Tolerance | None) -> str:
+    """``stored`` if ``fresh`` matches it within ``tolerance``; otherwise ``fresh`` unchanged."""
+    if tolerance is None or fresh == stored:
+        return fresh
+    fresh_text, fresh_nums = split_numbers(fresh)
+    stored_text, stored_nums = split_numbers(stored)
+    if fresh_text != stored_text or len(fresh_nums) != len(stored_nums):
+        return fresh
+    if all(tolerance.accepts(a, b) for a, b in zip(fresh_nums, stored_nums)):
+        return stored
+    return fresh
+
+
+@dataclass
+class DriftLog:
+    """Largest relative drift per notebook, and the cells that needed their tolerance."""
+
+    path: Path | None
+    drift: dict[str, float] = field(default_factory=dict)
+    tolerated: dict[str, list[int]] = field(default_factory=dict)
+
+    def note(self, notebook: str, cell: int, drift: float | None, used_tolerance: bool) -> None:
+        if drift is not None:
+            self.drift[notebook] = max(self.drift.get(notebook, 0.0), drift)
+        if used_tolerance:
+            self.tolerated.setdefault(notebook, []).append(cell)
+
+    def write(self) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        report = {"largest_relative_drift": self.drift, "cells_within_tolerance": self.tolerated}
+        self.path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+
+
+def _texts(output: dict) -> list[tuple[tuple[str, ...], str]]:
+    """(location, text) of every string nbval compares in one output."""
+    found = []
+    if isinstance(output.get("text"), str):
+        found.append((("text",), output["text"]))
+    for key in TEXT_KEYS:
+        value = output.get("data", {}).get(key)
+        if isinstance(value, str):
+            found.append((("data", key), value))
+    return found
+
+
+def _replace(output: dict, location: tuple[str, ...], value: str) -> None:
+    target = output
+    for key in location[:-1]:
+        target = target[key]
+    target[location[-1]] = value
+
+
+def _cell_tolerance(item: Any) -> Tolerance | None:
+    where = f"{item.fspath.basename} cell {item.cell_num}"
+    raw = item.cell.metadata.get("tolerance")
+    if raw is None:
+        raw = item.parent.nb.metadata.get("mldeploy", {}).get("tolerance")
+        where = f"{item.fspath.basename} notebook metadata"
+    return None if raw is None else Tolerance.parse(raw, where)
+
+
+def install(log: DriftLog) -> None:
+    """Wrap nbval's comparison of one cell's outputs."""
+    from nbval.plugin import IPyNbCell
+
+    if getattr(IPyNbCell.compare_outputs, "_with_tolerance", False):
+        return
+    original = IPyNbCell.compare_outputs
+    original_init = IPyNbCell.__init__
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original_init(self, *args, **kwargs)
+        # nbval waits a fixed 5 s for a cell's last output message; a loaded runner can be slower.
+        self.output_timeout = timeouts.scaled(30)
+
+    def compare_outputs(self: Any, test: list, ref: list, skip_compare: Any = None) -> bool:
+        tolerance = _cell_tolerance(self)
+        used = False
+        worst: float | None = 0.0
+        test = [nbformat.from_dict(copy.deepcopy(output)) for output in test]
+        for fresh, stored in zip(test, ref):
+            stored_texts = dict(_texts(stored))
+            for location, text in _texts(fresh):
+                reference = stored_texts.get(location)
+                if reference is None:
+                    continue
+                fresh_clean, stored_clean = self.sanitize(text), self.sanitize(reference)
+                drift = relative_drift(fresh_clean, stored_clean)
+                worst = None if drift is None or worst is None else max(worst, drift)
+                if (
+                    fresh_clean != stored_clean
+                    and reconcile(fresh_clean, stored_clean, tolerance) == stored_clean
+                ):
+                    used = True
+                    _replace(fresh, location, reference)
+        log.note(self.fspath.basename, self.cell_num, worst, used)
+        return original(self, test, ref, skip_compare)
+
+    compare_outputs._with_tolerance = True  # type: ignore[attr-defined]
+    IPyNbCell.compare_outputs = compare_outputs
+    IPyNbCell.__init__ = __init__
+
+
+_LOG = DriftLog(None)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Kernels that nbval starts inherit this process's environment: pin their compute path too.
+    pin_environment()
+    if getattr(config.option, "nbval", False) or getattr(config.option, "nbval_lax", False):
+        report = os.environ.get("MLDEPLOY_DRIFT_REPORT")
+        _LOG.path = Path(report) if report else None
+        install(_LOG)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    _LOG.write()

@@ -1,0 +1,174 @@
+"""A second machine on one machine: do the stored outputs hold where the CPU differs?
+
+Two checks, each against the notebooks as committed (``make second-machine`` runs both):
+
+``notebooks``
+    nbval over every notebook in a process that looks like another runner to everything that can
+    be steered from outside: one visible core (``taskset``: other default thread counts in PyTorch
+    and ONNX Runtime), MKL and oneDNN capped at AVX2 as on a CPU without AVX-512, and a caller's
+    shell that asks for PyTorch's scalar kernels (``ATEN_CPU_CAPABILITY=default``) and two OpenMP
+    threads. The pin (``mldeploy.reproducibility``) must win; the largest drift per notebook is
+    written to ``_build/second-machine/drift.json``.
+``ort``
+    ONNX Runtime picks its kernels from the CPU itself (AVX-512, AVX2, VNNI), with no switch. This
+    check evaluates the chapter's ONNX models natively and inside ``qemu-x86_64 -cpu Haswell``
+    (an Intel CPU with AVX2 and FMA, without AVX-512 or VNNI), and compares the numbers the
+    notebooks print with the tolerance they declare. Needs Debian's ``qemu-user``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from mldeploy import timeouts
+from mldeploy.paths import REPO_ROOT
+
+OUT = REPO_ROOT / "_build" / "second-machine"
+QEMU_CPU = "Haswell-v4"
+MACHINE_B_ENV = {
+    "ATEN_CPU_CAPABILITY": "default",
+    "OMP_NUM_THREADS": "2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+}
+# What the ORT worker computes; it imports only numpy and onnxruntime, so it runs under QEMU.
+WORKER = """
+import json, sys
+import numpy as np
+import onnxruntime as ort
+
+spec = json.loads(sys.argv[1])
+out = {}
+for name, job in spec.items():
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(job["model"], options, providers=["CPUExecutionProvider"])
+    x = np.load(job["x"])
+    logits = session.run(None, {session.get_inputs()[0].name: x})[0].astype(np.float64)
+    if job["kind"] == "perplexity":
+        y = np.load(job["y"])
+        logits -= logits.max(axis=1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        out[name] = float(np.exp(-logp[np.arange(len(y)), y].mean()))
+    else:
+        out[name] = float(np.abs(logits - np.load(job["reference"])).max())
+print(json.dumps(out))
+"""
+
+
+def run_notebooks(notebooks: list[Path]) -> int:
+    """nbval over ``notebooks`` as machine B; returns pytest's exit code."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **MACHINE_B_ENV, "MLDEPLOY_DRIFT_REPORT": str(OUT / "drift.json")}
+    command = [sys.executable, "-m", "pytest", "--nbval", "-p", "no:cacheprovider", "-q"]
+    command += ["--nbval-sanitize-with", str(REPO_ROOT / "tests" / "sanitize.cfg")]
+    command += [str(p) for p in notebooks]
+    if shutil.which("taskset"):
+        command = ["taskset", "-c", str((os.cpu_count() or 1) - 1), *command]
+    print("machine B:", " ".join(f"{k}={v}" for k, v in MACHINE_B_ENV.items()), "+ one core")
+    code = subprocess.run(command, env=env, cwd=REPO_ROOT).returncode
+    report = json.loads((OUT / "drift.json").read_text()) if (OUT / "drift.json").is_file() else {}
+    for name, drift in sorted(report.get("largest_relative_drift", {}).items()):
+        cells = report.get("cells_within_tolerance", {}).get(name, [])
+        print(f"  {name:<40} largest relative drift {drift:.2e}; cells within tolerance {cells}")
+    return code
+
+
+def _ort_jobs(work: Path) -> dict:
+    """The models that notebooks evaluate with ONNX Runtime, with inputs and references as .npy."""
+    import numpy as np
+    import torch
+
+    from mldeploy import export, training
+    from mldeploy.quant import benchmark, int4_onnx, int8_ptq
+
+    moons = training.train_two_moons()
+    x = moons.split.x_test
+    np.save(work / "moons_x.npy", x)
+    np.save(work / "moons_ref.npy", training.predict_logits(moons.model, x).astype(np.float64))
+    onnx_moons = export.export_onnx(moons.model, torch.from_numpy(x[:8]), work / "moons.onnx")
+    bench = benchmark.lm_bench()
+    np.save(work / "lm_x.npy", bench.x[:1024])
+    np.save(work / "lm_y.npy", bench.y[:1024])
+    lm = {
+        "LM FP32": bench.fp32_onnx,
+        "LM INT8 dynamic": int8_ptq.quantize_int8_dynamic(bench.fp32_onnx, work / "dyn.onnx"),
+        "LM INT8 static MinMax": int8_ptq.quantize_int8_qdq(
+            bench.fp32_onnx, work / "qdq.onnx", bench.calibration[:1024]
+        ),
+        "LM INT4 RTN b32": int4_onnx.quantize_nbits_rtn(bench.fp32_onnx, work / "int4.onnx"),
+    }
+    jobs = {
+        "two-moons max |ONNX - PyTorch|": {
+            "kind": "maxdiff",
+            "model": str(onnx_moons),
+            "x": str(work / "moons_x.npy"),
+            "reference": str(work / "moons_ref.npy"),
+        }
+    }
+    for name, path in lm.items():
+        jobs[f"{name} perplexity"] = {
+            "kind": "perplexity",
+            "model": str(path),
+            "x": str(work / "lm_x.npy"),
+            "y": str(work / "lm_y.npy"),
+        }
+    return jobs
+
+
+def _worker(jobs: dict, prefix: list[str]) -> dict[str, float]:
+    proc = subprocess.run(
+        [*prefix, sys.executable, "-c", WORKER, json.dumps(jobs)],
+        capture_output=True,
+        text=True,
+        timeout=timeouts.scaled(3600),
+    )
+    if proc.returncode != 0:
+        lines = [line for line in proc.stderr.splitlines() if "TCG doesn't support" not in line]
+        raise RuntimeError(f"exit {proc.returncode}: {lines[-1] if lines else '(no message)'}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_ort() -> int:
+    """ORT numbers natively and on an emulated Haswell; print the relative drift of each."""
+    qemu = shutil.which("qemu-x86_64")
+    if qemu is None:
+        print("error: qemu-x86_64 not found (apt-get install -y qemu-user)", file=sys.stderr)
+        return 2
+    OUT.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        jobs = _ort_jobs(Path(tmp))
+        native = _worker(jobs, [])
+        print(f"evaluating {len(jobs)} models under qemu -cpu {QEMU_CPU} (slow: minutes) ...")
+        emulated = _worker(jobs, [qemu, "-cpu", QEMU_CPU])
+    rows = {}
+    for name in jobs:
+        a, b = emulated[name], native[name]
+        drift = abs(a - b) / max(abs(b), 1e-12) if name.endswith("perplexity") else abs(a - b)
+        rows[name] = {"native": b, "haswell": a, "drift": drift}
+        kind = "relative" if name.endswith("perplexity") else "absolute"
+        print(f"  {name:<34} native {b:.6g}  haswell {a:.6g}  {kind} drift {drift:.2e}")
+    (OUT / "ort-drift.json").write_text(json.dumps(rows, indent=2, sort_keys=True) + "\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("check", choices=["notebooks", "ort"])
+    parser.add_argument("notebooks", nargs="*", type=Path, help="default: notebooks/*.ipynb")
+    args = parser.parse_args(argv)
+    if args.check == "ort":
+        return run_ort()
+    notebooks = args.notebooks or sorted((REPO_ROOT / "notebooks").glob("*.ipynb"))
+    return run_notebooks(notebooks)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

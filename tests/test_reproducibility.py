@@ -1,0 +1,142 @@
+"""The pinned compute path and nbval's declared tolerance: what makes stored outputs portable."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+import nbformat
+import pytest
+
+from mldeploy import timeouts
+from mldeploy.book.nbval_tolerance import Tolerance, ToleranceError, reconcile, relative_drift
+
+# Trains a small character LM for a few steps and prints the torch capability and a weight hash.
+PROBE = """
+import hashlib, torch
+import mldeploy
+from mldeploy.quant import charlm
+from mldeploy.training import set_seed
+corpus = charlm.load_corpus()
+set_seed(0)
+model = charlm.CharMLP(hidden=128)
+torch.set_num_threads(1)
+charlm.fit(model, corpus.train, steps=40, batch_size=64)
+digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters()))
+print(torch.backends.cpu.get_cpu_capability(), digest.hexdigest()[:16])
+"""
+
+
+def _probe(**env: str) -> tuple[str, str]:
+    full = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "MKL_CBWR")}
+    full.update(env)
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE],
+        capture_output=True,
+        text=True,
+        env=full,
+        timeout=timeouts.scaled(300),
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    capability, digest = proc.stdout.split()
+    return capability, digest
+
+
+@pytest.fixture(scope="module")
+def pinned_run() -> tuple[str, str]:
+    return _probe()
+
+
+def test_importing_the_library_pins_avx2_kernels(pinned_run):
+    capability, _ = pinned_run
+    assert capability == "AVX2"
+
+
+def test_pinned_weights_ignore_the_callers_cpu_settings(pinned_run):
+    # What another machine or a caller's shell would change: kernel family, MKL's ISA, threads.
+    hostile = _probe(
+        ATEN_CPU_CAPABILITY="default", MKL_ENABLE_INSTRUCTIONS="AVX2", OMP_NUM_THREADS="2"
+    )
+    assert hostile == pinned_run
+
+
+def test_the_kernel_family_changes_trained_weights(pinned_run):
+    # The pin matters: without it, PyTorch's scalar kernels round differently from AVX2's.
+    capability, digest = _probe(MLDEPLOY_NATIVE_CPU="1", ATEN_CPU_CAPABILITY="default")
+    assert capability == "DEFAULT"
+    assert digest != pinned_run[1]
+
+
+def test_reconcile_accepts_numbers_within_tolerance_only():
+    tol = Tolerance(rel=1e-3, reason="test")
+    assert reconcile("ppl 10.187 (x 2)", "ppl 10.186 (x 2)", tol) == "ppl 10.186 (x 2)"
+    assert reconcile("ppl 10.300 (x 2)", "ppl 10.186 (x 2)", tol) == "ppl 10.300 (x 2)"
+    assert reconcile("PPL 10.186 (x 2)", "ppl 10.186 (x 2)", tol) == "PPL 10.186 (x 2)"
+    assert reconcile("ppl 10.186 (x 3)", "ppl 10.186 (x 2)", Tolerance(abs=0.5, reason="t")) != (
+        "ppl 10.186 (x 2)"
+    )  # 3 vs 2 is outside abs 0.5
+    assert reconcile("ppl 9.999", "ppl  10.001", tol) == "ppl  10.001"  # padding may shift
+    assert reconcile("ppl 10.187", "ppl 10.186", None) == "ppl 10.187"
+
+
+def test_drift_is_relative_and_none_when_text_differs():
+    assert relative_drift("a 1.01 b 5", "a 1.00 b 5") == pytest.approx(0.01)
+    assert relative_drift("a 1.00 c 5", "a 1.00 b 5") is None
+    assert relative_drift("INT8 fc1 b128", "INT8 fc1 b128") == 0.0  # digits inside names are text
+
+
+def test_a_tolerance_needs_a_reason_and_sane_bounds():
+    with pytest.raises(ToleranceError, match="reason"):
+        Tolerance.parse({"rel": 0.01}, "x.ipynb cell 3")
+    with pytest.raises(ToleranceError, match="rel"):
+        Tolerance.parse({"rel": 2, "reason": "r"}, "x.ipynb cell 3")
+    assert Tolerance.parse({"abs": 1e-5, "reason": "r"}, "w").accepts(1.000001, 1.0)
+
+
+def _notebook(path, printed: str, stored: str, tolerance: dict | None) -> None:
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
+    cell = nbformat.v4.new_code_cell(f"print({printed!r})", execution_count=1)
+    cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text=stored + "\n")]
+    if tolerance is not None:
+        cell.metadata["tolerance"] = tolerance
+    nb.cells.append(cell)
+    nbformat.write(nb, path)
+
+
+def test_nbval_passes_within_the_declared_tolerance_and_fails_outside(tmp_path):
+    reason = {"rel": 1e-3, "reason": "kernels differ between CPUs"}
+    cases = {
+        "within": ("perplexity 10.1867", "perplexity 10.1860", reason),
+        "outside": ("perplexity 10.2500", "perplexity 10.1860", reason),
+        "text": ("Perplexity 10.1860", "perplexity 10.1860", reason),
+        "undeclared": ("perplexity 10.1867", "perplexity 10.1860", None),
+    }
+    for name, (printed, stored, tol) in cases.items():
+        _notebook(tmp_path / f"{name}.ipynb", printed, stored, tol)
+    report = tmp_path / "report.xml"
+    drift = tmp_path / "drift.json"
+    subprocess.run(
+        [sys.executable, "-m", "pytest", "--nbval", "-p", "no:cacheprovider", "-q",
+         f"--junitxml={report}", *sorted(str(p) for p in tmp_path.glob("*.ipynb"))],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "MLDEPLOY_DRIFT_REPORT": str(drift)},
+        timeout=timeouts.scaled(300),
+    )  # fmt: skip
+    outcome = {}
+    for case in ET.parse(report).iter("testcase"):
+        failed = case.find("failure") is not None or case.find("error") is not None
+        outcome[f"{case.get('classname')}::{case.get('name')}"] = failed
+    failed = {name for name in cases if any(name in key and bad for key, bad in outcome.items())}
+    assert failed == {"outside", "text", "undeclared"}, outcome
+    measured = json.loads(drift.read_text())["largest_relative_drift"]
+    assert measured["within.ipynb"] == pytest.approx(0.7e-3 / 10.186, rel=1e-3)
