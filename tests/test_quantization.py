@@ -331,7 +331,7 @@ def test_qat_and_budget_matched_ptq_over_seeds(bench, tmp_path):
     assert max(runs["FP32 fine-tuned"]) < base
     for better in ("QAT", "PTQ GPTQ"):
         assert max(runs[better]) < 0.97 * min(runs["PTQ RTN"]), better
-    # The converted QAT model is exactly the codes: its real 2-bit ONNX file computes the same logits.
+    # The converted QAT model is exactly the codes: its 2-bit ONNX file computes the same logits.
     qat_model, codes = qat.qat_finetune(bench.model, bench.corpus.train, spec, steps=20)
     qat_bench = benchmark.bench_for(bench, qat_model, "test-qat")
     path = int4_onnx.write_nbits(qat_bench.fp32_onnx, tmp_path / "qat.onnx", codes)

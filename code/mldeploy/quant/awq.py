@@ -3,8 +3,8 @@ implementation does it (mit-han-lab/llm-awq, ``awq/quantize/auto_scale.py`` and 
 
 1. **Scale search**: ``y = W x = (W diag(s)) (diag(s)⁻¹ x)``. Scaling up the weight columns whose
    inputs are large, and those inputs down by the same factor, leaves the product unchanged but
-   makes those columns lose less to rounding. ``s = mean|x|^α`` for ``α`` in ``{0, 1/20, …, 19/20}``,
-   chosen by the mean squared error of the *block output* (here: the rest of the network) when
+   makes those columns lose less to rounding. ``s = mean|x|^α`` for ``α`` in
+   ``{0, 1/20, …, 19/20}``, chosen by the mean squared error of the *block output* (here: the rest of the network) when
    only this layer is quantized.
 2. **Clipping search**: after scaling, each group's weights are clamped to ``±max|w|·(1 − i/20)``,
    ``i < 10``, keeping per output row and group the bound with the smallest error of that group's
@@ -39,8 +39,8 @@ def search_scale(
     spec: QuantSpec,
     block: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> tuple[torch.Tensor, float, list[float]]:
-    """Best per-input scale ``s`` of weight ``w`` for inputs ``x``; ``block(x, weight)`` computes the
-    block output with this layer's weight replaced. Returns ``(s, α, loss for each α)``."""
+    """Best per-input scale ``s`` of weight ``w`` for inputs ``x``; ``block(x, weight)`` computes
+    the block output with this layer's weight replaced. Returns ``(s, α, loss for each α)``."""
     original = block(x, w)
     x_max = activation_scale(x)
     best, history = (float("inf"), -1.0, None), []

@@ -41,7 +41,8 @@ def _kquant_params(
     x: np.ndarray, sub: int, levels: int, scale_levels: int
 ) -> tuple[np.ndarray, ...]:
     """Sub-block scales and minimums by min–max, quantized against per-super-block FP16 ``d`` and
-    ``dmin``; returns ``(d, dmin, sc, mn, codes)``. ``x``: (n, 256), ``sub`` values per sub-block."""
+    ``dmin``; returns ``(d, dmin, sc, mn, codes)``. ``x``: (n, 256), ``sub`` values per
+    sub-block."""
     n = len(x)
     xs = x.reshape(n, QK_K // sub, sub)
     lo = np.minimum(xs.min(-1), 0)  # k-quants store y = d·sc·q − dmin·m with m ≥ 0

@@ -132,7 +132,8 @@ def plot_bits(points: list[BitsPoint], fp32_perplexity: float, ax: matplotlib.ax
 def plot_calibration(
     rows: list[tuple[int, dict[str, float], float]], axes: tuple[matplotlib.axes.Axes, ...]
 ) -> None:
-    """Left: GPTQ held-out error per layer against calibration windows; right: static INT8 perplexity."""
+    """Left: GPTQ held-out error per layer against calibration windows; right: static INT8
+    perplexity."""
     n = [r[0] for r in rows]
     for name in rows[0][1]:
         axes[0].plot(n, [r[1][name] for r in rows], marker="o", label=name)
@@ -150,8 +151,8 @@ def plot_calibration(
 def plot_superblock(
     w: np.ndarray, w_hat: np.ndarray, sub: int, axes: tuple[matplotlib.axes.Axes, ...]
 ) -> None:
-    """Left: the fields of one ``Q4_K`` super-block; right: its 256 weights and their decoded values,
-    one step size per sub-block of ``sub`` weights."""
+    """Left: the fields of one ``Q4_K`` super-block; right: its 256 weights and their decoded
+    values, one step size per sub-block of ``sub`` weights."""
     ax = axes[0]
     fields = [
         ("d (FP16)", 2, "C3"),

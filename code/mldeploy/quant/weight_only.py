@@ -79,8 +79,8 @@ def quantize_model(
 
 
 def downstream(model: CharMLP, name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``block(x, w)``: the logits when layer ``name`` with weight ``w`` gets input ``x`` and the rest
-    of the network runs unchanged (AWQ's block output)."""
+    """``block(x, w)``: the logits when layer ``name`` with weight ``w`` gets input ``x`` and the
+    rest of the network runs unchanged (AWQ's block output)."""
     layers = list(model.linears().items())
     k = [n for n, _ in layers].index(name)
 
@@ -152,7 +152,8 @@ def awq_model(
 
 
 def layer_errors(model: CharMLP, quantized: nn.Module, x: np.ndarray) -> dict[str, float]:
-    """Relative output error of every Linear layer on the FP32 model's own inputs for windows ``x``."""
+    """Relative output error of every Linear layer on the FP32 model's own inputs for windows
+    ``x``."""
     inputs = layer_inputs(model, x)
     layers_q = dict(quantized.named_modules())
     return {
