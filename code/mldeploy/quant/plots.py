@@ -123,8 +123,8 @@ def plot_bits(points: list[BitsPoint], fp32_perplexity: float, ax: matplotlib.ax
         if method == "GGUF":
             _place_labels(ax, [(p.bits_per_weight, p.perplexity, p.label, color) for p in members])
     ax.axhline(fp32_perplexity, color="k", ls="--", lw=1, label="FP32")
-    ax.set_xlabel("bits per weight, scales included · 每个权重的位数（含缩放因子）")
-    ax.set_ylabel("held-out perplexity · 留出困惑度")
+    ax.set_xlabel("bits per weight, scales included")
+    ax.set_ylabel("held-out perplexity")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
 
@@ -138,13 +138,13 @@ def plot_calibration(
     for name in rows[0][1]:
         axes[0].plot(n, [r[1][name] for r in rows], marker="o", label=name)
     axes[0].set_yscale("log")
-    axes[0].set_ylabel("GPTQ 4-bit layer error (held-out) · 层输出误差")
+    axes[0].set_ylabel("GPTQ 4-bit layer error (held-out)")
     axes[0].legend(fontsize=8)
     axes[1].plot(n, [r[2] for r in rows], marker="s", color="C0")
-    axes[1].set_ylabel("static INT8 perplexity · 静态 INT8 困惑度")
+    axes[1].set_ylabel("static INT8 perplexity")
     for ax in axes:
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("calibration windows · 校准窗口数")
+        ax.set_xlabel("calibration windows")
         ax.grid(True, which="both", alpha=0.3)
 
 
@@ -175,6 +175,6 @@ def plot_superblock(
     ax.plot(w_hat, "_", ms=5, color="C0", label="Q4_K decoded")
     for k in range(sub, len(w), sub):
         ax.axvline(k - 0.5, color="C1", lw=0.6, alpha=0.6)
-    ax.set_xlabel(f"weight index (sub-blocks of {sub}) · 权重序号")
-    ax.set_ylabel("value · 数值")
+    ax.set_xlabel(f"weight index (sub-blocks of {sub})")
+    ax.set_ylabel("value")
     ax.legend(fontsize=7)
