@@ -143,13 +143,115 @@ def weight_only_point(
 ) -> tuple[Point, torch.nn.Module]:
     """Quantize every Linear with ``method`` at ``spec``; write a real MatMulNBits file when the
     operator supports the format (2/4/8 bits, block of 16 to 256 inputs), else estimate the size."""
-    quantized, codes = weight_only.quantize_model(bench.model, spec, method, bench.calibration)
     name = name or f"{method.upper()} {spec.label()}"
     family = f"{method.upper()} {spec.bits}-bit"
     g = spec.group_size
-    if codes and spec.bits in (2, 4, 8) and g is not None and 16 <= g <= 256 and g & (g - 1) == 0:
+    writable = spec.bits in (2, 4, 8) and g is not None and 16 <= g <= 256 and g & (g - 1) == 0
+    fp32_onnx, scales = bench.fp32_onnx, {}
+    if method == "awq":  # codes of the model with the scales folded in, plus fc1's input scale
+        result = weight_only.awq_model(bench.model, spec, bench.calibration)
+        quantized, codes = result.quantized, result.codes
+        if writable:
+            fp32_onnx = bench_for(bench, result.folded, f"awq-folded-{spec.bits}-{g}").fp32_onnx
+            scales = {"fc1": result.input_scale.numpy()}
+    else:
+        quantized, codes = weight_only.quantize_model(bench.model, spec, method, bench.calibration)
+    if writable:
         path = int4_onnx.write_nbits(
-            bench.fp32_onnx, bench.out_dir / f"{method}_{spec.bits}bit_g{g}.onnx", codes
+            fp32_onnx, bench.out_dir / f"{method}_{spec.bits}bit_g{g}.onnx", codes, scales
         )
         return onnx_point(bench, name, family, path), quantized
     return torch_point(bench, name, family, quantized, estimated_bytes(bench, spec)), quantized
+
+
+@dataclass(frozen=True)
+class BitsPoint:
+    """Perplexity at a storage cost in bits per Linear weight (scales and zero points included)."""
+
+    method: str
+    label: str
+    bits_per_weight: float
+    perplexity: float
+
+
+def group_bits(spec: QuantSpec) -> float:
+    """Bits per weight of the MatMulNBits layout: the codes, plus an FP32 scale and a zero point of
+    ``bits`` bits per group."""
+    g = spec.group_size
+    if g is None:
+        raise ValueError("bits per weight are defined here for group-wise formats")
+    return spec.bits + (32 + spec.bits) / g
+
+
+def bits_curve(
+    bench: LMBench, bits: tuple[int, ...] = (2, 3, 4, 8), group_size: int = 128
+) -> list[BitsPoint]:
+    """Held-out perplexity of RTN, GPTQ and AWQ at each width, groups of ``group_size``
+    (dequantized weights in PyTorch: the same numbers a MatMulNBits file gives, see the tests)."""
+    points = []
+    for b in bits:
+        spec = QuantSpec(b, group_size)
+        for method in weight_only.METHODS:
+            model_q, _ = weight_only.quantize_model(bench.model, spec, method, bench.calibration)
+            ppl = torch_point(bench, "", "", model_q, 1).perplexity
+            points.append(
+                BitsPoint(method.upper(), f"{b}-bit g{group_size}", group_bits(spec), ppl)
+            )
+    return points
+
+
+def gguf_curve(
+    bench: LMBench, formats: tuple[str, ...] | None = None
+) -> list[tuple[BitsPoint, Point]]:
+    """Write a real GGUF file per format, read it back with ``gguf``'s decoder and measure it."""
+    from mldeploy.quant import gguf_export
+
+    out = []
+    for fmt in formats or gguf_export.FORMATS:
+        path = gguf_export.write_gguf(bench.model, bench.out_dir / f"charlm_{fmt}.gguf", fmt)
+        model, info = gguf_export.read_gguf(path)
+        point = torch_point(bench, f"GGUF {fmt}", "GGUF", model, sizes.artifact_bytes(path), True)
+        bpw = gguf_export.bits_per_weight(info, model)
+        out.append((BitsPoint("GGUF", fmt, bpw, point.perplexity), point))
+    return out
+
+
+def calibration_curve(
+    bench: LMBench, sizes_: tuple[int, ...] = (16, 64, 256, 1024, 4096, 8192)
+) -> list[tuple[int, dict[str, float], float]]:
+    """For each calibration-set size: held-out output error of each layer after 4-bit per-channel
+    GPTQ (Hessian from that many windows), and the perplexity of static INT8 (MinMax)."""
+    from mldeploy.quant import gptq, int8_ptq, metrics
+
+    calib = weight_only.layer_inputs(bench.model, bench.calibration[: max(sizes_)])
+    held_out = weight_only.layer_inputs(bench.model, bench.x)
+    rows = []
+    for n in sizes_:
+        errors = {}
+        for name, layer in bench.model.linears().items():
+            w = layer.weight.detach()
+            qw = gptq.gptq_quantize(w, gptq.hessian(calib[name][:n]), QuantSpec(4))
+            errors[name] = metrics.output_error(held_out[name], w, qw.dequantize())
+        path = int8_ptq.quantize_int8_qdq(
+            bench.fp32_onnx, bench.out_dir / f"int8_static_n{n}.onnx", bench.calibration[:n]
+        )
+        rows.append((n, errors, onnx_point(bench, f"n={n}", "INT8", path).perplexity))
+    return rows
+
+
+def latency_side_by_side(
+    paths: dict[str, str | Path], x: np.ndarray, rounds: int = 5, repeats: int = 20
+) -> dict[str, float]:
+    """Median milliseconds per ``session.run`` of each file on batch ``x``, measured in interleaved
+    rounds (every file once per round) so that load on the machine hits all of them alike."""
+    sessions = {name: runtime.make_session(p, threads=1) for name, p in paths.items()}
+    feed = {name: {s.get_inputs()[0].name: np.ascontiguousarray(x)} for name, s in sessions.items()}
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    for _ in range(rounds):
+        for name, s in sessions.items():
+            times[name].append(
+                runtime.median_seconds(
+                    lambda s=s, f=feed[name]: s.run(None, f), repeats=repeats, warmup=2
+                )
+            )
+    return {name: 1e3 * float(np.median(t)) for name, t in times.items()}

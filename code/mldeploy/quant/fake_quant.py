@@ -47,12 +47,15 @@ class QuantSpec:
 def minmax_params(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point for each row of ``w`` (shape (rows, n)) from the row's min and max.
 
-    The range always contains 0, so that exact zeros stay exact; a constant row gets scale 1.
+    The range always contains 0, so that exact zeros stay exact. An all-zero row gets the range
+    [-1, 1], as in the GPTQ reference's quantizer (IST-DASLab/gptq ``quant.py``), so that both give
+    the same codes.
     """
     lo = w.min(dim=1).values.clamp(max=0)
     hi = w.max(dim=1).values.clamp(min=0)
+    empty = (lo == 0) & (hi == 0)
+    lo, hi = torch.where(empty, -1.0, lo), torch.where(empty, 1.0, hi)
     scale = (hi - lo) / (2**bits - 1)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     zero = torch.round(-lo / scale)
     return scale, zero
 

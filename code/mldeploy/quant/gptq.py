@@ -28,13 +28,22 @@ def hessian(x: torch.Tensor) -> torch.Tensor:
 def gptq_quantize(
     w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, *, block_size: int = 128, damp: float = 0.01
 ) -> QuantizedWeight:
-    """Quantize ``w`` (out, in) with GPTQ given the input Hessian ``h`` (in, in)."""
+    """Quantize ``w`` (out, in) with GPTQ given the input Hessian ``h`` (in, in).
+
+    Follows the reference ``GPTQ.fasterquant`` (IST-DASLab/gptq, act-order off) step for step, in
+    float64: a group's range comes from the *whole* group (any group size, smaller or larger than
+    the block) as the columns stand when the group starts, before the current block's updates.
+    """
     rows, cols = w.shape
     g = spec.group_size or cols
-    if block_size % g and g % block_size:
-        raise ValueError(f"block_size {block_size} and group size {g} must divide one another")
+    spec.groups(cols)  # the row must split into whole groups
     W = w.detach().double().clone()
     H = h.double().clone()
+    codes = torch.zeros_like(W)
+    scales = torch.zeros(rows, cols // g, dtype=W.dtype)
+    zeros = torch.zeros_like(scales)
+    if spec.group_size is None:  # per channel: the range of the whole row, before anything changes
+        scales[:, 0], zeros[:, 0] = minmax_params(W, spec.bits)
     dead = torch.diag(H) == 0  # inputs that are always zero: their weights cannot matter
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
@@ -43,21 +52,16 @@ def gptq_quantize(
     # Upper Cholesky factor of H⁻¹: its row i holds the error-feedback weights for column i.
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
 
-    codes = torch.zeros_like(W)
-    scales = torch.zeros(rows, cols // g, dtype=W.dtype)
-    zeros = torch.zeros_like(scales)
-    if spec.group_size is None:
-        scales[:, 0], zeros[:, 0] = minmax_params(W, spec.bits)
     for b1 in range(0, cols, block_size):  # lazy batches: update the rest of W once per block
         b2 = min(b1 + block_size, cols)
         W1, Hinv1 = W[:, b1:b2].clone(), Hinv[b1:b2, b1:b2]
         err1 = torch.zeros_like(W1)
         for i in range(b2 - b1):
             col = b1 + i
-            if (
-                spec.group_size is not None and col % g == 0
-            ):  # new group: range of the updated weights
-                scales[:, col // g], zeros[:, col // g] = minmax_params(W1[:, i : i + g], spec.bits)
+            if spec.group_size is not None and col % g == 0:  # a new group starts: its range
+                scales[:, col // g], zeros[:, col // g] = minmax_params(
+                    W[:, col : col + g], spec.bits
+                )
             s, z = scales[:, col // g], zeros[:, col // g]
             q = quantize(W1[:, i], s, z, spec.bits)
             codes[:, col] = q

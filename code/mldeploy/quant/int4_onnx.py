@@ -106,10 +106,17 @@ def pack_codes(codes: np.ndarray, bits: int, block_size: int) -> np.ndarray:
 
 
 def write_nbits(
-    fp32_path: str | Path, out_path: str | Path, weights: dict[str, QuantizedWeight]
+    fp32_path: str | Path,
+    out_path: str | Path,
+    weights: dict[str, QuantizedWeight],
+    input_scales: dict[str, np.ndarray] | None = None,
 ) -> Path:
     """Replace the weight of each ``Gemm``/``MatMul`` whose initializer is ``<layer>.weight`` by a
-    ``MatMulNBits`` node holding the given codes, scales and zero points."""
+    ``MatMulNBits`` node holding the given codes, scales and zero points.
+
+    ``input_scales[layer]``, if given, adds a ``Div`` of that layer's input by the scale (one value
+    per input feature): AWQ's scales where no earlier layer can absorb them."""
+    input_scales = input_scales or {}
     proto = gemm_to_matmul(onnx.load(str(require_model(fp32_path))))
     inits = {t.name: t for t in proto.graph.initializer}
     missing = sorted(
@@ -149,10 +156,23 @@ def write_nbits(
         ]
         proto.graph.initializer.remove(inits.pop(node.input[1]))
         proto.graph.initializer.extend(tensors)
+        source = node.input[0]
+        if layer in input_scales:
+            scale = np.asarray(input_scales[layer], dtype=np.float32).reshape(-1)
+            proto.graph.initializer.append(numpy_helper.from_array(scale, f"{layer}.input_scale"))
+            nodes.append(
+                helper.make_node(
+                    "Div",
+                    [source, f"{layer}.input_scale"],
+                    [f"{layer}.scaled_input"],
+                    name=node.name + "_input_scale",
+                )
+            )
+            source = f"{layer}.scaled_input"
         nodes.append(
             helper.make_node(
                 "MatMulNBits",
-                [node.input[0]] + [t.name for t in tensors],
+                [source] + [t.name for t in tensors],
                 node.output,
                 name=node.name + "_nbits",
                 domain="com.microsoft",

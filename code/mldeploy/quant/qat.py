@@ -69,3 +69,22 @@ def float_finetune(
     with single_thread():
         fit(tuned, ids, steps=steps, lr=lr, seed=seed)
     return tuned
+
+
+def qat_vs_ptq(
+    bench, spec: QuantSpec, *, steps: int, seeds: tuple[int, ...]
+) -> dict[str, list[float]]:
+    """Held-out perplexity per seed of: the FP32 model fine-tuned ``steps`` more steps, PTQ (RTN and
+    GPTQ) of that fine-tuned model, and QAT with the same steps, data order and learning rate."""
+    from mldeploy.quant import benchmark, weight_only  # benchmark imports this module's users
+
+    runs: dict[str, list[float]] = {"FP32 fine-tuned": [], "PTQ RTN": [], "PTQ GPTQ": [], "QAT": []}
+    for seed in seeds:
+        tuned = float_finetune(bench.model, bench.corpus.train, steps=steps, seed=seed)
+        runs["FP32 fine-tuned"].append(benchmark.torch_point(bench, "", "", tuned, 1).perplexity)
+        for method, label in (("rtn", "PTQ RTN"), ("gptq", "PTQ GPTQ")):
+            model_q, _ = weight_only.quantize_model(tuned, spec, method, bench.calibration)
+            runs[label].append(benchmark.torch_point(bench, "", "", model_q, 1).perplexity)
+        qat_model, _ = qat_finetune(bench.model, bench.corpus.train, spec, steps=steps, seed=seed)
+        runs["QAT"].append(benchmark.torch_point(bench, "", "", qat_model, 1).perplexity)
+    return runs
