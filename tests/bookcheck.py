@@ -690,6 +690,9 @@ def quoted_numbers(text: str) -> list[tuple[str, float, int]]:
     return found
 
 
+CITATION = re.compile(r"arXiv:\d{4}\.\d{4,5}")
+
+
 def number_problems(path: Path) -> list[str]:
     """Each measured-looking number in a notebook's prose appears, rounded as quoted, in one of its outputs."""
     cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
@@ -697,6 +700,8 @@ def number_problems(path: Path) -> list[str]:
     problems = []
     for source, text in _prose(path):
         text = "\n".join(line for line in text.split("\n") if not HEADING.match(line))
+        # a cited result (a paper's own numbers) is sourced, not measured here
+        text = "\n".join(line for line in text.split("\n") if not CITATION.search(line))
         text = re.sub(
             r"\d+(?:\.\d+)+[a-z]?\s*(?:节|section)|(?:section|Section|§)\s*\d+(?:\.\d+)*[a-z]?",
             " ",
