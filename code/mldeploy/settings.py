@@ -102,7 +102,7 @@ def describe(error: ValidationError, cls: type[BaseSettings] = ServiceSettings) 
 
 
 def load(cls: type[ServiceSettings] = ServiceSettings, **overrides: object) -> ServiceSettings:
-    """Read and validate the settings; bad ones stop the program with one line each, no traceback."""
+    """Read and validate the settings; bad ones stop the program, one line each, no traceback."""
     try:
         return cls(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:

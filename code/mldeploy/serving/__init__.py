@@ -1,4 +1,4 @@
-"""The chapter's inference service (section 5.2): FastAPI + ONNX Runtime with dynamic micro-batching.
+"""The chapter's inference service (section 5.2): FastAPI + ONNX Runtime, dynamic micro-batching.
 
 Imports no torch (the slim serving image has none); ``TorchScriptPredictor`` imports it lazily.
 ``python -m mldeploy.serving`` serves the model named by the environment (``mldeploy.settings``).

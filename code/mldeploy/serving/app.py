@@ -58,7 +58,9 @@ class Service:
 
     def __init__(self, load_predictor: Callable[[], Predictor], settings: ServiceSettings):
         self.load_predictor, self.settings = load_predictor, settings
-        self.metrics = ServiceMetrics(lambda: float(self.batcher.queue_depth if self.batcher else 0))
+        self.metrics = ServiceMetrics(
+            lambda: float(self.batcher.queue_depth if self.batcher else 0)
+        )
         self.predictor: Predictor | None = None
         self.batcher: MicroBatcher | None = None
         self.executor: ThreadPoolExecutor | None = None
@@ -84,7 +86,9 @@ class Service:
         for n in (1, self.settings.max_batch_size, self.settings.max_batch_items):
             out = np.asarray(model.predict_proba(np.zeros((n, N_FEATURES), np.float32)))
             if out.ndim != 2 or out.shape[0] != n or out.shape[1] < 2:
-                raise ValueError(f"for {n} samples it returned shape {out.shape}, not ({n}, classes)")
+                raise ValueError(
+                    f"for {n} samples it returned shape {out.shape}, not ({n}, classes)"
+                )
             if not np.isfinite(out).all():
                 raise ValueError("it returned non-finite probabilities for a zero input")
         return model
@@ -124,7 +128,10 @@ class Service:
         return self.batcher is not None and self.batcher.healthy and not self.draining
 
     def health_probe(self) -> tuple[int, dict]:
-        body = {"status": "ok" if self.live() else "failing", "model_loaded": self.batcher is not None}
+        body = {
+            "status": "ok" if self.live() else "failing",
+            "model_loaded": self.batcher is not None,
+        }
         return (200 if self.live() else 503), body
 
     def ready_probe(self) -> tuple[int, dict]:
@@ -305,7 +312,9 @@ async def on_deadline(request: Request, _: Exception) -> JSONResponse:
 async def on_model_error(request: Request, exc: Exception) -> JSONResponse:
     # a server fault: the details go to the log under the request id, never to the client
     errors_log.error(
-        json.dumps({"request_id": _request_id(request), "path": request.url.path, "error": str(exc)})
+        json.dumps(
+            {"request_id": _request_id(request), "path": request.url.path, "error": str(exc)}
+        )
     )
     return _error(request, 500, "internal server error (the model failed)")
 

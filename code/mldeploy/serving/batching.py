@@ -230,7 +230,7 @@ class MicroBatcher:
                 item.future.set_exception(ModelError("non-finite output"))
 
     async def _fill(self, batch: list[_Item], expected: int) -> None:
-        """Wait until the batch has ``expected`` samples or its oldest one has waited ``max_wait_s``."""
+        """Wait until the batch has ``expected`` samples or its oldest has waited ``max_wait_s``."""
         deadline = batch[0].enqueued_at + self.max_wait_s
         while len(batch) < expected:
             remaining = deadline - time.perf_counter()
@@ -243,7 +243,7 @@ class MicroBatcher:
             batch += self._take(self._pending, self.max_batch_size - len(batch))
 
     async def _call(self, x: np.ndarray) -> np.ndarray:
-        """One model call in the worker thread; its output must be one finite-or-not row per input."""
+        """One model call in the worker thread; its output must have one row per input row."""
         start = time.perf_counter()
         proba = np.asarray(
             await asyncio.get_running_loop().run_in_executor(self.executor, self.predict, x)

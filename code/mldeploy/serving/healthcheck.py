@@ -30,7 +30,9 @@ def health_url(environ: Mapping[str, str] | None = None) -> str:
             settings = Probe()
         else:
             prefix = "MLDEPLOY_"
-            values = {k[len(prefix) :].lower(): v for k, v in environ.items() if k.startswith(prefix)}
+            values = {
+                k[len(prefix) :].lower(): v for k, v in environ.items() if k.startswith(prefix)
+            }
             settings = Probe.model_validate(values)
     except ValidationError as exc:
         raise ValueError("; ".join(describe(exc))) from None

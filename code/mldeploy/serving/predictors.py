@@ -51,7 +51,7 @@ class OnnxPredictor:
 
 
 class TorchScriptPredictor:
-    """TorchScript backend, as in the chapter's first draft of the service (imports torch lazily)."""
+    """TorchScript backend, as in the first draft of the service (torch is imported lazily)."""
 
     model_format = "TorchScript"
     n_features = 2

@@ -165,9 +165,7 @@ class AdminServer:
 
     def __init__(self, service: Any, sock: socket.socket, timeout_s: float = 5.0):
         handler = type("AdminHandler", (_AdminHandler,), {"service": service, "timeout": timeout_s})
-        self._httpd = http.server.ThreadingHTTPServer(
-            sock.getsockname()[:2], handler, bind_and_activate=False
-        )
+        self._httpd = _AdminHTTPServer(sock.getsockname()[:2], handler, bind_and_activate=False)
         self._httpd.socket.close()
         self._httpd.socket = sock
         self._httpd.daemon_threads = True
@@ -186,11 +184,17 @@ class AdminServer:
         self._httpd.server_close()
 
 
+class _AdminHTTPServer(http.server.ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a prober that hung up is normal
+            log.exception("admin listener: request from %s failed", client_address)
+
+
 class _AdminHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     service: Any = None
 
-    def do_GET(self) -> None:  # noqa: N802 (the standard library's name)
+    def do_GET(self) -> None:
         path, headers = self.path.partition("?")[0], {}
         if path in ("/health", "/ready"):
             probe = self.service.health_probe if path == "/health" else self.service.ready_probe
@@ -204,7 +208,11 @@ class _AdminHandler(http.server.BaseHTTPRequestHandler):
         else:
             status, payload, kind = 404, b'{"detail":"Not Found"}', "application/json"
         self.send_response(status)
-        for name, value in {"Content-Type": kind, "Content-Length": len(payload), **headers}.items():
+        for name, value in {
+            "Content-Type": kind,
+            "Content-Length": len(payload),
+            **headers,
+        }.items():
             self.send_header(name, str(value))
         self.end_headers()
         self.wfile.write(payload)
@@ -342,6 +350,9 @@ class BackgroundServer:
             stderr=self._stderr,
             start_new_session=True,
         )
+        # the child owns the listeners now: once it closes them, connections must be refused
+        self._sock.close()
+        self._admin_sock.close()
         deadline = time.monotonic() + self._start_timeout
         while True:
             if self.proc.poll() is not None:
