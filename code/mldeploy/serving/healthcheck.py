@@ -36,6 +36,8 @@ def health_url(environ: Mapping[str, str] | None = None) -> str:
             settings = Probe.model_validate(values)
     except ValidationError as exc:
         raise ValueError("; ".join(describe(exc))) from None
+    if settings.admin_port == 0:
+        raise ValueError("MLDEPLOY_ADMIN_PORT=0: the health check needs the port the service uses")
     return f"http://127.0.0.1:{settings.admin_port}/health"
 
 
