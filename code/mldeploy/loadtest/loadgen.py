@@ -44,8 +44,10 @@ function done(summary, latency, requests)
   for k, v in pairs(parts) do table.insert(codes_json, string.format('"%d":%d', k, v)) end
   local e = summary.errors
   io.write(string.format(
-    'WRKJSON {"requests":%d,"duration_us":%d,"p50_us":%d,"p90_us":%d,"p99_us":%d,"errors":%d,"codes":{%s}}\n',
-    summary.requests, summary.duration, latency:percentile(50), latency:percentile(90), latency:percentile(99),
+    'WRKJSON {"requests":%d,"duration_us":%d,"p50_us":%d,"p90_us":%d,"p99_us":%d,'
+      .. '"errors":%d,"codes":{%s}}\n',
+    summary.requests, summary.duration,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99),
     e.connect + e.read + e.write + e.timeout, table.concat(codes_json, ",")))
 end
 """
@@ -152,7 +154,7 @@ async def _probe_connection(
     try:
         while time.perf_counter() < until:
             # a random pause breaks phase-locking with the server's batch cycle, which would
-            # otherwise make a probe land always just after (or always just before) a batch frees room
+            # otherwise make a probe land always just after (or just before) a batch frees room
             await asyncio.sleep(rng.uniform(0, 0.02))
             start = time.perf_counter()
             writer.write(request)
