@@ -151,15 +151,18 @@ class Service:
 
 
 # --- dependencies ----------------------------------------------------------------------------
+# The inference routes call these directly rather than through FastAPI's Depends: resolving a
+# dependency costs a measurable share of a tiny model's request (see the benchmark).
 async def get_service(request: Request) -> Service:
     return request.app.state.service
 
 
-async def get_batcher(request: Request) -> MicroBatcher:
-    batcher = request.app.state.service.batcher
-    if batcher is None:
+def running(request: Request) -> tuple[Service, MicroBatcher]:
+    """The service and its batcher; 503 (NotReady) before the model is loaded."""
+    service: Service = request.app.state.service
+    if service.batcher is None:
         raise NotReady
-    return batcher
+    return service, service.batcher
 
 
 def client_gone(request: Request) -> Callable[[], bool] | None:
@@ -168,7 +171,6 @@ def client_gone(request: Request) -> Callable[[], bool] | None:
 
 
 ServiceDep = Annotated[Service, Depends(get_service)]
-BatcherDep = Annotated[MicroBatcher, Depends(get_batcher)]
 
 
 # --- route functions ---------------------------------------------------------------------------
@@ -190,10 +192,9 @@ def _probabilities(row: np.ndarray, digits: int) -> list[float]:
     return [round(float(p), digits) for p in row]
 
 
-async def predict(
-    body: PredictRequest, request: Request, service: ServiceDep, batcher: BatcherDep
-) -> Response:
+async def predict(body: PredictRequest, request: Request) -> Response:
     """Classify one sample. Concurrent requests are micro-batched into one model call."""
+    service, batcher = running(request)
     x = np.asarray(body.features, dtype=np.float32)
     model_format = service.predictor.model_format
     result = await _within_deadline(service, batcher.submit(x, client_gone(request)))
@@ -207,10 +208,9 @@ async def predict(
     )
 
 
-async def predict_batch(
-    body: BatchRequest, request: Request, service: ServiceDep, batcher: BatcherDep
-) -> Response:
+async def predict_batch(body: BatchRequest, request: Request) -> Response:
     """Classify a list of samples in one model call (at most ``max_batch_items``)."""
+    service, batcher = running(request)
     x = np.asarray([item.features for item in body.items], dtype=np.float32)
     model_format = service.predictor.model_format
     proba = await _within_deadline(service, batcher.submit_job(x, client_gone(request)))
