@@ -138,8 +138,9 @@ def test_a_model_fault_is_a_500_with_a_request_id_on_every_path_and_the_worker_c
 
 def test_a_request_past_its_deadline_gets_504(onnx_path, scaled):
     settings = ServiceSettings(request_timeout_s=0.2)
-    app = create_app(lambda: DelayedPredictor(OnnxPredictor(onnx_path), 2.0), settings)
-    with BackgroundServer(app) as server:
+    model = FlakyPredictor(onnx_path)
+    with BackgroundServer(create_app(lambda: model, settings)) as server:
+        model.delay = 2.0  # slow from now on (not during the warm-up)
         start = time.perf_counter()
         r = httpx.post(server.url + "/predict", json=SAMPLE, timeout=10)
         waited = time.perf_counter() - start

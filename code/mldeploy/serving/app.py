@@ -366,7 +366,9 @@ def create_app(
     app.post("/predict", response_model=PredictResponse, responses=SHED)(predict)
     batch_route = _with_body(predict_batch, limited)
     app.post("/predict_batch", response_model=BatchResponse, responses=SHED)(batch_route)
-    app.post("/validate", response_model=ValidateResponse, responses={413: SHED[413]})(validate)
+    app.post(
+        "/validate", response_model=ValidateResponse, responses={400: SHED[400], 413: SHED[413]}
+    )(validate)
     app.get("/health", response_model=HealthResponse)(health)
     app.get("/ready", response_model=ReadyResponse, responses={503: {"model": ReadyResponse}})(
         ready
