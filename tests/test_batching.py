@@ -13,7 +13,7 @@ from mldeploy.serving.batching import Hooks, MicroBatcher, ModelError, QueueFull
 
 
 class RecordingModel:
-    """probabilities = softmax-free toy: [x0, x1] -> [x0 + x1, x0 - x1]; records batch sizes and threads."""
+    """A toy model: [x0, x1] -> [x0 + x1, x0 - x1]; records batch sizes and threads."""
 
     def __init__(
         self, delay: float = 0.0, poison: float | None = None, nan_on: float | None = None
