@@ -48,12 +48,13 @@ RUN sha256sum --check --strict model_ts_script.pt.sha256
 WORKDIR /app
 ENV MLDEPLOY_BACKEND=torchscript \
     MLDEPLOY_MODEL=/app/model/model_ts_script.pt \
-    UVICORN_HOST=0.0.0.0 \
-    UVICORN_PORT=8888
+    MLDEPLOY_HOST=0.0.0.0 \
+    MLDEPLOY_PORT=8888 \
+    MLDEPLOY_ADMIN_PORT=8081
 USER 10001:10001
-EXPOSE 8888
+EXPOSE 8888 8081
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 CMD ["python", "-m", "mldeploy.serving.healthcheck"]
-CMD ["uvicorn", "--factory", "mldeploy.serving:create_app_from_env", "--loop", "asyncio", "--no-access-log"]
+CMD ["python", "-m", "mldeploy.serving"]
 
 # --- runtime (default target): ONNX Runtime only ----------------------------------------------
 FROM base AS runtime
@@ -65,9 +66,10 @@ RUN sha256sum --check --strict model.onnx.sha256
 WORKDIR /app
 ENV MLDEPLOY_BACKEND=onnx \
     MLDEPLOY_MODEL=/app/model/model.onnx \
-    UVICORN_HOST=0.0.0.0 \
-    UVICORN_PORT=8888
+    MLDEPLOY_HOST=0.0.0.0 \
+    MLDEPLOY_PORT=8888 \
+    MLDEPLOY_ADMIN_PORT=8081
 USER 10001:10001
-EXPOSE 8888
+EXPOSE 8888 8081
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 CMD ["python", "-m", "mldeploy.serving.healthcheck"]
-CMD ["uvicorn", "--factory", "mldeploy.serving:create_app_from_env", "--loop", "asyncio", "--no-access-log"]
+CMD ["python", "-m", "mldeploy.serving"]

@@ -11,6 +11,7 @@ STAMP := $(VENV)/.installed
 PIP_INSTALL = $(PY) -m pip install --quiet
 QUIET_INDEX = 2>&1 | { grep -v 'is ignored: it is neither a file nor a directory' || true; }
 PORT ?= 8888
+ADMIN_PORT ?= 8081
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
 
 .PHONY: help venv demo serve book pdf lab refresh test test-lib test-notebooks test-book test-browser page-weight axe bench-serve constraints clean lint format second-machine
@@ -30,8 +31,8 @@ venv: $(STAMP)  ## create or update the virtual environment
 demo: $(STAMP)  ## run the full pipeline demo (train, export, quantize, serve, check)
 	$(PY) code/serve_model.py
 
-serve: $(STAMP)  ## serve the demo's ONNX model on 127.0.0.1:$(PORT) (run `make demo` first)
-	$(VENV)/bin/uvicorn --factory mldeploy.serving:create_app_from_env --host 127.0.0.1 --port $(PORT) --loop asyncio --no-access-log
+serve: $(STAMP)  ## serve the demo's ONNX model on 127.0.0.1:$(PORT), probes on $(ADMIN_PORT) (run `make demo` first)
+	$(PY) -m mldeploy.serving --host 127.0.0.1 --port $(PORT) --admin-port $(ADMIN_PORT)
 
 # _static/ is copied afresh: Sphinx keeps an older copy of a changed file there
 book: $(STAMP)  ## build the static HTML book into _build/html (no re-execution)

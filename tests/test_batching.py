@@ -1,4 +1,5 @@
-"""The micro-batcher on its own: batches form, idle requests do not wait, failures stay isolated."""
+"""The micro-batcher on its own: batches form, idle requests do not wait, failures are contained,
+the worker survives them, a flood of jobs cannot starve single samples, stop answers everyone."""
 
 import asyncio
 import threading
@@ -8,11 +9,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from mldeploy.serving.batching import MicroBatcher, QueueFull, SampleRejected
+from mldeploy.serving.batching import Hooks, MicroBatcher, ModelError, QueueFull, Unavailable
 
 
 class RecordingModel:
-    """probabilities = softmax-free toy: [x0, x1] -> [x0 + x1, x0 - x1]; records batch sizes and threads."""
+    """A toy model: [x0, x1] -> [x0 + x1, x0 - x1]; records batch sizes and threads."""
 
     def __init__(
         self, delay: float = 0.0, poison: float | None = None, nan_on: float | None = None
@@ -78,20 +79,102 @@ def test_a_lone_request_on_an_idle_server_does_not_wait_for_company():
     assert model.batch_sizes == [1, 1]
 
 
-def test_one_bad_sample_does_not_fail_the_others_in_its_batch():
+def test_a_failing_call_fails_its_batch_only_and_a_bad_row_only_its_sample():
     model = RecordingModel(delay=0.01, poison=13.0, nan_on=7.0)
 
     async def body(batcher):
-        return await asyncio.gather(
-            *(batcher.submit(_sample(i)) for i in range(20)), return_exceptions=True
+        first = await asyncio.gather(
+            *(batcher.submit(_sample(i)) for i in range(10)), return_exceptions=True
         )
+        poisoned = await asyncio.gather(
+            *(batcher.submit(_sample(i)) for i in (12, 13)), return_exceptions=True
+        )
+        after = await batcher.submit(_sample(2))  # the worker carries on
+        return first, poisoned, after
 
-    results = asyncio.run(_with_batcher(model, body, max_batch_size=20, max_wait_s=0.005))
-    failed = {i for i, r in enumerate(results) if isinstance(r, Exception)}
-    assert failed == {7, 13}
-    assert all(isinstance(results[i], SampleRejected) for i in failed)
-    for i in set(range(20)) - failed:
-        np.testing.assert_allclose(results[i].probabilities, [1.5 * i, 0.5 * i])
+    first, poisoned, after = asyncio.run(
+        _with_batcher(model, body, max_batch_size=20, max_wait_s=0.005)
+    )
+    assert [i for i, r in enumerate(first) if isinstance(r, Exception)] == [7]
+    assert isinstance(first[7], ModelError)
+    assert all(isinstance(r, ModelError) for r in poisoned)  # no serial retries of a failed call
+    np.testing.assert_allclose(after.probabilities, [3.0, 1.0])
+    assert sum(model.batch_sizes) == 10 + 2 + 1
+
+
+@pytest.mark.parametrize(
+    "fault",
+    ["hook raises", "0-d output", "too few rows", "mismatched samples"],
+)
+def test_the_worker_survives_a_failure_outside_the_model(fault):
+    model = RecordingModel()
+    broken = {"on": True}
+
+    def predict(x):
+        if broken["on"] and fault == "0-d output":
+            return np.float32(1.0)
+        if broken["on"] and fault == "too few rows":
+            return model(x)[:-1]
+        return model(x)
+
+    def hook(size, seconds):
+        if broken["on"] and fault == "hook raises":
+            raise RuntimeError("metrics backend down")
+
+    async def body(batcher):
+        bad = [_sample(1), _sample(2)]
+        if fault == "mismatched samples":
+            bad[1] = np.zeros(3, np.float32)  # np.stack fails outside the model call
+        failed = await asyncio.gather(*(batcher.submit(x) for x in bad), return_exceptions=True)
+        broken["on"] = False
+        return failed, await batcher.submit(_sample(3)), batcher.healthy
+
+    failed, after, healthy = asyncio.run(
+        _with_batcher(predict, body, max_batch_size=2, max_wait_s=0.05, hooks=Hooks(batch=hook))
+    )
+    assert all(isinstance(r, ModelError) for r in failed), failed
+    np.testing.assert_allclose(after.probabilities, [4.5, 1.5])
+    assert healthy
+
+
+def test_stop_answers_the_batch_in_flight_and_the_queue():
+    model = RecordingModel(delay=0.3)
+
+    async def body(batcher):
+        tasks = [asyncio.ensure_future(batcher.submit(_sample(i))) for i in range(3)]
+        job = asyncio.ensure_future(batcher.submit_job(np.ones((4, 2), np.float32)))
+        await asyncio.sleep(0.1)  # sample 0 is being computed, the rest waits
+        await batcher.stop()
+        results = await asyncio.gather(*tasks, job, return_exceptions=True)
+        with pytest.raises(Unavailable):
+            await batcher.submit(_sample(9))
+        return results
+
+    results = asyncio.run(_with_batcher(model, body, max_batch_size=1, max_wait_s=0.0))
+    assert all(isinstance(r, Unavailable) for r in results), results
+
+
+def test_a_flood_of_jobs_cannot_starve_single_samples():
+    model = RecordingModel(delay=0.02)
+
+    async def body(batcher):
+        jobs = [
+            asyncio.ensure_future(batcher.submit_job(np.ones((64, 2), np.float32)))
+            for _ in range(6)
+        ]
+        await asyncio.sleep(0.005)
+        start = time.perf_counter()
+        await batcher.submit(_sample(1))
+        waited = time.perf_counter() - start
+        outcomes = await asyncio.gather(*jobs, return_exceptions=True)
+        return waited, outcomes
+
+    waited, outcomes = asyncio.run(
+        _with_batcher(model, body, max_batch_size=8, max_wait_s=0.0, max_jobs=2)
+    )
+    refused = [o for o in outcomes if isinstance(o, QueueFull)]
+    assert len(refused) == 4  # only two jobs may wait; the rest are refused at once
+    assert waited < 0.2, f"a single sample waited {waited:.3f} s behind the jobs"
 
 
 def test_a_full_queue_refuses_at_once_and_serves_what_it_accepted():

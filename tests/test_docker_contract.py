@@ -256,9 +256,12 @@ def test_serve_environment_has_no_torch_but_imports_the_app(image_root):
 
 @contextlib.contextmanager
 def _start(image: ImageRoot, cmd: list[str]) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    """Run CMD as ``docker run -e UVICORN_HOST=127.0.0.1 -e UVICORN_PORT=<free port>`` would; always stop it."""
-    port = _free_port()
-    image.env.update(UVICORN_HOST="127.0.0.1", UVICORN_PORT=str(port))
+    """Run CMD as ``docker run -e MLDEPLOY_HOST=127.0.0.1 -e MLDEPLOY_PORT=<free port> ...``
+    would; always stop it."""
+    port, admin_port = _free_port(), _free_port()
+    image.env.update(
+        MLDEPLOY_HOST="127.0.0.1", MLDEPLOY_PORT=str(port), MLDEPLOY_ADMIN_PORT=str(admin_port)
+    )
     proc = subprocess.Popen(
         image.argv(cmd),
         env=image.env,

@@ -110,15 +110,8 @@ def test_runtime_targets_run_unprivileged_expose_their_port_and_check_health(par
         user.isdigit() and int(user) > 0 and group.isdigit() and int(group) > 0
     )  # numeric: K8s can verify
     env = parsed.env(stage)
-    assert stage.last("EXPOSE").args.split() == [env["UVICORN_PORT"]]
-    assert stage.last("CMD").exec_form() == [
-        "uvicorn",
-        "--factory",
-        "mldeploy.serving:create_app_from_env",
-        "--loop",
-        "asyncio",
-        "--no-access-log",
-    ]
+    assert stage.last("EXPOSE").args.split() == [env["MLDEPLOY_PORT"], env["MLDEPLOY_ADMIN_PORT"]]
+    assert stage.last("CMD").exec_form() == ["python", "-m", "mldeploy.serving"]
     assert stage.last("HEALTHCHECK").exec_form() == ["python", "-m", "mldeploy.serving.healthcheck"]
     flags, _ = stage.last("HEALTHCHECK").flags()
     assert {"interval", "timeout", "retries"} <= set(flags)
@@ -222,18 +215,22 @@ def test_healthcheck_reports_healthy_then_down(exported, monkeypatch):
     assert not ok and message.startswith("unhealthy: no answer")
 
 
+def test_healthcheck_probes_the_admin_port():
+    assert healthcheck.health_url({"MLDEPLOY_ADMIN_PORT": "9100"}) == "http://127.0.0.1:9100/health"
+
+
 @pytest.mark.parametrize("port", ["http", "0", "70000", ""])
 def test_healthcheck_rejects_a_bad_port_setting(port):
-    with pytest.raises(ValueError, match="UVICORN_PORT"):
-        healthcheck.health_url({"UVICORN_PORT": port})
+    with pytest.raises(ValueError, match="MLDEPLOY_ADMIN_PORT"):
+        healthcheck.health_url({"MLDEPLOY_ADMIN_PORT": port})
     proc = subprocess.run(
         [sys.executable, "-m", "mldeploy.serving.healthcheck"],
-        env={"UVICORN_PORT": port, "PATH": "/usr/bin"},
+        env={"MLDEPLOY_ADMIN_PORT": port, "PATH": "/usr/bin"},
         capture_output=True,
         text=True,
         timeout=30,
     )
-    assert proc.returncode == 1 and "UVICORN_PORT" in proc.stdout and proc.stderr == ""
+    assert proc.returncode == 1 and "MLDEPLOY_ADMIN_PORT" in proc.stdout and proc.stderr == ""
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""The Kubernetes manifests: valid against the Kubernetes schema (offline) and consistent with the image."""
+"""The Kubernetes manifests: valid against the schema (offline) and consistent with the image."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import yaml
 from mldeploy import serving
 from mldeploy.image import dockerfile
 from mldeploy.paths import REPO_ROOT
+from mldeploy.settings import ServiceSettings
 
 K8S = REPO_ROOT / "deploy" / "k8s"
 VERSION = kubernetes_validate.latest_version()
@@ -52,7 +53,14 @@ def test_deployment_matches_the_image(manifests):
     stage = parsed.final
     pod = manifests["Deployment"]["spec"]["template"]["spec"]
     (container,) = pod["containers"]
-    assert [p["containerPort"] for p in container["ports"]] == [int(stage.last("EXPOSE").args)]
+    exposed = [int(port) for port in stage.last("EXPOSE").args.split()]
+    assert [p["containerPort"] for p in container["ports"]] == exposed
+    env = parsed.env(stage)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert (ports["http"], ports["admin"]) == (
+        int(env["MLDEPLOY_PORT"]),
+        int(env["MLDEPLOY_ADMIN_PORT"]),
+    )
     uid, _, gid = stage.last("USER").args.partition(":")
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert (pod["securityContext"]["runAsUser"], pod["securityContext"]["runAsGroup"]) == (
@@ -62,6 +70,22 @@ def test_deployment_matches_the_image(manifests):
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     for kind in ("requests", "limits"):
         assert {"cpu", "memory"} <= set(container["resources"][kind])
+
+
+def test_probes_use_the_admin_port_and_the_grace_period_covers_the_drain(manifests):
+    pod = manifests["Deployment"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert {container[p]["httpGet"]["port"] for p in ("startupProbe", "readinessProbe")} == {
+        "admin"
+    }
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+    env = {e["name"]: e["value"] for e in container["env"]}
+    settings = ServiceSettings(**{k[len("MLDEPLOY_") :].lower(): v for k, v in env.items()})
+    # the drain must outlast the readiness probe noticing, and everything must fit the grace period
+    probe = container["readinessProbe"]
+    assert settings.drain_s >= probe["periodSeconds"] * probe["failureThreshold"]
+    assert settings.drain_s + settings.shutdown_timeout_s < pod["terminationGracePeriodSeconds"]
 
 
 def test_every_probe_hits_a_get_route_of_the_app(manifests, exported, monkeypatch):

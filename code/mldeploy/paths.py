@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from mldeploy.settings import REPO_ROOT, PathSettings
+
+__all__ = ["REPO_ROOT", "artifacts_dir"]
 
 
 def artifacts_dir(*parts: str) -> Path:
     """Return (and create) ``artifacts/<parts...>``; ``MLDEPLOY_ARTIFACTS`` overrides the root."""
-    root = Path(os.environ.get("MLDEPLOY_ARTIFACTS", REPO_ROOT / "artifacts"))
-    path = root.joinpath(*parts)
+    path = PathSettings().artifacts.joinpath(*parts)
     path.mkdir(parents=True, exist_ok=True)
     return path

@@ -6,14 +6,12 @@ a small raw-socket probe that records each response's status and latency, and an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -23,7 +21,10 @@ from urllib.parse import urlsplit
 import httpx
 import numpy as np
 
-WRK_INSTALL_HINT = "wrk is not installed: install it with `apt-get install -y wrk` (Debian/Ubuntu) or `brew install wrk`"
+WRK_INSTALL_HINT = (
+    "wrk is not installed: install it with `apt-get install -y wrk` (Debian/Ubuntu)"
+    " or `brew install wrk`"
+)
 
 # Counts responses by status in every wrk thread and prints one JSON line at the end.
 _WRK_SCRIPT = r"""
@@ -43,8 +44,10 @@ function done(summary, latency, requests)
   for k, v in pairs(parts) do table.insert(codes_json, string.format('"%d":%d', k, v)) end
   local e = summary.errors
   io.write(string.format(
-    'WRKJSON {"requests":%d,"duration_us":%d,"p50_us":%d,"p90_us":%d,"p99_us":%d,"errors":%d,"codes":{%s}}\n',
-    summary.requests, summary.duration, latency:percentile(50), latency:percentile(90), latency:percentile(99),
+    'WRKJSON {"requests":%d,"duration_us":%d,"p50_us":%d,"p90_us":%d,"p99_us":%d,'
+      .. '"errors":%d,"codes":{%s}}\n',
+    summary.requests, summary.duration,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99),
     e.connect + e.read + e.write + e.timeout, table.concat(codes_json, ",")))
 end
 """
@@ -151,7 +154,7 @@ async def _probe_connection(
     try:
         while time.perf_counter() < until:
             # a random pause breaks phase-locking with the server's batch cycle, which would
-            # otherwise make a probe land always just after (or always just before) a batch frees room
+            # otherwise make a probe land always just after (or just before) a batch frees room
             await asyncio.sleep(rng.uniform(0, 0.02))
             start = time.perf_counter()
             writer.write(request)
@@ -169,10 +172,7 @@ async def _probe_connection(
 
 async def _probe(url: str, body: bytes, connections: int, seconds: float) -> ProbeResult:
     parts = urlsplit(url)
-    request = (
-        f"POST {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
-    ).encode() + body
+    request = http_request(url, body)
     out = ProbeResult()
     until = time.perf_counter() + seconds
     await asyncio.gather(
@@ -244,70 +244,169 @@ async def async_load(
     return LoadResult(concurrency, np.array(latencies), time.perf_counter() - start, failures)
 
 
-class ServerProcess:
-    """The service (``create_app_from_env`` under uvicorn) in a child process on a free loopback
-    port. The parent binds the socket and hands it over: no race between choosing and using a port."""
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
+    """Status and whether the server will close the connection, of one HTTP/1.1 response."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.lower().split(b"\r\n")
+    length = next(int(ln.split(b":")[1]) for ln in lines if ln.startswith(b"content-length:"))
+    await reader.readexactly(length)
+    return int(head[9:12]), any(ln == b"connection: close" for ln in lines)
 
-    def __init__(self, env: dict[str, str], start_timeout: float = 60.0):
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind(("127.0.0.1", 0))
-        self._sock.listen(2048)
-        self.port = self._sock.getsockname()[1]
-        self._env = {**os.environ, **env}
-        self._start_timeout = start_timeout
-        self.proc: subprocess.Popen | None = None
+
+def http_request(url: str, body: bytes = b"", method: str = "POST") -> bytes:
+    """The raw bytes of one HTTP/1.1 request with a JSON body."""
+    parts = urlsplit(url)
+    return (
+        f"{method} {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+@dataclass
+class SlowClientsResult:
+    """Connections that dripped bytes or stayed silent, and when the server closed each (s)."""
+
+    dripping: list[float | None]
+    silent: list[float | None]
+
+    def closed_within(self, seconds: float) -> bool:
+        return all(t is not None and t <= seconds for t in self.dripping + self.silent)
 
     @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+    def still_open(self) -> int:
+        return sum(t is None for t in self.dripping + self.silent)
 
-    def start(self) -> ServerProcess:
-        fd = self._sock.fileno()
-        cmd = [sys.executable, "-m", "mldeploy.serving.server", "--fd", str(fd)]
-        # stderr to a file, not a pipe: nobody reads a pipe while the server runs, and a full one blocks it
-        self._stderr = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(
-            cmd,
-            pass_fds=[fd],
-            env=self._env,
-            stdout=subprocess.DEVNULL,
-            stderr=self._stderr,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + self._start_timeout
+
+async def _slow_client(host: str, port: int, drip: bytes, seconds: float) -> float | None:
+    """Open a connection, send ``drip`` one byte a second (or nothing); seconds until the server
+    closed it, None if it was still open after ``seconds``."""
+    start = time.perf_counter()
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        for i in range(int(seconds) + 1):
+            if drip:
+                writer.write(drip[i % len(drip) : i % len(drip) + 1])
+            try:
+                data = await asyncio.wait_for(reader.read(1024), 1.0)
+            except TimeoutError:
+                continue
+            except ConnectionError:
+                return time.perf_counter() - start
+            if not data:  # EOF: the server closed the connection
+                return time.perf_counter() - start
+        return None
+    finally:
+        writer.close()
+
+
+async def slow_clients(
+    url: str, *, dripping: int = 20, silent: int = 10, seconds: float = 10.0
+) -> SlowClientsResult:
+    """Slowloris-style clients: ``dripping`` send a request one header byte a second, ``silent``
+    send nothing; each waits up to ``seconds`` for the server to close it."""
+    require_loopback(url)
+    parts = urlsplit(url)
+    drip = http_request(url + "/predict", b'{"features": [0.5, -0.3]}')
+    tasks = [_slow_client(parts.hostname, parts.port, drip, seconds) for _ in range(dripping)]
+    tasks += [_slow_client(parts.hostname, parts.port, b"", seconds) for _ in range(silent)]
+    times = await asyncio.gather(*tasks)
+    return SlowClientsResult(list(times[:dripping]), list(times[dripping:]))
+
+
+@dataclass
+class DrainResult:
+    """What clients saw while the server was stopped with SIGTERM (times in s after the signal)."""
+
+    ready_503_after: float | None  # /ready (admin port) first answered 503
+    listener_closed_after: float | None  # a new connection was first refused
+    exited_after: float | None
+    answered_in_drain: int = 0  # complete responses received after the signal
+    newcomers_served: int = 0  # new connections opened after the signal and answered
+    moved: int = 0  # keep-alive clients told `Connection: close` (they go to another replica)
+    reset: int = 0  # requests written whose response never came
+    statuses: dict[int, int] = field(default_factory=dict)
+
+
+async def _one_exchange(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes, out: DrainResult
+) -> bool | None:
+    """Send one request; True if the server asked to close, None if the answer never came."""
+    writer.write(request)
+    try:
+        status, closing = await asyncio.wait_for(_read_response(reader), 30)
+    except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
+        out.reset += 1
+        return None
+    out.statuses[status] = out.statuses.get(status, 0) + 1
+    return closing
+
+
+async def _keep_alive_client(
+    host: str, port: int, request: bytes, t0: list[float], out: DrainResult
+) -> None:
+    """A client on one keep-alive connection until the server tells it to go."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
         while True:
-            if self.proc.poll() is not None:
-                self._stderr.seek(0)
-                err = self._stderr.read().decode(errors="replace").strip()
-                self.stop()
-                raise RuntimeError(f"server exited with code {self.proc.returncode}: {err[-2000:]}")
-            try:
-                if httpx.get(self.url + "/ready", timeout=1.0).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(
-                    f"server on {self.url} not ready within {self._start_timeout:.0f} s"
-                )
-            time.sleep(0.1)
+            closing = await _one_exchange(reader, writer, request, out)
+            if closing is None:
+                return
+            if t0:
+                out.answered_in_drain += 1
+            if closing:
+                out.moved += 1
+                return
+            await asyncio.sleep(0.002)
+    finally:
+        writer.close()
 
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)  # graceful: lifespan shutdown drains the batcher
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc is not None:
-            self._stderr.close()
-        self._sock.close()
 
-    def __enter__(self) -> ServerProcess:
-        return self.start()
+async def _newcomers(host: str, port: int, request: bytes, t0: list[float], out: DrainResult):
+    """After the signal, a new client every 50 ms (traffic still routed here during the drain)."""
+    while True:
+        try:
+            reader, writer = await asyncio.open_connection(host, port)
+        except ConnectionError:
+            out.listener_closed_after = time.perf_counter() - t0[0]
+            return
+        try:
+            if await _one_exchange(reader, writer, request, out) is not None:
+                out.newcomers_served += 1
+                out.answered_in_drain += 1
+        finally:
+            writer.close()
+        await asyncio.sleep(0.05)
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+
+async def drain_under_load(
+    server: object, body: bytes, *, clients: int = 32, warmup: float = 1.0, limit: float = 60.0
+) -> DrainResult:
+    """``clients`` keep-alive clients POST ``body`` to ``server`` (a child-process
+    ``BackgroundServer``) when it gets SIGTERM; new clients keep arriving during the drain and a
+    watcher polls /ready on the admin port. Ends when the process has exited."""
+    url = server.url + "/predict"  # type: ignore[attr-defined]
+    require_loopback(url)
+    parts, request = urlsplit(url), http_request(url, body)
+    out, t0 = DrainResult(None, None, None), []
+    tasks = [
+        asyncio.ensure_future(_keep_alive_client(parts.hostname, parts.port, request, t0, out))
+        for _ in range(clients)
+    ]
+    await asyncio.sleep(warmup)
+    proc = server.proc  # type: ignore[attr-defined]
+    async with httpx.AsyncClient(base_url=server.admin_url, timeout=2) as admin:  # type: ignore[attr-defined]
+        server.terminate()  # type: ignore[attr-defined]
+        t0.append(time.perf_counter())
+        tasks.append(
+            asyncio.ensure_future(_newcomers(parts.hostname, parts.port, request, t0, out))
+        )
+        while proc.poll() is None and time.perf_counter() - t0[0] < limit:
+            if out.ready_503_after is None:
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await admin.get("/ready")).status_code == 503:
+                        out.ready_503_after = time.perf_counter() - t0[0]
+            await asyncio.sleep(0.02)
+    if proc.poll() is not None:
+        out.exited_after = time.perf_counter() - t0[0]
+    await asyncio.wait_for(asyncio.gather(*tasks), 30)
+    return out

@@ -15,7 +15,7 @@ WIDE = {"hidden": 1024, "layers": 5}
 
 
 def two_moons_onnx(out_dir: Path | None = None, *, seed: int = 0) -> Path:
-    """The chapter's two-moons model (``training.train_two_moons``) as ONNX; reuse the file if present."""
+    """The chapter's two-moons model (``training.train_two_moons``) as ONNX; reuses the file."""
     out_dir = out_dir or artifacts_dir("serving")
     path = out_dir / "two_moons.onnx"
     if path.is_file():
@@ -46,7 +46,7 @@ def build_wide_mlp(
     n_classes: int = 2,
     seed: int = 0,
 ) -> Path:
-    """Write ``n_features → hidden (× layers, ReLU) → n_classes`` to ``path``; weights He-initialised."""
+    """Write ``n_features → hidden (× layers, ReLU) → n_classes`` to ``path`` (He-initialised)."""
     if hidden < 1 or layers < 1:
         raise ValueError("hidden and layers must be positive")
     rng = np.random.default_rng(seed)

@@ -1,7 +1,7 @@
-"""The chapter's inference service (section 5.2): FastAPI + ONNX Runtime with dynamic micro-batching.
+"""The chapter's inference service (section 5.2): FastAPI + ONNX Runtime, dynamic micro-batching.
 
 Imports no torch (the slim serving image has none); ``TorchScriptPredictor`` imports it lazily.
-``uvicorn --factory mldeploy.serving:create_app_from_env`` serves the model named by the environment.
+``python -m mldeploy.serving`` serves the model named by the environment (``mldeploy.settings``).
 """
 
 from __future__ import annotations
@@ -12,20 +12,25 @@ from typing import Any
 # Imported on first use: ``python -m mldeploy.serving.healthcheck`` runs in the image's HEALTHCHECK
 # and must not pay for (or need) FastAPI and ONNX Runtime.
 _EXPORTS = {
+    "AdminServer": "mldeploy.serving.server",
     "BackgroundServer": "mldeploy.serving.server",
     "BatchRequest": "mldeploy.serving.schemas",
     "BatchResponse": "mldeploy.serving.schemas",
     "BatchResult": "mldeploy.serving.batching",
     "DelayedPredictor": "mldeploy.serving.predictors",
+    "GuardedHttpProtocol": "mldeploy.serving.server",
     "MicroBatcher": "mldeploy.serving.batching",
+    "ModelError": "mldeploy.serving.batching",
     "OnnxPredictor": "mldeploy.serving.predictors",
     "PredictRequest": "mldeploy.serving.schemas",
     "PredictResponse": "mldeploy.serving.schemas",
     "Predictor": "mldeploy.serving.predictors",
     "QueueFull": "mldeploy.serving.batching",
     "SampleRejected": "mldeploy.serving.batching",
-    "ServiceSettings": "mldeploy.serving.app",
+    "Service": "mldeploy.serving.app",
+    "ServiceSettings": "mldeploy.settings",
     "TorchScriptPredictor": "mldeploy.serving.predictors",
+    "Unavailable": "mldeploy.serving.batching",
     "create_app": "mldeploy.serving.app",
     "create_app_from_env": "mldeploy.serving.app",
     "enable_access_log": "mldeploy.serving.app",

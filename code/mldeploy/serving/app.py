@@ -1,8 +1,9 @@
-"""The FastAPI app: endpoints, validation errors, micro-batched ``/predict``, metrics and logs.
+"""The FastAPI app: a ``Service`` (state and lifespan), route functions, errors, middleware.
 
 Endpoints: ``POST /predict`` (one sample, micro-batched), ``POST /predict_batch`` (a bounded
 list), ``POST /validate`` (parse and validate a sample without the model), ``GET /health``
-(liveness), ``GET /ready`` (readiness: is the model loaded), ``GET /metrics`` (Prometheus).
+(liveness), ``GET /ready`` (readiness), ``GET /metrics`` (Prometheus). The probes and metrics
+are also served on the admin listener (``server.AdminServer``), which stays fast under load.
 """
 
 # no `from __future__ import annotations`: FastAPI must see the per-app BatchRequest class itself
@@ -11,24 +12,24 @@ import contextlib
 import json
 import logging
 import math
-import os
 import sys
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+import types
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
-from pathlib import Path
+from typing import Annotated
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import Field, create_model
 
-from mldeploy.serving.batching import MicroBatcher, QueueFull, SampleRejected
+from mldeploy.serving.batching import Hooks, MicroBatcher, ModelError, QueueFull, Unavailable
 from mldeploy.serving.metrics import ServiceMetrics
 from mldeploy.serving.middleware import AccessLog, BodySizeLimit, FastPaths, access_logger
 from mldeploy.serving.predictors import OnnxPredictor, Predictor, TorchScriptPredictor
 from mldeploy.serving.schemas import (
+    N_FEATURES,
     BatchRequest,
     BatchResponse,
     ErrorResponse,
@@ -38,70 +39,229 @@ from mldeploy.serving.schemas import (
     ReadyResponse,
     ValidateResponse,
 )
+from mldeploy.settings import ServiceSettings
 
 RETRY_AFTER_S = 1
+errors_log = logging.getLogger("mldeploy.errors")
 
 
-@dataclass(frozen=True)
-class ServiceSettings:
-    """Limits and batching knobs; ``from_env`` reads them from ``MLDEPLOY_*`` variables."""
-
-    batching: bool = True
-    max_batch_size: int = 32
-    max_wait_ms: float = 2.0
-    max_queue: int = 64  # two full batches: a sample waits at most about two model calls
-    max_body_bytes: int = 64 * 1024
-    max_batch_items: int = 256
-    model_threads: int = 1
-    digits: int = 6
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name != "batching" and (
-                isinstance(value, bool) or not value >= (0 if f.name == "max_wait_ms" else 1)
-            ):
-                raise ValueError(f"{f.name} must be a positive number, got {value!r}")
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] = os.environ) -> "ServiceSettings":
-        """Read ``MLDEPLOY_BATCHING``, ``MLDEPLOY_MAX_BATCH_SIZE``, ... (upper-case field names)."""
-        values: dict[str, object] = {}
-        for f in fields(cls):
-            key = "MLDEPLOY_" + f.name.upper()
-            if key not in environ:
-                continue
-            text = environ[key].strip().lower()
-            try:
-                if f.name == "batching":
-                    if text not in ("0", "1", "true", "false", "yes", "no"):
-                        raise ValueError
-                    values[f.name] = text in ("1", "true", "yes")
-                else:
-                    values[f.name] = float(text) if f.type in (float, "float") else int(text)
-            except ValueError:
-                raise ValueError(
-                    f"{key}={environ[key]!r} is not a valid {'boolean' if f.name == 'batching' else 'number'}"
-                ) from None
-        return cls(**values)
-
-
-class _NotReady(Exception):
+class NotReady(Exception):
     pass
 
 
-def _error(status: int, detail: str, retry: bool = False) -> JSONResponse:
-    return JSONResponse(
-        {"detail": detail},
-        status_code=status,
-        headers={"Retry-After": str(RETRY_AFTER_S)} if retry else None,
-    )
+class DeadlineExceeded(Exception):
+    pass
 
 
+class Service:
+    """Everything one app holds while it runs: settings, metrics, the model, its worker."""
+
+    def __init__(self, load_predictor: Callable[[], Predictor], settings: ServiceSettings):
+        self.load_predictor, self.settings = load_predictor, settings
+        self.metrics = ServiceMetrics(
+            lambda: float(self.batcher.queue_depth if self.batcher else 0)
+        )
+        self.predictor: Predictor | None = None
+        self.batcher: MicroBatcher | None = None
+        self.executor: ThreadPoolExecutor | None = None
+        self.draining = False  # set on SIGTERM: /ready answers 503 while requests still flow
+
+    # --- start-up and shutdown ---------------------------------------------------------------
+    def load(self) -> None:
+        """Load the model in the model thread, check it against the API and warm it up."""
+        # one model thread: ONNX Runtime releases the GIL, so the event loop keeps serving
+        self.executor = self.executor or ThreadPoolExecutor(1, thread_name_prefix="model")
+        try:
+            self.predictor = self.executor.submit(self._load_and_check).result()
+        except Exception as exc:
+            self.executor.shutdown(wait=False)
+            self.executor = None
+            raise RuntimeError(f"could not load the model: {exc}") from exc
+
+    def _load_and_check(self) -> Predictor:
+        model = self.load_predictor()
+        if model.n_features not in (N_FEATURES, -1):
+            raise ValueError(f"it takes {model.n_features} features, the API sends {N_FEATURES}")
+        # warm-up: the first calls allocate; they also prove the output has the right shape
+        for n in (1, self.settings.max_batch_size, self.settings.max_batch_items):
+            out = np.asarray(model.predict_proba(np.zeros((n, N_FEATURES), np.float32)))
+            if out.ndim != 2 or out.shape[0] != n or out.shape[1] < 2:
+                raise ValueError(
+                    f"for {n} samples it returned shape {out.shape}, not ({n}, classes)"
+                )
+            if not np.isfinite(out).all():
+                raise ValueError("it returned non-finite probabilities for a zero input")
+        return model
+
+    def start(self) -> None:
+        s = self.settings
+        self.batcher = MicroBatcher(
+            self.predictor.predict_proba,  # type: ignore[union-attr]
+            self.executor,  # type: ignore[arg-type]
+            max_batch_size=s.max_batch_size if s.batching else 1,
+            max_wait_s=s.max_wait_ms / 1e3 if s.batching else 0.0,
+            max_queue=s.max_queue,
+            max_jobs=s.max_batch_jobs,
+            hooks=Hooks(
+                batch=self.metrics.observe_batch,
+                queue_wait=self.metrics.queue_wait.observe,
+                model_error=self.metrics.model_errors.inc,
+                skipped=self.metrics.abandoned.inc,
+            ),
+        )
+        self.batcher.start()
+
+    async def stop(self) -> None:
+        batcher, self.batcher, self.predictor = self.batcher, None, None
+        if batcher is not None:
+            await batcher.stop()  # every waiting request is answered 503
+        if self.executor is not None:
+            self.executor.shutdown(wait=False, cancel_futures=True)
+            self.executor = None
+
+    # --- probes (also used by the admin listener, from its own thread) ------------------------
+    def live(self) -> bool:
+        """False once the model worker has died: the orchestrator should restart the process."""
+        return self.batcher is None or self.batcher.healthy
+
+    def ready(self) -> bool:
+        return self.batcher is not None and self.batcher.healthy and not self.draining
+
+    def health_probe(self) -> tuple[int, dict]:
+        body = {
+            "status": "ok" if self.live() else "failing",
+            "model_loaded": self.batcher is not None,
+        }
+        return (200 if self.live() else 503), body
+
+    def ready_probe(self) -> tuple[int, dict]:
+        return (200, {"ready": True}) if self.ready() else (503, {"ready": False})
+
+    def shed(self, path: str) -> bool:
+        """Refuse before parsing the body when the queue this request needs is already full."""
+        b = self.batcher
+        if b is None:
+            return False
+        full = (path == "/predict" and b.queue_depth >= b.max_queue) or (
+            path == "/predict_batch" and b.jobs_depth >= b.max_jobs
+        )
+        if full:
+            self.metrics.shed.inc()
+        return full
+
+
+# --- dependencies ----------------------------------------------------------------------------
+# The inference routes call these directly rather than through FastAPI's Depends: resolving a
+# dependency costs a measurable share of a tiny model's request (see the benchmark).
+async def get_service(request: Request) -> Service:
+    return request.app.state.service
+
+
+def running(request: Request) -> tuple[Service, MicroBatcher]:
+    """The service and its batcher; 503 (NotReady) before the model is loaded."""
+    service: Service = request.app.state.service
+    if service.batcher is None:
+        raise NotReady
+    return service, service.batcher
+
+
+def client_gone(request: Request) -> Callable[[], bool] | None:
+    """Set by ``server.GuardedHttpProtocol``: True once this request's client has disconnected."""
+    return request.scope.get("extensions", {}).get("mldeploy.client_gone")
+
+
+ServiceDep = Annotated[Service, Depends(get_service)]
+
+
+# --- route functions ---------------------------------------------------------------------------
 def _json(body: dict) -> Response:
     # The declared response_model documents the shape; returning a Response skips re-validating
     # a dict this module built itself (a measurable share of a tiny model's request time).
     return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")
+
+
+async def _within_deadline(service: Service, work: asyncio.Future) -> object:
+    try:
+        async with asyncio.timeout(service.settings.request_timeout_s):
+            return await work
+    except TimeoutError:
+        raise DeadlineExceeded from None
+
+
+def _probabilities(row: np.ndarray, digits: int) -> list[float]:
+    return [round(float(p), digits) for p in row]
+
+
+async def predict(body: PredictRequest, request: Request) -> Response:
+    """Classify one sample. Concurrent requests are micro-batched into one model call."""
+    service, batcher = running(request)
+    x = np.asarray(body.features, dtype=np.float32)
+    model_format = service.predictor.model_format
+    result = await _within_deadline(service, batcher.submit(x, client_gone(request)))
+    request.state.batch_size = result.batch_size
+    return _json(
+        {
+            "prediction": int(result.probabilities.argmax()),
+            "probabilities": _probabilities(result.probabilities, service.settings.digits),
+            "model_format": model_format,
+        }
+    )
+
+
+async def predict_batch(body: BatchRequest, request: Request) -> Response:
+    """Classify a list of samples in one model call (at most ``max_batch_items``)."""
+    service, batcher = running(request)
+    x = np.asarray([item.features for item in body.items], dtype=np.float32)
+    model_format = service.predictor.model_format
+    proba = await _within_deadline(service, batcher.submit_job(x, client_gone(request)))
+    if not np.isfinite(proba).all():
+        raise ModelError("non-finite output")
+    request.state.batch_size = len(x)
+    digits = service.settings.digits
+    return _json(
+        {
+            "predictions": [int(i) for i in proba.argmax(axis=1)],
+            "probabilities": [_probabilities(row, digits) for row in proba],
+            "model_format": model_format,
+        }
+    )
+
+
+async def validate(body: PredictRequest) -> Response:
+    """Parse and validate a sample like ``/predict`` does, without calling the model."""
+    return _json({"valid": True, "n_features": len(body.features)})
+
+
+# Both probes are answered by FastPaths before FastAPI runs; these routes document them and
+# answer the same way if the app is mounted without its middleware.
+async def health(service: ServiceDep) -> JSONResponse:
+    """Liveness: the process and its model worker run. ``model_loaded``: can it predict yet."""
+    status, body = service.health_probe()
+    return JSONResponse(body, status_code=status)
+
+
+async def ready(service: ServiceDep) -> JSONResponse:
+    """Readiness: 200 once the model is loaded and warm, 503 before that and while draining."""
+    status, body = service.ready_probe()
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def prometheus_metrics(service: ServiceDep) -> Response:
+    return Response(service.metrics.render(), media_type=service.metrics.content_type)
+
+
+# --- errors ------------------------------------------------------------------------------------
+def _request_id(request: Request) -> str:
+    return request.scope.get("state", {}).get("request_id", "")
+
+
+def _error(request: Request, status: int, detail: str, retry: bool = False) -> JSONResponse:
+    return JSONResponse(
+        {"detail": detail, "request_id": _request_id(request)},
+        status_code=status,
+        headers={"Retry-After": str(RETRY_AFTER_S)} if retry else None,
+    )
 
 
 def _json_safe(value: object, limit: int | None = None) -> object:
@@ -127,237 +287,138 @@ def _validation_errors(errors: Sequence[dict]) -> list[dict]:
     ]
 
 
-def _rejected(detail: str) -> JSONResponse:
-    # same shape as FastAPI's own 422 errors, so clients parse one format
-    return JSONResponse(
-        {"detail": [{"loc": ["body", "features"], "msg": detail, "type": "model_rejected"}]},
-        status_code=422,
+async def on_invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    return JSONResponse({"detail": _validation_errors(exc.errors())}, status_code=422)
+
+
+async def on_not_ready(request: Request, _: Exception) -> JSONResponse:
+    return _error(request, 503, "model not loaded yet", retry=True)
+
+
+async def on_queue_full(request: Request, _: Exception) -> JSONResponse:
+    request.app.state.service.metrics.shed.inc()
+    return _error(request, 503, "server overloaded (queue full); retry later", retry=True)
+
+
+async def on_unavailable(request: Request, _: Exception) -> JSONResponse:
+    return _error(request, 503, "service unavailable (shutting down); retry later", retry=True)
+
+
+async def on_deadline(request: Request, _: Exception) -> JSONResponse:
+    request.app.state.service.metrics.timed_out.inc()
+    return _error(request, 504, "request timed out in the server; retry later", retry=True)
+
+
+async def on_model_error(request: Request, exc: Exception) -> JSONResponse:
+    # a server fault: the details go to the log under the request id, never to the client
+    errors_log.error(
+        json.dumps(
+            {"request_id": _request_id(request), "path": request.url.path, "error": str(exc)}
+        )
     )
+    return _error(request, 500, "internal server error (the model failed)")
 
 
 SHED = {
     400: {"model": ErrorResponse, "description": "Body cannot be read (e.g. not UTF-8)"},
     413: {"model": ErrorResponse, "description": "Request body larger than the configured limit"},
+    500: {"model": ErrorResponse, "description": "Server fault; quote `request_id` when reporting"},
     503: {
         "model": ErrorResponse,
-        "description": "Queue full or model not loaded; retry after `Retry-After` seconds",
+        "description": "Queue full, model not loaded or shutting down; retry after `Retry-After`",
     },
+    504: {"model": ErrorResponse, "description": "The request ran past the server's timeout"},
 }
+
+
+# --- the app -----------------------------------------------------------------------------------
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    service: Service = app.state.service
+    if service.predictor is None:  # `python -m mldeploy.serving` loads before it listens
+        await asyncio.to_thread(service.load)
+    service.start()
+    try:
+        yield
+    finally:
+        await service.stop()
 
 
 def create_app(
     load_predictor: Callable[[], Predictor], settings: ServiceSettings | None = None
 ) -> FastAPI:
-    """Build the app; ``load_predictor`` runs once, in the lifespan handler, never per request."""
+    """Build the app; ``load_predictor`` runs once, at start-up, never per request."""
     settings = settings or ServiceSettings()
-    state: dict[str, object] = {}  # predictor, executor, batcher: set while the app is running
-
-    def queue_depth() -> float:
-        batcher = state.get("batcher")
-        return float(batcher.queue_depth) if isinstance(batcher, MicroBatcher) else 0.0
-
-    metrics = ServiceMetrics(queue_depth)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        # one model thread: ONNX Runtime releases the GIL, so the event loop keeps serving meanwhile
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
-        try:
-            predictor = await asyncio.get_running_loop().run_in_executor(executor, load_predictor)
-        except Exception as exc:
-            executor.shutdown(wait=False)
-            raise RuntimeError(f"could not load the model: {type(exc).__name__}: {exc}") from exc
-        state.update(predictor=predictor, executor=executor)
-        if settings.batching:
-            batcher = MicroBatcher(
-                predictor.predict_proba,
-                executor,
-                max_batch_size=settings.max_batch_size,
-                max_wait_s=settings.max_wait_ms / 1e3,
-                max_queue=settings.max_queue,
-                on_batch=metrics.observe_batch,
-            )
-            batcher.start()
-            state["batcher"] = batcher
-        try:
-            yield
-        finally:
-            batcher = state.pop("batcher", None)
-            state.clear()  # not ready from here on: /ready answers 503 while draining
-            if isinstance(batcher, MicroBatcher):
-                await batcher.stop()
-            executor.shutdown(wait=True)
-
+    service = Service(load_predictor, settings)
     app = FastAPI(
         title="Two-moons classifier",
-        version="0.2.0",
-        description="Inference service of the course chapter 5.2 (micro-batched ONNX Runtime / TorchScript).",
+        version="0.3.0",
+        description="Inference service of the course chapter 5.2 (micro-batched ONNX Runtime).",
         lifespan=lifespan,
     )
-    app.state.settings, app.state.metrics = settings, metrics
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"detail": _validation_errors(exc.errors())}, status_code=422)
-
-    @app.exception_handler(_NotReady)
-    async def not_ready(_: Request, __: _NotReady) -> JSONResponse:
-        return _error(503, "model not loaded yet", retry=True)
-
-    @app.exception_handler(QueueFull)
-    async def queue_full(_: Request, exc: QueueFull) -> JSONResponse:
-        metrics.shed.inc()
-        return _error(503, f"server overloaded ({exc}); retry later", retry=True)
-
-    def predictor() -> Predictor:
-        model = state.get("predictor")
-        if model is None:
-            raise _NotReady
-        return model  # type: ignore[return-value]
-
-    def as_dict(proba: np.ndarray, model: Predictor) -> dict:
-        return {
-            "prediction": int(proba.argmax()),
-            "probabilities": [round(float(p), settings.digits) for p in proba],
-            "model_format": model.model_format,
-        }
-
-    async def run_model(x: np.ndarray) -> np.ndarray:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(state["executor"], predictor().predict_proba, x)  # type: ignore[arg-type]
-
-    @app.post("/predict", response_model=PredictResponse, responses=SHED)
-    async def predict(body: PredictRequest, request: Request) -> Response:
-        """Classify one sample. Concurrent requests are micro-batched into one model call."""
-        model = predictor()
-        x = np.asarray(body.features, dtype=np.float32)
-        batcher = state.get("batcher")
-        try:
-            if isinstance(batcher, MicroBatcher):
-                result = await batcher.submit(x)
-                proba, size = result.probabilities, result.batch_size
-            else:
-                proba, size = (await run_model(x[None, :]))[0], 1
-        except SampleRejected as exc:
-            return _rejected(str(exc))
-        if not np.isfinite(proba).all():
-            return _rejected("the model produced a non-finite output for this sample")
-        request.state.batch_size = size
-        return _json(as_dict(proba, model))
-
-    limited_batch = create_model(
+    app.state.service, app.state.settings, app.state.metrics = service, settings, service.metrics
+    # the per-app bound on the batch length is part of the schema, so it is a per-app class
+    limited = create_model(
         "BatchRequest",
         __base__=BatchRequest,
         items=(list[PredictRequest], Field(..., min_length=1, max_length=settings.max_batch_items)),
     )
-
-    @app.post("/predict_batch", response_model=BatchResponse, responses=SHED)
-    async def predict_batch(body: limited_batch, request: Request) -> Response:  # type: ignore[valid-type]
-        """Classify a list of samples in one model call (at most ``max_batch_items``)."""
-        model = predictor()
-        x = np.asarray([item.features for item in body.items], dtype=np.float32)
-        proba = await run_model(x)
-        bad = [i for i, row in enumerate(proba) if not np.isfinite(row).all()]
-        if bad:
-            return _rejected(f"the model produced non-finite outputs for items {bad}")
-        request.state.batch_size = len(x)
-        rows = [as_dict(row, model) for row in proba]
-        return _json(
-            {
-                "predictions": [r["prediction"] for r in rows],
-                "probabilities": [r["probabilities"] for r in rows],
-                "model_format": model.model_format,
-            }
-        )
-
-    @app.post(
+    app.post("/predict", response_model=PredictResponse, responses=SHED)(predict)
+    batch_route = _with_body(predict_batch, limited)
+    app.post("/predict_batch", response_model=BatchResponse, responses=SHED)(batch_route)
+    app.post(
         "/validate", response_model=ValidateResponse, responses={400: SHED[400], 413: SHED[413]}
+    )(validate)
+    app.get("/health", response_model=HealthResponse)(health)
+    app.get("/ready", response_model=ReadyResponse, responses={503: {"model": ReadyResponse}})(
+        ready
     )
-    async def validate(body: PredictRequest) -> Response:
-        """Parse and validate a sample like ``/predict`` does, without calling the model."""
-        return _json({"valid": True, "n_features": len(body.features)})
-
-    def health_probe() -> tuple[int, dict]:
-        return 200, {"status": "ok", "model_loaded": "predictor" in state}
-
-    def ready_probe() -> tuple[int, dict]:
-        return (200, {"ready": True}) if "predictor" in state else (503, {"ready": False})
-
-    # Both probes are answered by FastPaths before FastAPI runs; these routes document them and
-    # answer the same way if the app is mounted without its middleware.
-    @app.get("/health", response_model=HealthResponse)
-    async def health() -> JSONResponse:
-        """Liveness: the process answers. ``model_loaded`` tells whether it can predict yet."""
-        return JSONResponse(health_probe()[1])
-
-    @app.get(
-        "/ready",
-        response_model=ReadyResponse,
-        responses={503: {"model": ReadyResponse, "description": "Model not loaded"}},
-    )
-    async def ready() -> JSONResponse:
-        """Readiness: 200 once the model is loaded, 503 before that and while shutting down."""
-        status, body = ready_probe()
-        return JSONResponse(
-            body,
-            status_code=status,
-            headers={"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None,
-        )
-
-    def shed(path: str) -> bool:
-        batcher = state.get("batcher")
-        if (
-            path == "/predict"
-            and isinstance(batcher, MicroBatcher)
-            and batcher.queue_depth >= batcher.max_queue
-        ):
-            metrics.shed.inc()
-            return True
-        return False
-
-    @app.get("/metrics", include_in_schema=False)
-    async def prometheus_metrics() -> Response:
-        return Response(metrics.render(), media_type=metrics.content_type)
-
+    app.get("/metrics", include_in_schema=False)(prometheus_metrics)
+    for exc, handler in (
+        (RequestValidationError, on_invalid),
+        (NotReady, on_not_ready),
+        (QueueFull, on_queue_full),
+        (Unavailable, on_unavailable),
+        (DeadlineExceeded, on_deadline),
+        (ModelError, on_model_error),
+    ):
+        app.add_exception_handler(exc, handler)
     known = {route.path for route in app.routes} | {"/docs", "/openapi.json"}
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    probes = {"/health": service.health_probe, "/ready": service.ready_probe}
+    app.add_middleware(FastPaths, probes=probes, shed=service.shed, retry_after_s=RETRY_AFTER_S)
+    # outermost: sees 413s too, names every request, turns unexpected exceptions into a clean 500
     app.add_middleware(
-        FastPaths,
-        probes={"/health": health_probe, "/ready": ready_probe},
-        shed=shed,
-        retry_after_s=RETRY_AFTER_S,
+        AccessLog, observe=service.metrics.observe_request, known_paths=known, service=service
     )
-    app.add_middleware(
-        AccessLog, observe=metrics.observe_request, known_paths=known
-    )  # outermost: sees 413s too
     return app
 
 
-def create_app_from_env() -> FastAPI:
-    """App factory for ``uvicorn --factory mldeploy.serving:create_app_from_env``.
+def _with_body(route: Callable, body: type) -> Callable:
+    """A copy of ``route`` whose ``body`` parameter has the type ``body`` (FastAPI reads it)."""
+    copy = types.FunctionType(route.__code__, route.__globals__, route.__name__)
+    copy.__annotations__ = {**route.__annotations__, "body": body}
+    copy.__doc__ = route.__doc__
+    return copy
 
-    ``MLDEPLOY_MODEL`` is the model file (default ``artifacts/demo/model.onnx``), ``MLDEPLOY_BACKEND``
-    is ``onnx`` (default) or ``torchscript``; ``MLDEPLOY_ACCESS_LOG=0`` silences the JSON access log;
-    the limits are read by :meth:`ServiceSettings.from_env`. Bad settings stop with a clear message.
-    """
-    backend = os.environ.get("MLDEPLOY_BACKEND", "onnx").lower()
-    default = {
-        "onnx": "artifacts/demo/model.onnx",
-        "torchscript": "artifacts/demo/model_ts_script.pt",
-    }
-    if backend not in default:
-        raise SystemExit(f"MLDEPLOY_BACKEND must be 'onnx' or 'torchscript', got {backend!r}")
-    path = Path(os.environ.get("MLDEPLOY_MODEL", default[backend]))
+
+def load_predictor(settings: ServiceSettings) -> Callable[[], Predictor]:
+    """The backend the settings name, as a loader the service calls once."""
+    path, threads = settings.model_path, settings.model_threads
     if not path.is_file():
         raise SystemExit(f"no model file at {path}: run `make demo` (or set MLDEPLOY_MODEL)")
-    try:
-        settings = ServiceSettings.from_env()
-    except ValueError as exc:
-        raise SystemExit(f"bad setting: {exc}") from None
-    if os.environ.get("MLDEPLOY_ACCESS_LOG", "1").strip().lower() not in ("0", "false", "no"):
+    cls = OnnxPredictor if settings.backend == "onnx" else TorchScriptPredictor
+    return lambda: cls(path, threads=threads)
+
+
+def create_app_from_env(settings: ServiceSettings | None = None) -> FastAPI:
+    """The service as configured by ``MLDEPLOY_*`` (see ``mldeploy.settings``)."""
+    from mldeploy import settings as settings_module
+
+    settings = settings or settings_module.load()
+    if settings.access_log:
         enable_access_log(sys.stdout)
-    cls = OnnxPredictor if backend == "onnx" else TorchScriptPredictor
-    return create_app(lambda: cls(path, threads=settings.model_threads), settings)
+    return create_app(load_predictor(settings), settings)
 
 
 def enable_access_log(stream: object = sys.stdout) -> logging.Handler:

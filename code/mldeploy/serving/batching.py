@@ -1,7 +1,9 @@
 """Dynamic micro-batching: gather concurrent single-sample requests into one model call.
 
-The event loop only queues samples and wakes futures; the model runs in a worker thread, so the
-server keeps answering ``/health`` and parsing new requests while a batch is computed.
+The event loop only queues work and wakes futures; the model runs in a worker thread, so the
+server keeps answering while a batch is computed. Every model call of the service goes through
+one supervised worker: single samples (batched), whole ``/predict_batch`` jobs, both with bounded
+queues, so no path can queue unbounded work or starve the other.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -16,20 +19,34 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+log = logging.getLogger("mldeploy.errors")
+
 
 class QueueFull(Exception):
-    """The batcher's queue is at its bound: the caller should answer 503 and let the client retry."""
+    """A queue is at its bound: answer 503 with ``Retry-After`` and let the client retry."""
 
 
-class SampleRejected(Exception):
-    """The model could not produce a finite answer for this one sample (the others are unaffected)."""
+class Unavailable(Exception):
+    """The batcher is stopped or its worker died: answer 503."""
+
+
+class ModelError(Exception):
+    """The model failed or returned something unusable: a server fault (500)."""
+
+
+# kept for callers of the first version; a bad sample is now a model fault like any other
+SampleRejected = ModelError
 
 
 @dataclass
 class _Item:
-    features: np.ndarray
+    features: np.ndarray  # one sample (1-D) or, for a job, a whole batch (2-D)
     future: asyncio.Future
+    gone: Callable[[], bool] | None = None  # True once the client has disconnected
     enqueued_at: float = field(default_factory=time.perf_counter)
+
+    def wanted(self) -> bool:
+        return not self.future.done() and not (self.gone is not None and self.gone())
 
 
 @dataclass(frozen=True)
@@ -40,15 +57,27 @@ class BatchResult:
     batch_size: int
 
 
+@dataclass
+class Hooks:
+    """Callbacks that feed metrics; each gets plain numbers."""
+
+    batch: Callable[[int, float], None] = lambda size, seconds: None
+    queue_wait: Callable[[float], None] = lambda seconds: None
+    model_error: Callable[[], None] = lambda: None
+    skipped: Callable[[], None] = lambda: None  # a request whose client left, never computed
+
+
 class MicroBatcher:
     """Collects samples submitted from the event loop and runs them through ``predict`` in batches.
 
     - A batch closes when it has ``max_batch_size`` samples or when ``max_wait_s`` has passed
       since its first sample arrived, whichever comes first.
     - It waits only for as much company as the previous batch had: a lone request on an idle server
-      runs at once instead of sleeping ``max_wait_s`` for nobody, and four steady clients make
-      batches of four without waiting for a thirty-second sample that never comes.
-    - At most ``max_queue`` samples wait; beyond that ``submit`` raises :class:`QueueFull` at once.
+      runs at once instead of sleeping ``max_wait_s`` for nobody.
+    - At most ``max_queue`` samples and ``max_jobs`` whole batches wait; beyond that ``submit``
+      raises :class:`QueueFull` at once. Samples and jobs take turns for the model.
+    - A failure anywhere in a round fails that round's requests with :class:`ModelError`; the
+      worker carries on. ``stop`` resolves every future still waiting.
     """
 
     def __init__(
@@ -59,73 +88,149 @@ class MicroBatcher:
         max_batch_size: int = 32,
         max_wait_s: float = 0.002,
         max_queue: int = 128,
-        on_batch: Callable[[int, float], None] | None = None,
+        max_jobs: int = 2,
+        hooks: Hooks | None = None,
     ):
-        if max_batch_size < 1 or max_queue < 1 or max_wait_s < 0:
-            raise ValueError("max_batch_size and max_queue must be >= 1 and max_wait_s >= 0")
+        if max_batch_size < 1 or max_queue < 1 or max_jobs < 1 or not 0 <= max_wait_s < 60:
+            raise ValueError("max_batch_size, max_queue, max_jobs >= 1 and 0 <= max_wait_s < 60")
         self.predict, self.executor = predict, executor
         self.max_batch_size, self.max_wait_s, self.max_queue = max_batch_size, max_wait_s, max_queue
-        self.on_batch = on_batch  # called with (batch size, model seconds), e.g. to feed metrics
+        self.max_jobs = max_jobs
+        self.hooks = hooks or Hooks()
         self._pending: collections.deque[_Item] = collections.deque()
+        self._jobs: collections.deque[_Item] = collections.deque()
+        self._current: list[_Item] = []  # the round being filled or computed
         self._arrived = asyncio.Event()
         self._last_batch_size = 0
+        self._jobs_turn = False
         self._task: asyncio.Task | None = None
+        self._closed = False
 
     @property
     def queue_depth(self) -> int:
         return len(self._pending)
+
+    @property
+    def jobs_depth(self) -> int:
+        return len(self._jobs)
+
+    @property
+    def healthy(self) -> bool:
+        """The worker is running (a dead worker would leave every request hanging)."""
+        return self._task is not None and not self._task.done()
 
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(
                 self._worker(), name="micro-batcher"
             )
+            self._task.add_done_callback(self._worker_ended)
 
     async def stop(self) -> None:
         """Stop the worker and fail whatever still waits (the server is shutting down)."""
+        self._closed = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            self._task = None
-        while self._pending:
-            item = self._pending.popleft()
+        self._fail_all(Unavailable("the server is shutting down"))
+
+    def _worker_ended(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("the batching worker died", exc_info=task.exception())
+        self._closed = True
+        self._fail_all(Unavailable("the model worker stopped"))
+
+    def _fail_all(self, exc: Exception) -> None:
+        for item in [*self._current, *self._pending, *self._jobs]:
             if not item.future.done():
-                item.future.set_exception(QueueFull("the server is shutting down"))
+                item.future.set_exception(exc)
+        self._current, self._pending, self._jobs = [], collections.deque(), collections.deque()
 
-    async def submit(self, features: np.ndarray) -> BatchResult:
-        """Queue one sample (a 1-D float32 array) and wait for its result."""
-        if len(self._pending) >= self.max_queue:
-            raise QueueFull(f"{len(self._pending)} samples already waiting")
-        item = _Item(features, asyncio.get_running_loop().create_future())
-        self._pending.append(item)
+    def _enqueue(self, queue: collections.deque, bound: int, item: _Item) -> asyncio.Future:
+        if self._closed:
+            raise Unavailable("the model worker is not running")
+        if len(queue) >= bound:
+            raise QueueFull(f"{len(queue)} already waiting")
+        queue.append(item)
         self._arrived.set()
-        return await item.future
+        return item.future
 
-    def _take(self, limit: int) -> list[_Item]:
+    async def submit(
+        self, features: np.ndarray, gone: Callable[[], bool] | None = None
+    ) -> BatchResult:
+        """Queue one sample (a 1-D float32 array) and wait for its result."""
+        item = _Item(features, asyncio.get_running_loop().create_future(), gone)
+        return await self._enqueue(self._pending, self.max_queue, item)
+
+    async def submit_job(self, x: np.ndarray, gone: Callable[[], bool] | None = None) -> np.ndarray:
+        """Queue a whole (n, features) batch for one model call of its own; wait for its rows."""
+        item = _Item(x, asyncio.get_running_loop().create_future(), gone)
+        return await self._enqueue(self._jobs, self.max_jobs, item)
+
+    def _take(self, queue: collections.deque, limit: int) -> list[_Item]:
         taken: list[_Item] = []
-        while self._pending and len(taken) < limit:
-            item = self._pending.popleft()
-            if not item.future.done():  # its client gave up (cancelled): do not compute it
+        now = time.perf_counter()
+        while queue and len(taken) < limit:
+            item = queue.popleft()
+            if item.wanted():
+                self.hooks.queue_wait(now - item.enqueued_at)
                 taken.append(item)
+            elif not item.future.done():  # the client left: never compute it
+                item.future.cancel()
+                self.hooks.skipped()
         return taken
 
     async def _worker(self) -> None:
         while True:
-            if not self._pending:
-                self._arrived.clear()
-                await self._arrived.wait()
-            batch = self._take(self.max_batch_size)
-            if not batch:
+            try:
+                await self._round()
+            except asyncio.CancelledError:
+                for item in self._current:
+                    if not item.future.done():
+                        item.future.set_exception(Unavailable("the server is shutting down"))
+                raise
+            except Exception as exc:  # supervise: fail this round, keep serving the next
+                log.exception("model round failed")
+                self.hooks.model_error()
+                for item in self._current:
+                    if not item.future.done():
+                        item.future.set_exception(ModelError(f"{type(exc).__name__}: {exc}"))
+            finally:
+                self._current = []
+
+    async def _round(self) -> None:
+        if not self._pending and not self._jobs:
+            self._arrived.clear()
+            await self._arrived.wait()
+        # samples and jobs take turns, so a flood of either cannot starve the other
+        self._jobs_turn = not self._jobs_turn
+        if self._jobs and (self._jobs_turn or not self._pending):
+            self._current = self._take(self._jobs, 1)
+            if self._current:
+                item = self._current[0]
+                rows = await self._call(item.features)
+                if not item.future.done():
+                    item.future.set_result(rows)
+            return
+        batch = self._current = self._take(self._pending, self.max_batch_size)
+        if not batch:
+            return
+        expected = min(self._last_batch_size, self.max_batch_size)
+        if len(batch) < expected and self.max_wait_s > 0:
+            await self._fill(batch, expected)
+        self._last_batch_size = len(batch)
+        proba = await self._call(np.stack([item.features for item in batch]))
+        for row, item in zip(proba, batch):
+            if item.future.done():
                 continue
-            expected = min(self._last_batch_size, self.max_batch_size)
-            if len(batch) < expected and self.max_wait_s > 0:
-                await self._fill(batch, expected)
-            self._last_batch_size = len(batch)
-            await self._run(batch)
+            if np.isfinite(row).all():
+                item.future.set_result(BatchResult(row, len(batch)))
+            else:
+                item.future.set_exception(ModelError("non-finite output"))
 
     async def _fill(self, batch: list[_Item], expected: int) -> None:
-        """Wait until the batch has ``expected`` samples or its oldest one has waited ``max_wait_s``."""
+        """Wait until the batch has ``expected`` samples or its oldest has waited ``max_wait_s``."""
         deadline = batch[0].enqueued_at + self.max_wait_s
         while len(batch) < expected:
             remaining = deadline - time.perf_counter()
@@ -135,54 +240,15 @@ class MicroBatcher:
             # waiting on an Event (not on queue.get) so a timeout can never lose a sample
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), remaining)
-            batch += self._take(
-                self.max_batch_size - len(batch)
-            )  # take all that came, up to the maximum
+            batch += self._take(self._pending, self.max_batch_size - len(batch))
 
-    async def _run(self, batch: list[_Item]) -> None:
-        loop = asyncio.get_running_loop()
-        x = np.stack([item.features for item in batch])
+    async def _call(self, x: np.ndarray) -> np.ndarray:
+        """One model call in the worker thread; its output must have one row per input row."""
         start = time.perf_counter()
-        try:
-            proba = await loop.run_in_executor(self.executor, self.predict, x)
-        except Exception:
-            # one sample broke the whole call: retry one by one so only the culprit fails
-            await self._run_singly(batch)
-            return
-        if self.on_batch is not None:
-            self.on_batch(len(batch), time.perf_counter() - start)
-        self._deliver(batch, proba)
-
-    async def _run_singly(self, batch: list[_Item]) -> None:
-        loop = asyncio.get_running_loop()
-        for item in batch:
-            try:
-                proba = await loop.run_in_executor(
-                    self.executor, self.predict, item.features[None, :]
-                )
-            except Exception as exc:
-                if not item.future.done():
-                    item.future.set_exception(
-                        SampleRejected(f"the model failed on this sample: {exc}")
-                    )
-                continue
-            self._deliver([item], proba)
-
-    @staticmethod
-    def _deliver(batch: list[_Item], proba: np.ndarray) -> None:
-        proba = np.asarray(proba)
-        for i, item in enumerate(batch):
-            if item.future.done():
-                continue
-            if i >= len(proba):
-                item.future.set_exception(
-                    SampleRejected("the model returned fewer rows than it was given")
-                )
-                continue
-            row = proba[i]
-            if np.isfinite(row).all():
-                item.future.set_result(BatchResult(row, len(batch)))
-            else:
-                item.future.set_exception(
-                    SampleRejected("the model produced a non-finite output for this sample")
-                )
+        proba = np.asarray(
+            await asyncio.get_running_loop().run_in_executor(self.executor, self.predict, x)
+        )
+        if proba.ndim != 2 or len(proba) != len(x):
+            raise ModelError(f"the model returned shape {proba.shape} for input {x.shape}")
+        self.hooks.batch(len(x), time.perf_counter() - start)
+        return proba

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Collection, MutableMapping
 from typing import Any
@@ -19,6 +20,7 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 access_logger = logging.getLogger("mldeploy.access")
+errors_logger = logging.getLogger("mldeploy.errors")
 
 
 async def send_json(
@@ -90,10 +92,16 @@ class BodySizeLimit:
 
 
 class AccessLog:
-    """Times every HTTP request; logs one JSON line and feeds ``observe(method, path, status, seconds)``.
+    """The outermost layer: names, times and logs every HTTP request, and keeps faults server-side.
 
-    Endpoints can add fields (e.g. ``batch_size``) by setting them on ``request.state``.
-    Paths outside ``known_paths`` are logged and counted as ``other`` to keep metric labels bounded.
+    - Every request gets an id (the client's ``X-Request-ID`` if it is short and plain, else a new
+      one), echoed in the ``x-request-id`` response header and in error bodies.
+    - One JSON line per request and ``observe(method, path, status, seconds)``; endpoints can add
+      fields (e.g. ``batch_size``) on ``request.state``. Unknown paths count as ``other``.
+    - An exception nobody handled becomes a generic 500 with the id; the traceback goes to the
+      ``mldeploy.errors`` log, never to the client.
+    - While the service drains (``service.draining``), responses carry ``Connection: close`` so
+      keep-alive clients move to another replica before the listener closes.
     """
 
     def __init__(
@@ -102,47 +110,68 @@ class AccessLog:
         observe: Callable[[str, str, int, float], None] | None = None,
         known_paths: Collection[str] = (),
         logger: logging.Logger = access_logger,
+        service: Any = None,
     ):
-        self.app, self.observe, self.known_paths, self.logger = (
-            app,
-            observe,
-            frozenset(known_paths),
-            logger,
-        )
+        self.app, self.observe, self.logger = app, observe, logger
+        self.known_paths, self.service = frozenset(known_paths), service
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        status = 500  # what the server answers if the app raises before responding
+        request_id = _request_id(scope["headers"])
+        scope.setdefault("state", {})["request_id"] = request_id
+        status = 0
+        draining = self.service is not None and self.service.draining
 
         async def recording_send(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                extra = [(b"x-request-id", request_id.encode())]
+                if draining:
+                    extra.append((b"connection", b"close"))
+                message["headers"] = [*message.get("headers", ()), *extra]
             await send(message)
 
         try:
             await self.app(scope, receive, recording_send)
+        except Exception:
+            errors_logger.exception(
+                json.dumps({"request_id": request_id, "path": scope["path"], "error": "unhandled"})
+            )
+            if status == 0:  # nothing sent yet: answer for the app
+                body = {"detail": "internal server error", "request_id": request_id}
+                await send_json(recording_send, 500, body)
+            status = status or 500
         finally:
             seconds = time.perf_counter() - start
             path = scope["path"] if scope["path"] in self.known_paths else "other"
+            status = status or 500
             if self.observe is not None:
                 self.observe(scope["method"], path, status, seconds)
-            if self.logger.isEnabledFor(
-                logging.INFO
-            ):  # skip building the line when nobody reads it
+            if self.logger.isEnabledFor(logging.INFO):  # skip building the line if nobody reads it
                 record = {
                     "method": scope["method"],
                     "path": path,
                     "status": status,
                     "latency_ms": round(seconds * 1e3, 3),
+                    "request_id": request_id,
                 }
-                batch_size = scope.get("state", {}).get("batch_size")
+                batch_size = scope["state"].get("batch_size")
                 if batch_size is not None:
                     record["batch_size"] = batch_size
                 self.logger.info(json.dumps(record))
+
+
+def _request_id(headers: list[tuple[bytes, bytes]]) -> str:
+    for name, value in headers:
+        if name == b"x-request-id" and 0 < len(value) <= 64 and value.isascii():
+            text = value.decode()
+            if text.replace("-", "").replace("_", "").isalnum():
+                return text
+    return os.urandom(8).hex()
 
 
 class FastPaths:

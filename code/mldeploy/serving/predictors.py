@@ -35,15 +35,23 @@ class OnnxPredictor:
 
     def __init__(self, path: str | Path, threads: int = 1):
         self._session = make_session(path, threads=threads, spinning=False)
-        shape = self._session.get_inputs()[0].shape
-        self.n_features = int(shape[-1]) if isinstance(shape[-1], int) else 2
+        inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
+        if len(inputs) != 1 or len(outputs) < 1:
+            raise ValueError(
+                f"the model has {len(inputs)} inputs and {len(outputs)} outputs; the service"
+                " feeds exactly one input and reads the first output"
+            )
+        shape = inputs[0].shape
+        if inputs[0].type != "tensor(float)" or len(shape) != 2:
+            raise ValueError(f"the model's input is {inputs[0].type} {shape}, not a float matrix")
+        self.n_features = int(shape[-1]) if isinstance(shape[-1], int) else -1  # -1: not declared
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         return softmax(run_session(self._session, x))
 
 
 class TorchScriptPredictor:
-    """TorchScript backend, as in the chapter's first draft of the service (imports torch lazily)."""
+    """TorchScript backend, as in the first draft of the service (torch is imported lazily)."""
 
     model_format = "TorchScript"
     n_features = 2

@@ -32,7 +32,7 @@ class PredictResponse(BaseModel):
 
 
 class BatchRequest(BaseModel):
-    """A list of samples; its maximum length is set per app (``ServiceSettings.max_batch_items``)."""
+    """A list of samples; its maximum length is set per app (``max_batch_items``)."""
 
     model_config = ConfigDict(extra="forbid")
     items: list[PredictRequest] = Field(..., min_length=1)
@@ -60,3 +60,4 @@ class ReadyResponse(BaseModel):
 
 class ErrorResponse(BaseModel):
     detail: str
+    request_id: str | None = None  # on server faults: quote it when reporting, it is in the log

@@ -1,41 +1,333 @@
-"""Run an ASGI app with uvicorn in a background thread of this process (tests, notebooks, the demo)."""
+"""Running the service: uvicorn with connection hygiene, graceful draining and an admin listener.
+
+- ``GuardedHttpProtocol``: uvicorn's own HTTP protocol (httptools) plus what uvicorn lacks, a
+  deadline for a whole request to arrive (a slow or silent client is closed) and a connection cap
+  answered with an immediate 503. It plugs into uvicorn's documented ``http=`` setting.
+- ``DrainingServer``: on SIGTERM, /ready turns 503 at once while traffic still flows for
+  ``drain_s``; then uvicorn closes the listener, finishes in-flight requests (bounded by
+  ``shutdown_timeout_s``) and the process exits 0.
+- ``AdminServer``: /health, /ready and /metrics on a port of their own, answered by a thread,
+  so the probes stay fast while the event loop is saturated.
+- ``BackgroundServer``: the service on free loopback ports, in a thread or in a child process
+  (tests, notebooks, the benchmark, the demo); always stopped.
+"""
 
 from __future__ import annotations
 
+import functools
+import http.server
+import json
+import logging
 import os
+import signal
 import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
+from typing import Any
 
+import httpx
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from mldeploy.serving.middleware import ASGIApp
+from mldeploy.settings import ServiceSettings
+
+log = logging.getLogger("mldeploy.server")
+
+
+def _refusal() -> bytes:
+    body = json.dumps({"detail": "too many connections; retry later"}).encode()
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
+        f"connection: close\r\ncontent-length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+class GuardedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's HTTP/1.1 protocol with a request deadline and a connection cap.
+
+    uvicorn arms no timer on a new connection and resets its keep-alive timer on every byte, so a
+    client that sends nothing, or one header byte a second, holds its socket forever. Here a whole
+    request (headers and body) must arrive within ``header_timeout_s`` of the connection opening
+    or of the previous response; the timer is not reset by data. Configure with :func:`guarded`.
+    """
+
+    header_timeout_s: float = 5.0
+    max_connections: int = 1024
+    on_refused: Any = staticmethod(lambda: None)
+    on_timed_out: Any = staticmethod(lambda: None)
+    _deadline: Any = None
+
+    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > self.max_connections:
+            self.on_refused()
+            transport.write(_REFUSAL)  # refuse fast, before reading: no parsing, no app
+            transport.close()
+            return
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        if self.cycle is not None and self.cycle.scope is self.scope:
+            # lets the service skip work for a client that has gone (see app.client_gone)
+            extensions = self.scope.setdefault("extensions", {})  # type: ignore[typeddict-item]
+            extensions["mldeploy.client_gone"] = functools.partial(
+                getattr, self.cycle, "disconnected"
+            )
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._disarm()  # the request is in: from here on, the request timeout applies
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
+            self._arm()  # waiting for the next request on this keep-alive connection
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(self.header_timeout_s, self._too_slow)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        if not self.transport.is_closing():
+            self.on_timed_out()
+            self.transport.close()
+
+
+_REFUSAL = _refusal()
+
+
+def guarded(settings: ServiceSettings, metrics: Any = None) -> type[GuardedHttpProtocol]:
+    """A ``GuardedHttpProtocol`` class with these limits, counting into ``metrics`` if given."""
+    hooks = {}
+    if metrics is not None:
+        hooks = {
+            "on_refused": staticmethod(metrics.connections_refused.inc),
+            "on_timed_out": staticmethod(metrics.connections_timed_out.inc),
+        }
+    return type(
+        "GuardedHttpProtocol",
+        (GuardedHttpProtocol,),
+        {
+            "header_timeout_s": settings.header_timeout_s,
+            "max_connections": settings.max_connections,
+            **hooks,
+        },
+    )
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn that drains before it stops: the first SIGTERM only marks the service as draining
+    (readiness 503, ``Connection: close`` on answers) for ``drain_s``; then it stops as uvicorn
+    does. SIGINT (Ctrl+C) or a second SIGTERM stops without the drain period."""
+
+    def __init__(self, config: uvicorn.Config, service: Any = None, drain_s: float = 0.0):
+        super().__init__(config)
+        self.service, self.drain_s = service, drain_s
+        self.drain_started: float | None = None
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        first = self.drain_started is None and not self.should_exit
+        if sig == signal.SIGTERM and first and self.drain_s > 0:
+            self.begin_drain()
+        else:
+            super().handle_exit(sig, frame)
+
+    def begin_drain(self) -> None:
+        if self.service is not None:
+            self.service.draining = True
+        self.drain_started = time.monotonic()
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.drain_started is not None and time.monotonic() - self.drain_started >= self.drain_s:
+            self.should_exit = True
+        return await super().on_tick(counter)
+
+
+class AdminServer:
+    """/health, /ready and /metrics answered by a thread of their own (standard library HTTP),
+    so probes do not queue behind requests on the busy event loop."""
+
+    def __init__(self, service: Any, sock: socket.socket, timeout_s: float = 5.0):
+        handler = type("AdminHandler", (_AdminHandler,), {"service": service, "timeout": timeout_s})
+        self._httpd = _AdminHTTPServer(sock.getsockname()[:2], handler, bind_and_activate=False)
+        self._httpd.socket.close()
+        self._httpd.socket = sock
+        self._httpd.daemon_threads = True
+        sock.listen(128)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True
+        )
+
+    def start(self) -> AdminServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+class _AdminHTTPServer(http.server.ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a prober that hung up is normal
+            log.exception("admin listener: request from %s failed", client_address)
+
+
+class _AdminHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    # headers and body go out in two writes: without TCP_NODELAY the second waits for the
+    # client's delayed ACK (about 40 ms on Linux), which once made every probe slow
+    disable_nagle_algorithm = True
+    service: Any = None
+
+    def do_GET(self) -> None:
+        path, headers = self.path.partition("?")[0], {}
+        if path in ("/health", "/ready"):
+            probe = self.service.health_probe if path == "/health" else self.service.ready_probe
+            status, body = probe()
+            payload, kind = json.dumps(body).encode(), "application/json"
+            if status == 503:
+                headers["Retry-After"] = "1"
+        elif path == "/metrics":
+            status, payload = 200, self.service.metrics.render()
+            kind = self.service.metrics.content_type
+        else:
+            status, payload, kind = 404, b'{"detail":"Not Found"}', "application/json"
+        self.send_response(status)
+        for name, value in {
+            "Content-Type": kind,
+            "Content-Length": len(payload),
+            **headers,
+        }.items():
+            self.send_header(name, str(value))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args: object) -> None:
+        pass  # probes every few seconds would drown the log
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A bound, listening TCP socket; a clear one-line error when that is impossible."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except (OSError, OverflowError) as exc:
+        raise SystemExit(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
+def build(
+    app: ASGIApp, sock: socket.socket, admin_sock: socket.socket | None = None
+) -> tuple[DrainingServer, AdminServer | None]:
+    """The uvicorn server (not started) for ``app`` on ``sock``, and its admin listener."""
+    state = getattr(app, "state", None)
+    service = getattr(state, "service", None)
+    settings = service.settings if service is not None else ServiceSettings()
+    config = uvicorn.Config(
+        app,
+        http=guarded(settings, service.metrics if service else None),
+        loop=settings.loop,
+        lifespan="on",
+        log_level="warning",
+        access_log=False,
+        timeout_keep_alive=settings.keep_alive_s,
+        timeout_graceful_shutdown=settings.shutdown_timeout_s,
+        backlog=2048,
+    )
+    server = DrainingServer(config, service, settings.drain_s)
+    admin = None
+    if admin_sock is not None and service is not None:
+        admin = AdminServer(service, admin_sock, settings.header_timeout_s)
+    return server, admin
+
+
+def serve(app: ASGIApp, sock: socket.socket, admin_sock: socket.socket | None = None) -> bool:
+    """Serve until SIGTERM/SIGINT (drained) or a failed start-up; True if it started."""
+    server, admin = build(app, sock, admin_sock)
+    if admin is not None:
+        admin.start()  # /health answers (model_loaded: false) while the model loads
+    try:
+        server.run(sockets=[sock])
+    finally:
+        if admin is not None:
+            admin.stop()
+    return server.started
+
+
+def _loopback_socket() -> socket.socket:
+    return listen("127.0.0.1", 0)
 
 
 class BackgroundServer:
-    """Run an ASGI app with uvicorn in a thread, on a free loopback port, and always stop it.
+    """The service on free loopback ports, always stopped: in a thread of this process
+    (``BackgroundServer(app)``) or in a child process (``BackgroundServer(env={...})``, the
+    service configured by ``MLDEPLOY_*`` as ``python -m mldeploy.serving`` runs it).
 
-    The socket is bound before uvicorn starts (port 0 → the OS picks a free port), so there is
-    no race between choosing a port and using it.
+    The sockets are bound here before the server starts (port 0: the OS picks), so there is no
+    race between choosing a port and using it.
     """
 
-    def __init__(self, app: ASGIApp, host: str = "127.0.0.1", start_timeout: float = 20.0):
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind((host, 0))
-        self.host, self.port = self._sock.getsockname()
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True
-        )
-        self._start_timeout = start_timeout
+    def __init__(
+        self,
+        app: ASGIApp | None = None,
+        *,
+        env: dict[str, str] | None = None,
+        start_timeout: float = 60.0,
+    ):
+        if (app is None) == (env is None):
+            raise ValueError("give either an app (thread) or env (child process)")
+        self.app, self.env, self._start_timeout = app, env, start_timeout
+        self._sock, self._admin_sock = _loopback_socket(), _loopback_socket()
+        self.host, self.port = self._sock.getsockname()[:2]
+        self.admin_port = self._admin_sock.getsockname()[1]
+        self.proc: subprocess.Popen | None = None
+        self._server: DrainingServer | None = None
+        self._admin: AdminServer | None = None
+        self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    @property
+    def admin_url(self) -> str:
+        return f"http://{self.host}:{self.admin_port}"
+
     def start(self) -> BackgroundServer:
+        if self.app is not None:
+            self._start_thread()
+        else:
+            self._start_process()
+        return self
+
+    def _start_thread(self) -> None:
+        self._server, self._admin = build(self.app, self._sock, self._admin_sock)
+        if self._admin is not None:
+            self._admin.start()
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True
+        )
         self._thread.start()
         deadline = time.monotonic() + self._start_timeout
         while not self._server.started:
@@ -45,46 +337,74 @@ class BackgroundServer:
                     f"server on {self.url} did not start within {self._start_timeout:.0f} s"
                 )
             time.sleep(0.01)
-        return self
 
-    def stop(self) -> None:
-        self._server.should_exit = True
-        if self._thread.is_alive():
-            self._thread.join(timeout=10)
+    def _start_process(self) -> None:
+        fds = [self._sock.fileno(), self._admin_sock.fileno()]
+        cmd = [sys.executable, "-m", "mldeploy.serving", "--fd", str(fds[0])]
+        cmd += ["--admin-fd", str(fds[1])]
+        # stderr to a file, not a pipe: nobody reads a pipe while the server runs
+        self._stderr = tempfile.TemporaryFile()
+        env = {**os.environ, "MLDEPLOY_ACCESS_LOG": "0", **(self.env or {})}
+        self.proc = subprocess.Popen(
+            cmd,
+            pass_fds=fds,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=self._stderr,
+            start_new_session=True,
+        )
+        # the child owns the listeners now: once it closes them, connections must be refused
         self._sock.close()
+        self._admin_sock.close()
+        deadline = time.monotonic() + self._start_timeout
+        while True:
+            if self.proc.poll() is not None:
+                err = self.stderr()
+                self.stop()
+                raise RuntimeError(f"server exited with code {self.proc.returncode}: {err[-2000:]}")
+            try:
+                if httpx.get(self.admin_url + "/ready", timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"server on {self.url} not ready in {self._start_timeout:.0f} s")
+            time.sleep(0.05)
+
+    def stderr(self) -> str:
+        """What the child process wrote to stderr so far."""
+        self._stderr.seek(0)
+        return self._stderr.read().decode(errors="replace").strip()
+
+    def terminate(self) -> None:
+        """What Kubernetes does to stop a pod: SIGTERM (in a thread: start draining)."""
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGTERM)
+        elif self._server is not None:
+            self._server.begin_drain()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGINT)  # stop without the drain period
+                try:
+                    self.proc.wait(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+            self._stderr.close()
+        if self._server is not None:
+            self._server.should_exit = True
+            if self._thread is not None and self._thread.is_alive():
+                self._thread.join(timeout=timeout)
+        if self._admin is not None:
+            self._admin.stop()
+        self._sock.close()
+        self._admin_sock.close()
 
     def __enter__(self) -> BackgroundServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def serve_inherited_socket(fd: int) -> None:
-    """Serve ``create_app_from_env()`` on an already-bound listening socket inherited as ``fd``.
-
-    (``uvicorn --fd`` assumes a Unix socket, so TCP_NODELAY would never be set and small
-    responses would wait for Nagle's algorithm: ~40 ms each.)
-    """
-    from mldeploy.serving.app import create_app_from_env
-
-    sock = socket.socket(fileno=fd)  # family and type are read from the descriptor
-    # asyncio's own loop, not uvloop: under saturation uvloop left new connections unaccepted for
-    # seconds (measured in 5.2), so health probes and newcomers starved; MLDEPLOY_LOOP overrides.
-    loop = os.environ.get("MLDEPLOY_LOOP", "asyncio")
-    config = uvicorn.Config(
-        create_app_from_env(), log_level="warning", access_log=False, lifespan="on", loop=loop
-    )
-    uvicorn.Server(config).run(sockets=[sock])
-
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        description="Serve the model named by MLDEPLOY_* on an inherited socket."
-    )
-    parser.add_argument(
-        "--fd", type=int, required=True, help="file descriptor of a bound, listening TCP socket"
-    )
-    serve_inherited_socket(parser.parse_args().fd)

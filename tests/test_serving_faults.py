@@ -1,0 +1,284 @@
+"""The service under hostile clients, faults and shutdown: slow and idle connections are closed,
+the connection cap refuses fast, floods are shed, server faults are 500s with a request id and
+the worker carries on, deadlines hold, SIGTERM drains without resetting a request, and every bad
+setting stops start-up with one line. Loopback only, free ports, every server stopped."""
+
+import asyncio
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from mldeploy.loadtest import loadgen
+from mldeploy.serving import (
+    BackgroundServer,
+    DelayedPredictor,
+    OnnxPredictor,
+    ServiceSettings,
+    create_app,
+)
+from mldeploy.serving.metrics import metric
+
+SAMPLE = {"features": [0.5, -0.3]}
+
+
+@pytest.fixture(scope="module")
+def onnx_path(exported):
+    return exported["ONNX (.onnx)"]
+
+
+class FlakyPredictor:
+    """The real model, failing on demand with an internal message that must not reach clients."""
+
+    def __init__(self, path, delay: float = 0.0):
+        self.inner, self.delay = OnnxPredictor(path), delay
+        self.model_format, self.n_features = "ONNX", 2
+        self.fail, self.calls = False, 0
+
+    def predict_proba(self, x):
+        self.calls += 1
+        time.sleep(self.delay)
+        if self.fail:
+            raise RuntimeError("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : internal detail")
+        return self.inner.predict_proba(x)
+
+
+def test_slow_and_silent_clients_are_closed_within_the_timeout(onnx_path, scaled):
+    settings = ServiceSettings(header_timeout_s=1.0)
+    with BackgroundServer(create_app(lambda: OnnxPredictor(onnx_path), settings)) as server:
+        result = asyncio.run(
+            loadgen.slow_clients(server.url, dripping=10, silent=5, seconds=1 + scaled(4))
+        )
+        # the server still serves everyone else
+        assert httpx.post(server.url + "/predict", json=SAMPLE).status_code == 200
+        text = httpx.get(server.admin_url + "/metrics").text
+    assert result.still_open == 0 and result.closed_within(1.0 + scaled(1.5)), result
+    assert min(result.dripping + result.silent) >= 0.9  # not before the timeout either
+    assert metric(text, "mldeploy_connections_timed_out_total") == 15
+
+
+def test_connections_over_the_cap_are_refused_at_once(onnx_path):
+    settings = ServiceSettings(max_connections=4)
+    with BackgroundServer(create_app(lambda: OnnxPredictor(onnx_path), settings)) as server:
+        held = [socket.create_connection((server.host, server.port)) for _ in range(4)]
+        try:
+            time.sleep(0.2)
+            with socket.create_connection((server.host, server.port), timeout=5) as extra:
+                start = time.perf_counter()
+                answer = extra.recv(4096)  # the refusal comes before the client sends anything
+                waited = time.perf_counter() - start
+        finally:
+            for sock in held:
+                sock.close()
+        time.sleep(0.2)
+        ok = httpx.post(server.url + "/predict", json=SAMPLE)  # room again
+        text = httpx.get(server.admin_url + "/metrics").text
+    assert answer.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in answer
+    assert waited < 1.0 and ok.status_code == 200
+    assert metric(text, "mldeploy_connections_refused_total") == 1
+
+
+async def _flood(url: str, batch_clients: int, single_clients: int) -> tuple[list, list]:
+    items = {"items": [SAMPLE] * 64}
+    async with httpx.AsyncClient(
+        base_url=url, timeout=60, limits=httpx.Limits(max_connections=200)
+    ) as c:
+        batches = [c.post("/predict_batch", json=items) for _ in range(batch_clients)]
+        singles = [c.post("/predict", json=SAMPLE) for _ in range(single_clients)]
+        answers = await asyncio.gather(*batches, *singles)
+    return list(answers[:batch_clients]), list(answers[batch_clients:])
+
+
+def test_a_batch_flood_is_shed_and_predict_is_still_answered(onnx_path):
+    settings = ServiceSettings(max_batch_jobs=2)
+    app = create_app(lambda: DelayedPredictor(OnnxPredictor(onnx_path), 0.05), settings)
+    with BackgroundServer(app) as server:
+        batches, singles = asyncio.run(_flood(server.url, batch_clients=40, single_clients=10))
+    codes = [r.status_code for r in batches]
+    assert set(codes) == {200, 503} and codes.count(503) >= 20, codes
+    assert all(r.headers["retry-after"] == "1" for r in batches if r.status_code == 503)
+    assert [r.status_code for r in singles] == [200] * 10
+
+
+def test_a_model_fault_is_a_500_with_a_request_id_on_every_path_and_the_worker_carries_on(
+    onnx_path, caplog
+):
+    answers = {}
+    for batching in (True, False):
+        model = FlakyPredictor(onnx_path)
+        app = create_app(lambda m=model: m, ServiceSettings(batching=batching))
+        with BackgroundServer(app) as server, httpx.Client(base_url=server.url) as client:
+            model.fail = True
+            answers[batching, "/predict"] = client.post("/predict", json=SAMPLE)
+            answers[batching, "/predict_batch"] = client.post(
+                "/predict_batch", json={"items": [SAMPLE] * 3}
+            )
+            model.fail = False
+            after = client.post("/predict", json=SAMPLE)
+            health = httpx.get(server.admin_url + "/health")
+            text = httpx.get(server.admin_url + "/metrics").text
+        assert after.status_code == 200 and health.status_code == 200
+        assert metric(text, "mldeploy_model_errors_total") == 2
+    details = {r.json()["detail"] for r in answers.values()}
+    assert {r.status_code for r in answers.values()} == {500} and len(details) == 1
+    for r in answers.values():
+        assert "ONNXRuntimeError" not in r.text and "Traceback" not in r.text
+        assert r.json()["request_id"] == r.headers["x-request-id"]
+    logged = caplog.text
+    assert all(r.json()["request_id"] in logged for r in answers.values())
+    assert "internal detail" in logged  # the details are in the server's log
+
+
+def test_a_request_past_its_deadline_gets_504(onnx_path, scaled):
+    settings = ServiceSettings(request_timeout_s=0.2)
+    model = FlakyPredictor(onnx_path)
+    with BackgroundServer(create_app(lambda: model, settings)) as server:
+        model.delay = 2.0  # slow from now on (not during the warm-up)
+        start = time.perf_counter()
+        r = httpx.post(server.url + "/predict", json=SAMPLE, timeout=10)
+        waited = time.perf_counter() - start
+        text = httpx.get(server.admin_url + "/metrics").text
+    assert r.status_code == 504 and r.headers["retry-after"] == "1"
+    assert waited < 0.2 + scaled(1.5)  # answered at its deadline, not after the 2 s model call
+    assert metric(text, "mldeploy_timed_out_total") == 1
+
+
+def test_work_for_a_client_that_left_is_not_computed(onnx_path):
+    model = FlakyPredictor(onnx_path, delay=0.4)
+    app = create_app(lambda: model, ServiceSettings(max_batch_size=1, max_wait_ms=0))
+    with BackgroundServer(app) as server:
+        calls_before = model.calls  # warm-up calls
+        busy = threading.Thread(
+            target=httpx.post, args=(server.url + "/predict",), kwargs={"json": SAMPLE}
+        )
+        busy.start()
+        time.sleep(0.1)  # the model is busy with that one for 0.4 s
+        body = b'{"features": [1.0, 2.0]}'
+        with socket.create_connection((server.host, server.port)) as gone:
+            gone.sendall(loadgen.http_request(server.url + "/predict", body))
+            time.sleep(0.1)  # queued behind the busy call
+        busy.join()
+        time.sleep(0.3)
+        text = httpx.get(server.admin_url + "/metrics").text
+    assert model.calls - calls_before == 1
+    assert metric(text, "mldeploy_abandoned_total") == 1
+
+
+def test_sigterm_under_load_drains_without_resetting_a_request(onnx_path, scaled):
+    env = {"MLDEPLOY_MODEL": str(onnx_path), "MLDEPLOY_DRAIN_S": "1.5"}
+    with BackgroundServer(env=env) as server:
+        result = asyncio.run(
+            loadgen.drain_under_load(server, b'{"features": [0.5, -0.3]}', clients=16)
+        )
+        code = server.proc.wait(timeout=scaled(30))
+    assert result.reset == 0 and set(result.statuses) == {200}, result
+    assert result.ready_503_after is not None and result.ready_503_after < scaled(0.5)
+    # traffic flowed during the drain, then the listener closed, then the process exited
+    assert result.answered_in_drain > 0 and result.newcomers_served > 0
+    assert result.moved == 16  # every keep-alive client was told to reconnect elsewhere
+    assert 1.4 <= result.listener_closed_after < 1.5 + scaled(2)
+    assert result.exited_after is not None and result.exited_after < 1.5 + scaled(10)
+    assert code == 0
+
+
+def _five_input_model(path) -> str:
+    inputs = [helper.make_tensor_value_info(f"x{i}", TensorProto.FLOAT, ["n", 2]) for i in range(5)]
+    node = helper.make_node("Sum", [f"x{i}" for i in range(5)], ["y"])
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2])
+    model = helper.make_model(
+        helper.make_graph([node], "five", inputs, [out]),
+        opset_imports=[helper.make_opsetid("", 18)],
+    )
+    onnx.save(model, path)
+    return str(path)
+
+
+def _wrong_output_model(path) -> str:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])
+    node = helper.make_node("ReduceSum", ["x"], ["y"], keepdims=0)
+    model = helper.make_model(
+        helper.make_graph([node], "flat", [x], [y]), opset_imports=[helper.make_opsetid("", 18)]
+    )
+    onnx.save(model, path)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "env, args, message",
+    [
+        ({"MLDEPLOY_BACKEND": "tensorflow"}, [], "MLDEPLOY_BACKEND='tensorflow': Input should be"),
+        ({"MLDEPLOY_MODEL": "/nonexistent/model.onnx"}, [], "no model file"),
+        ({"MLDEPLOY_MAX_QUEUE": "lots"}, [], "MLDEPLOY_MAX_QUEUE='lots': Input should be a valid"),
+        (
+            {"MLDEPLOY_MAX_BATCH_SIZE": "0"},
+            [],
+            "MLDEPLOY_MAX_BATCH_SIZE='0': Input should be greater",
+        ),
+        ({"MLDEPLOY_BATCHING": "maybe"}, [], "MLDEPLOY_BATCHING='maybe': Input should be a valid"),
+        (
+            {"MLDEPLOY_MAX_WAIT_MS": "inf"},
+            [],
+            "MLDEPLOY_MAX_WAIT_MS='inf': Input should be a finite",
+        ),
+        ({"MLDEPLOY_REQUEST_TIMEOUT_S": "nan"}, [], "MLDEPLOY_REQUEST_TIMEOUT_S='nan'"),
+        ({}, ["--port", "99999"], "MLDEPLOY_PORT='99999': Input should be less than or equal"),
+        ({}, ["--port", "9100", "--admin-port", "9100"], "MLDEPLOY_PORT and MLDEPLOY_ADMIN_PORT"),
+        ({"MLDEPLOY_MODEL": "five"}, [], "the model has 5 inputs"),
+        ({"MLDEPLOY_MODEL": "flat"}, [], "for 1 samples it returned shape"),
+        ({"MLDEPLOY_MODEL": "garbage"}, [], "could not load the model"),
+    ],
+)
+def test_bad_settings_stop_start_up_with_one_line(onnx_path, tmp_path, env, args, message):
+    models = {
+        "five": lambda: _five_input_model(tmp_path / "five.onnx"),
+        "flat": lambda: _wrong_output_model(tmp_path / "flat.onnx"),
+        "garbage": lambda: (
+            (tmp_path / "g.onnx").write_bytes(b"not a model") and str(tmp_path / "g.onnx")
+        ),
+    }
+    model = env.get("MLDEPLOY_MODEL", str(onnx_path))
+    full = {**env, "MLDEPLOY_MODEL": models[model]() if model in models else model}
+    proc = subprocess.run(
+        [sys.executable, "-m", "mldeploy.serving", "--port", "0", "--admin-port", "0", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**__import__("os").environ, **full},
+    )
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(lines) == 1, proc.stderr
+    assert message in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_probes_are_on_the_admin_port_and_ready_waits_for_the_warm_up(onnx_path):
+    started = threading.Event()
+
+    def slow_load():
+        started.set()
+        time.sleep(0.5)
+        return OnnxPredictor(onnx_path)
+
+    server = BackgroundServer(create_app(slow_load))
+    runner = threading.Thread(target=server.start)
+    runner.start()
+    try:
+        started.wait(10)
+        cold = httpx.get(server.admin_url + "/ready")
+        health = httpx.get(server.admin_url + "/health")
+        runner.join()
+        warm = httpx.get(server.admin_url + "/ready")
+    finally:
+        runner.join()
+        server.stop()
+    assert cold.status_code == 503 and cold.headers["retry-after"] == "1"
+    assert health.json() == {"status": "ok", "model_loaded": False}
+    assert warm.status_code == 200 and warm.json() == {"ready": True}
+    np.testing.assert_equal(server.port != server.admin_port, True)
