@@ -651,7 +651,7 @@ def quoted_numbers(text: str) -> list[tuple[str, float, int]]:
         whole, decimals, unit = m.group(1), m.group(2), m.group(3)
         before = text[max(0, m.start() - 12) : m.start()]
         if re.search(
-            r"(?:\d\.|\b(?:PyTorch|Python|torch|onnxruntime|Runtime|opset|ONNX|Sphinx|v|version|节|section|Section|§)\s*)$",
+            r"(?:\d\.|\b(?:PyTorch|Python|torch|onnxruntime|Runtime|opset|ONNX|Sphinx|FastAPI|uvicorn|Pydantic|NumPy|gguf|v|version|节|section|Section|§)\s*)$",
             before,
         ):
             continue  # a version or a section number

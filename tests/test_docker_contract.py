@@ -335,7 +335,7 @@ def test_container_serves_as_non_root_and_its_healthcheck_follows_it(container, 
     # uvicorn shuts down gracefully, then re-raises SIGTERM (docker would report exit code 143)
     assert proc.wait(timeout=15) in (0, -signal.SIGTERM)
     logs = proc.stdout.read()
-    assert "Finished server process" in logs and "Traceback" not in logs, logs
+    assert "server stopped cleanly" in logs and "Traceback" not in logs, logs
     down = image.run(probe, timeout=30)
     assert down.returncode != 0 and down.stdout.startswith("unhealthy"), down.stdout + down.stderr
 

@@ -153,7 +153,7 @@ def test_stops_cleanly_and_quickly_on_sigterm(engine, image, request):
     assert seconds < 25 and state["ExitCode"] in (0, 143), (
         state
     )  # 137 would mean it had to be killed
-    assert "Finished server process" in logs and "Traceback" not in logs, logs[-2000:]
+    assert "server stopped cleanly" in logs and "Traceback" not in logs, logs[-2000:]
 
 
 # --- the Deployment, as far as `podman kube play` goes -------------------------------------------
@@ -181,6 +181,13 @@ def kube_copy(name: str) -> tuple[dict, dict]:
         get = box[probe]["httpGet"]
         get["port"] = ports.get(get["port"], get["port"])
     return doc, original
+
+
+def probe_port(container: dict, probe: dict) -> int:
+    """The port number a probe asks, resolving a named port against the container's ports."""
+    port = probe["httpGet"]["port"]
+    named = {p["name"]: p["containerPort"] for p in container["ports"]}
+    return named.get(port, port)
 
 
 def test_deployment_runs_under_podman_kube_play(engine, image, tmp_path, request):
@@ -217,9 +224,7 @@ def test_deployment_runs_under_podman_kube_play(engine, image, tmp_path, request
                 health["Interval"] == live["periodSeconds"] * 10**9
                 and health["Retries"] == live["failureThreshold"]
             )
-            assert f":{want['ports'][0]['containerPort']}{live['httpGet']['path']}" in " ".join(
-                health["Test"]
-            )
+            assert f":{probe_port(want, live)}{live['httpGet']['path']}" in " ".join(health["Test"])
             box = run.Container(engine, f"{pod}-{want['name']}", "")
             deadline = time.monotonic() + 60
             while (
@@ -245,7 +250,8 @@ def test_deployment_runs_under_podman_kube_play(engine, image, tmp_path, request
                 "readinessProbe",
                 "livenessProbe",
             ):  # each probe's path answers 200
-                url = f"http://127.0.0.1:{want['ports'][0]['containerPort']}{want[probe_name]['httpGet']['path']}"
+                probe = want[probe_name]
+                url = f"http://127.0.0.1:{probe_port(want, probe)}{probe['httpGet']['path']}"
                 code = box.exec(
                     "python",
                     "-c",

@@ -273,6 +273,7 @@ def test_metrics_count_requests_by_path_and_status(onnx_path):
 
 def _port_is_free(port: int) -> bool:
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not a holder
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:

@@ -55,8 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     for thread in stuck:
         thread.join(timeout=2)
     if any(t.is_alive() for t in stuck):
+        print("stopped; a model call was still running and was abandoned", file=sys.stderr)
         sys.stderr.flush()
         os._exit(0 if started else 1)
+    if started:
+        print("server stopped cleanly", file=sys.stderr)
     return 0 if started else 1
 
 
