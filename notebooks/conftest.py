@@ -12,12 +12,18 @@ TAG = "container-engine"
 
 
 def pytest_collection_modifyitems(config, items):
-    cells = [item for item in items if TAG in getattr(getattr(item, "cell", None), "metadata", {}).get("tags", [])]
+    cells = [
+        item
+        for item in items
+        if TAG in getattr(getattr(item, "cell", None), "metadata", {}).get("tags", [])
+    ]
     if not cells or os.environ.get("CI", "").lower() == "true":
         return
     from mldeploy.image.engine import available
 
     if available() is None:
-        skip = pytest.mark.skip(reason="no container engine (Docker or Podman): the image cells of 5.4 were not run")
+        skip = pytest.mark.skip(
+            reason="no container engine (Docker or Podman): the image cells of 5.4 were not run"
+        )
         for item in cells:
             item.add_marker(skip)
