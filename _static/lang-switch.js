@@ -78,7 +78,8 @@
 
   // Split one element whose direct text holds the separator into language halves.
   function splitElement(el) {
-    if (el.querySelector("[lang]") || el.closest(SKIP)) return;
+    // a figure caption is split even inside a cell output (myst-nb renders figures there)
+    if (el.querySelector("[lang]") || (el.closest(SKIP) && !el.closest("figcaption"))) return;
     var kids = Array.prototype.slice.call(el.childNodes);
     var tail = kids.filter(function (k) { return k.nodeType === 1 && k.classList.contains("headerlink"); });
     kids = kids.filter(function (k) { return tail.indexOf(k) < 0; });

@@ -499,7 +499,7 @@ VISIBLE_TEXT = """(mode) => {
   while (walker.nextNode()) {
     const node = walker.currentNode, el = node.parentElement;
     const text = node.data.replace(/\\s+/g, ' ').trim();
-    if (!text || !el || el.closest(skip) || !el.checkVisibility({checkOpacity: true, checkVisibilityCSS: true})) continue;
+    if (!text || !el || (el.closest(skip) && !el.closest('figcaption')) || !el.checkVisibility({checkOpacity: true, checkVisibilityCSS: true})) continue;
     const rect = el.getBoundingClientRect();
     if (rect.width === 0 || rect.height === 0) continue;
     // glossary headwords keep both names and their IPA on purpose
