@@ -1,4 +1,4 @@
-"""The Kubernetes manifests: valid against the Kubernetes schema (offline) and consistent with the image."""
+"""The Kubernetes manifests: valid against their schema (offline) and consistent with the image."""
 
 from __future__ import annotations
 
