@@ -66,14 +66,16 @@ def _description(doctree: nodes.document | None) -> str:
 def add_pdf_links(
     app: Sphinx, pagename: str, templatename: str, context: dict, doctree: object
 ) -> None:
-    """With BOOK_PDF=1 (``make pdf``, which prints them into pdf/), the first page links the PDFs."""
+    """With BOOK_PDF=1 (``make pdf``, which prints them into pdf/), page one links the PDFs."""
     if not os.environ.get("BOOK_PDF") or pagename != app.config.root_doc or "body" not in context:
         return
-    link = lambda mode, label: (
-        f'<a href="{context["pathto"](f"pdf/mldeploy-{mode}.pdf", 1)}">{label}</a>'
-    )  # noqa: E731
+
+    def link(mode: str, label: str) -> str:
+        return f'<a href="{context["pathto"](f"pdf/mldeploy-{mode}.pdf", 1)}">{label}</a>'
+
     context["body"] += (
-        '<p class="book-pdf-links"><span lang="zh">整本书的 PDF：</span><span lang="en">The whole book as PDF: </span>'
+        '<p class="book-pdf-links"><span lang="zh">整本书的 PDF：</span>'
+        '<span lang="en">The whole book as PDF: </span>'
         f"{link('both', '双语 · bilingual')} · {link('zh', '中文')} · {link('en', 'English')}</p>"
     )
 
@@ -92,15 +94,19 @@ FONTAWESOME = re.compile(
     r'\s*<script defer src="[^"]*_static/scripts/fontawesome\.js[^"]*"></script>'
 )
 SEARCH_SCRIPTS = re.compile(
-    r'\s*<script src="[^"]*(?:_static/searchtools\.js|_static/language_data\.js|searchindex\.js)"></script>'
+    r'\s*<script src="[^"]*'
+    r"(?:_static/searchtools\.js|_static/language_data\.js|searchindex\.js)"
+    r'"></script>'
 )
 MATHJAX = re.compile(
-    r'\s*<script>window\.MathJax = .*?</script>\s*<script defer="defer" src="[^"]*mathjax/tex-chtml\.js"></script>',
+    r"\s*<script>window\.MathJax = .*?</script>"
+    r'\s*<script defer="defer" src="[^"]*mathjax/tex-chtml\.js"></script>',
     re.S,
 )
 DESIGN = re.compile(
     r'\s*<link rel="stylesheet" type="text/css" href="[^"]*_static/sphinx-design\.min\.css[^"]*" />'
-    r'|\s*<script data-sd-tabs-storage-prefix="[^"]*" src="[^"]*_static/design-tabs\.js[^"]*"></script>'
+    r'|\s*<script data-sd-tabs-storage-prefix="[^"]*"'
+    r' src="[^"]*_static/design-tabs\.js[^"]*"></script>'
 )
 HAS_MATH = re.compile(r'class="[^"]*\bmath\b|\\\(|\\\[|\$\$')
 

@@ -29,7 +29,8 @@ def stamp_html(verified: dict) -> str:
         for name, key in [("Python", "python"), ("torch", "torch"), ("onnxruntime", "onnxruntime")]
     )
     return (
-        '<p class="verified-stamp"><span lang="zh">验证环境：</span><span lang="en">Verified with </span>'
+        '<p class="verified-stamp"><span lang="zh">验证环境：</span>'
+        '<span lang="en">Verified with </span>'
         f'{versions} · <span lang="zh">输出生成于 </span><span lang="en">outputs produced </span>'
         f"{escape(str(verified['date']))}</p>"
     )

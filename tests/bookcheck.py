@@ -106,8 +106,9 @@ def split_blocks(source: Source) -> tuple[list[Block], list[str]]:
         buffer = []
 
     def keep_place(line: str) -> None:
-        # a dropped line inside a language block leaves spaces of the same length, so that offsets in
-        # the block's text still point at the same characters of the source (the linker edits by offset)
+        # a dropped line inside a language block leaves spaces of the same length, so that
+        # offsets in the block's text still point at the same characters of the source
+        # (the linker edits by offset)
         if lang is not None:
             buffer.append(" " * len(line))
 
@@ -160,13 +161,15 @@ def split_blocks(source: Source) -> tuple[list[Block], list[str]]:
             continue
         if lang is not None and HEADING.match(line):
             problems.append(
-                f'{_where(source, i + 1)}: heading inside a <div lang="{lang}"> block (Sphinx would close the '
-                "section inside the div and break the page): put it before the div, bilingual "
+                f'{_where(source, i + 1)}: heading inside a <div lang="{lang}"> block '
+                "(Sphinx would close the section inside the div and break the page): "
+                "put it before the div, bilingual "
                 "(`python tests/bookcheck.py fix-structure FILE` moves it)"
             )
         if "<div lang" in line:
             problems.append(
-                f'{_where(source, i + 1)}: write <div lang="zh"> / <div lang="en"> alone on its line'
+                f"{_where(source, i + 1)}: "
+                'write <div lang="zh"> / <div lang="en"> alone on its line'
             )
         if not buffer and lang is None:
             start = i
@@ -369,8 +372,8 @@ def mislink_problems(path: Path) -> list[str]:
     for source in markdown_sources(path):
         for m in mislinks(source):
             problems.append(
-                f"{path.name}, {source.where}: {m.group(0)!r} links part of a longer word that means "
-                "something else (`python tests/bookcheck.py relink FILE` fixes it)"
+                f"{path.name}, {source.where}: {m.group(0)!r} links part of a longer word "
+                "that means something else (`python tests/bookcheck.py relink FILE` fixes it)"
             )
     return problems
 
@@ -438,7 +441,7 @@ NOT_USES: dict[str, list[str]] = {
 
 
 def _not_uses(anchor: str, text: str) -> list[tuple[int, int]]:
-    """Spans of ``text`` inside compounds that are not uses of the term, glossary links read as their words."""
+    """Spans of ``text`` in compounds, not uses of the term (glossary links read as their words)."""
     plain, index = [], []
     last = 0
     for m in GLOSSARY_LINK.finditer(text):
@@ -556,7 +559,8 @@ def link_first_uses(path: Path, glossary: Path) -> int:
         text = u.source.text
         start, end, word = u.offset, u.offset + len(u.word), u.word
         if text[start - 2 : start] == "**" and text[end : end + 2] == "**":
-            # `**[x](…)**之` would not close the bold (CommonMark flanking rules): link the bold text instead
+            # `**[x](…)**之` would not close the bold (CommonMark flanking rules):
+            # link the bold text instead
             start, end, word = start - 2, end + 2, f"**{word}**"
         linked = f"[{word}]({_relative(glossary, path)}#{u.term.anchor})"
         text = text[:start] + linked + text[end:]
@@ -589,7 +593,7 @@ DRAFT = re.compile(r"\bdrafts?\b|草稿", re.IGNORECASE)
 
 
 def _prose(path: Path) -> list[tuple[Source, str]]:
-    """(source, text) of the prose a reader sees: code fences, inline code and link targets removed."""
+    """(source, text) of the prose a reader sees, without code fences, inline code, link targets."""
     out = []
     for source in markdown_sources(path):
         blocks, _ = split_blocks(source)
@@ -615,7 +619,8 @@ def terminology_problems(path: Path) -> list[str]:
                 )
         for m in DRAFT.finditer(text):
             problems.append(
-                f"{where}: {text[max(0, m.start() - 30) : m.end() + 10]!r} mentions a draft the reader never saw"
+                f"{where}: {text[max(0, m.start() - 30) : m.end() + 10]!r} "
+                "mentions a draft the reader never saw"
             )
     return problems
 
@@ -645,7 +650,7 @@ def _numbers_in_outputs(cells: list[dict]) -> list[float]:
 
 
 def quoted_numbers(text: str) -> list[tuple[str, float, int]]:
-    """Numbers a sentence quotes as measurements: with decimals or a unit (12.3 ms, 3.9×, 2338 个参数 excluded)."""
+    """Numbers quoted as measurements: with decimals or a unit (12.3 ms, 3.9×; not 2338 个参数)."""
     found = []
     for m in NUMBER.finditer(text):
         whole, decimals, unit = m.group(1), m.group(2), m.group(3)
@@ -694,7 +699,7 @@ CITATION = re.compile(r"arXiv:\d{4}\.\d{4,5}")
 
 
 def number_problems(path: Path) -> list[str]:
-    """Each measured-looking number in a notebook's prose appears, rounded as quoted, in one of its outputs."""
+    """Each measured-looking number in a notebook's prose is in its outputs, rounded as quoted."""
     cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
     outputs = _numbers_in_outputs(cells)
     problems = []
@@ -718,7 +723,8 @@ def number_problems(path: Path) -> list[str]:
             )
             if not ok:
                 problems.append(
-                    f"{path.name}, {source.where}: {shown!r} in the prose matches no number in the outputs"
+                    f"{path.name}, {source.where}: "
+                    f"{shown!r} in the prose matches no number in the outputs"
                 )
     return problems
 
@@ -727,7 +733,7 @@ def number_problems(path: Path) -> list[str]:
 
 
 def solution_visibility_problems(path: Path) -> list[str]:
-    """Solution cells (tag hide-input) are folded in JupyterLab too: metadata jupyter.source_hidden."""
+    """Solution cells (tag hide-input) are folded in JupyterLab too (jupyter.source_hidden)."""
     cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
     return [
         f"{path.name}, cell {i}: tagged {SOLUTION_TAG!r} but not folded in JupyterLab "
@@ -740,7 +746,7 @@ def solution_visibility_problems(path: Path) -> list[str]:
 
 
 def figure_problems(path: Path) -> list[str]:
-    """Every plot: alt text and a numbered caption in both languages (cell metadata mystnb.image/figure)."""
+    """Every plot has alt text and a numbered caption in both languages (mystnb.image/figure)."""
     cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
     problems = []
     for i, cell in enumerate(cells):
@@ -755,11 +761,13 @@ def figure_problems(path: Path) -> list[str]:
         for what, text in (("image.alt", alt), ("figure.caption", caption)):
             if not re.search(r"[\u4e00-\u9fff].* · [^\u4e00-\u9fff]*[A-Za-z]", text):
                 problems.append(
-                    f"{path.name}, cell {i}: a figure needs metadata mystnb.{what} as `中文 · English`"
+                    f"{path.name}, cell {i}: "
+                    f"a figure needs metadata mystnb.{what} as `中文 · English`"
                 )
         if not name:
             problems.append(
-                f"{path.name}, cell {i}: a figure needs metadata mystnb.figure.name (numbers and links it)"
+                f"{path.name}, cell {i}: "
+                "a figure needs metadata mystnb.figure.name (numbers and links it)"
             )
     return problems
 
@@ -849,7 +857,8 @@ def exercise_problems(path: Path) -> list[str]:
     ]
     if not solutions:
         return [
-            f"{path.name}: exercises (cell {start}) have no solution code cell tagged {SOLUTION_TAG!r}"
+            f"{path.name}: exercises (cell {start}) "
+            f"have no solution code cell tagged {SOLUTION_TAG!r}"
         ]
     problems = []
     for i, cell in solutions:
@@ -878,7 +887,8 @@ def stamp_problems(path: Path, pins: dict[str, str]) -> list[str]:
         produced = str(verified.get(package, "")).split("+")[0]
         if produced and produced != pinned:
             problems.append(
-                f"{path.name}: outputs were produced with {package} {produced}, the pin is {pinned}: run `make refresh`"
+                f"{path.name}: outputs were produced with {package} {produced}, "
+                f"the pin is {pinned}: run `make refresh`"
             )
     if verified.get("date") and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", verified["date"]):
         problems.append(f"{path.name}: stamp date {verified['date']!r} is not YYYY-MM-DD")
@@ -900,10 +910,12 @@ def pinned_versions(
 def main(argv: list[str]) -> int:
     """Repair commands, each idempotent (safe to re-run after a merge):
 
-    python tests/bookcheck.py link-first-uses FILE...   link each glossary term's first use
-    python tests/bookcheck.py relink FILE...            unlink mislinks (运行时间), then link first uses
-    python tests/bookcheck.py fix-structure FILE...     headings out of language blocks, solutions folded
-                                                        in JupyterLab, then relink
+    python tests/bookcheck.py link-first-uses FILE...
+        link each glossary term's first use
+    python tests/bookcheck.py relink FILE...
+        unlink mislinks (运行时间), then link first uses
+    python tests/bookcheck.py fix-structure FILE...
+        headings out of language blocks, solutions folded in JupyterLab, then relink
     """
     commands = {"link-first-uses", "relink", "fix-structure"}
     if len(argv) < 2 or argv[0] not in commands:
@@ -915,9 +927,9 @@ def main(argv: list[str]) -> int:
         if argv[0] == "link-first-uses":
             print(f"{name}: linked {link_first_uses(path, glossary)} first uses")
         elif argv[0] == "relink":
-            print(
-                f"{name}: unlinked {unlink_mislinks(path)} mislinks, linked {link_first_uses(path, glossary)} first uses"
-            )
+            unlinked = unlink_mislinks(path)
+            linked = link_first_uses(path, glossary)
+            print(f"{name}: unlinked {unlinked} mislinks, linked {linked} first uses")
         else:
             print(f"{name}: " + ("; ".join(fix_structure(path)) or "nothing to change"))
     return 0

@@ -102,9 +102,8 @@ def page_count(pdf: Path) -> int:
 def main(argv: list[str]) -> int:
     site = Path(argv[0]) if argv else REPO / "_build" / "html"
     for mode, path in print_book(site, site / "pdf").items():
-        print(
-            f"{MODES[mode]:<18} {path}  {page_count(path)} pages, {path.stat().st_size / 1e6:.1f} MB"
-        )
+        megabytes = path.stat().st_size / 1e6
+        print(f"{MODES[mode]:<18} {path}  {page_count(path)} pages, {megabytes:.1f} MB")
     return 0
 
 

@@ -126,8 +126,9 @@ BAD_CELLS = {
     "English-only list": "- one point\n- another point",
     "Chinese-only table cell": "| 格式 | size |\n|---|---|\n| ONNX | 8.0 |\n\n" + ZH + "\n" + EN,
     # Sphinx closes the section inside the div: the page's article collapses (it happened in 5.3a)
-    "heading inside a language block": '<div lang="zh">\n\n## 小结 · Summary\n\n中文段落。\n\n</div>\n'
-    + EN,
+    "heading inside a language block": (
+        '<div lang="zh">\n\n## 小结 · Summary\n\n中文段落。\n\n</div>\n' + EN
+    ),
 }
 
 
@@ -161,8 +162,10 @@ def test_bilingual_check_accepts_shared_content(tmp_path: Path) -> None:
 
 def test_link_checks_catch_a_wrong_anchor_and_a_missing_first_link(tmp_path: Path) -> None:
     cell = nbformat.v4.new_markdown_cell(
-        '<div lang="zh">\n\n模型的[推理](../chapters/glossary.md#no-such-term)很快，推理延迟很低。\n\n</div>\n'
-        '<div lang="en">\n\nThe model\'s [inference](../chapters/glossary.md#inference) is fast.\n\n</div>'
+        '<div lang="zh">\n\n'
+        "模型的[推理](../chapters/glossary.md#no-such-term)很快，推理延迟很低。\n\n</div>\n"
+        '<div lang="en">\n\n'
+        "The model's [inference](../chapters/glossary.md#inference) is fast.\n\n</div>"
     )
     path = write_notebook(tmp_path, cell)
     links = bookcheck.link_problems(path, GLOSSARY, REPO_ROOT / "notebooks")
@@ -195,7 +198,8 @@ def test_exercise_and_stamp_checks_catch_omissions(tmp_path: Path) -> None:
         write_notebook(tmp_path, visible, metadata=stale), {"torch": "2.13.0"}
     )
     assert problems == [
-        "5.9-bad.ipynb: outputs were produced with torch 2.0.0, the pin is 2.13.0: run `make refresh`"
+        "5.9-bad.ipynb: outputs were produced with torch 2.0.0, "
+        "the pin is 2.13.0: run `make refresh`"
     ]
 
 
@@ -214,7 +218,8 @@ def test_first_uses_can_be_linked_automatically(tmp_path: Path) -> None:
     (tmp_path / "notebooks").mkdir()
     cell = nbformat.v4.new_markdown_cell(
         '<div lang="zh">\n\n**推理**很快；动态量化不是量化的第一次使用。量化。\n\n</div>\n'
-        '<div lang="en">\n\nInference is fast, see [ONNX Runtime](https://onnxruntime.ai) and `tensor`.\n\n</div>'
+        '<div lang="en">\n\n'
+        "Inference is fast, see [ONNX Runtime](https://onnxruntime.ai) and `tensor`.\n\n</div>"
     )
     path = write_notebook(tmp_path / "notebooks", cell)
     glossary = tmp_path / "chapters" / "glossary.md"
@@ -233,8 +238,8 @@ def test_first_uses_can_be_linked_automatically(tmp_path: Path) -> None:
         in text
     )
     assert (
-        "[Inference](../chapters/glossary.md#inference) is fast, see [ONNX Runtime](https://onnxruntime.ai) and `tensor`."
-        in text
+        "[Inference](../chapters/glossary.md#inference) is fast, "
+        "see [ONNX Runtime](https://onnxruntime.ai) and `tensor`." in text
     )
 
 
@@ -348,7 +353,8 @@ def test_linker_links_whole_words_only(tmp_path: Path, case: tuple[str, str, str
 
 def test_terminology_check_names_variants_british_ipa_and_drafts(tmp_path: Path) -> None:
     cell = nbformat.v4.new_markdown_cell(
-        '<div lang="zh">\n\n两月牙数据，批大小为 8，量化（quantize /ˈkwɒntaɪz/），如草稿所示。\n\n</div>\n'
+        '<div lang="zh">\n\n'
+        "两月牙数据，批大小为 8，量化（quantize /ˈkwɒntaɪz/），如草稿所示。\n\n</div>\n"
         '<div lang="en">\n\nAs the draft did, quantize /ˈkwɑːntaɪz/.\n\n</div>'
     )
     problems = bookcheck.terminology_problems(write_notebook(tmp_path, cell))
@@ -361,7 +367,8 @@ def test_terminology_check_names_variants_british_ipa_and_drafts(tmp_path: Path)
 def test_number_check_compares_prose_with_outputs(tmp_path: Path) -> None:
     prose = nbformat.v4.new_markdown_cell(
         '<div lang="zh">\n\n文件约 10.6 KiB，准确率 0.9975，比 5.1 节小 3.9 倍。\n\n</div>\n'
-        '<div lang="en">\n\nThe file is about 10.6 KiB, accuracy 0.9975, 2.5× smaller than in section 5.1.\n\n</div>'
+        '<div lang="en">\n\n'
+        "The file is about 10.6 KiB, accuracy 0.9975, 2.5× smaller than in section 5.1.\n\n</div>"
     )
     code = nbformat.v4.new_code_cell("print(...)")
     code.outputs = [

@@ -227,7 +227,8 @@ def shared_content_visible(tab) -> None:
         hidden = tab.eval_on_selector_all(
             selector,
             "els => els.filter(e => !e.parentElement.closest('article [lang]'))"
-            ".filter(e => !(e.offsetParent !== null || e.getClientRects().length > 0)).map(e => e.outerHTML.slice(0, 80))",
+            ".filter(e => !(e.offsetParent !== null || e.getClientRects().length > 0))"
+            ".map(e => e.outerHTML.slice(0, 80))",
         )
         assert not hidden, f"{selector} hidden on {tab.url}: {hidden}"
 
@@ -296,7 +297,8 @@ def test_glossary_links_and_stamp_render(page, pages) -> None:
     page.goto(page.base + sample)
     stamp = page.locator(".verified-stamp").inner_text()
     assert re.search(
-        r"验证环境：Verified with Python 3\.\d+\.\d+ · torch \S+ · onnxruntime \S+ · 输出生成于 outputs produced \d{4}-\d\d-\d\d$",
+        r"验证环境：Verified with Python 3\.\d+\.\d+ · torch \S+ · onnxruntime \S+ · "
+        r"输出生成于 outputs produced \d{4}-\d\d-\d\d$",
         stamp,
     ), stamp
     page.get_by_role("button", name="English", exact=True).click()
@@ -400,9 +402,11 @@ def test_page_weight(browser, server, pages, site: Path) -> None:
         context = browser.new_context()
         responses: list[tuple[str, int]] = []
         tab = context.new_page()
-        tab.on(
-            "response", lambda r: responses.append((r.url, int(r.headers.get("content-length", 0))))
-        )
+
+        def record(response, into=responses):  # bound now: a new list for every page
+            into.append((response.url, int(response.headers.get("content-length", 0))))
+
+        tab.on("response", record)
         tab.goto(base + name, wait_until="networkidle")
         context.close()
         raw, packed = sum(n for _, n in responses), sum(gzipped(u) for u, _ in responses)
@@ -414,9 +418,8 @@ def test_page_weight(browser, server, pages, site: Path) -> None:
         if raw - maths > PAGE_BUDGET:
             over.append(lines[-1])
     total = sum(f.stat().st_size for f in site.rglob("*") if f.is_file())
-    lines.append(
-        f"{total / 1e6:6.2f} MB  whole site on disk ({sum(1 for f in site.rglob('*.html'))} HTML files)"
-    )
+    html_files = sum(1 for f in site.rglob("*.html"))
+    lines.append(f"{total / 1e6:6.2f} MB  whole site on disk ({html_files} HTML files)")
     report = REPO_ROOT / "_build" / "page-weight.txt"
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -433,8 +436,10 @@ LAYOUT = """() => {
   const width = window.innerWidth;
   const box = article.getBoundingClientRect();
   // content that fell out of the article (a section closed inside a language block did this)
+  const chrome = '.bd-sidebar-secondary, .prev-next-area, .bd-footer-content, '
+    + '.bd-header-article, .bd-footer-article';
   const outside = [...main.querySelectorAll('section, .cell, p, table, figure, img')]
-    .filter(e => !e.closest('article.bd-article') && !e.closest('.bd-sidebar-secondary, .prev-next-area, .bd-footer-content, .bd-header-article, .bd-footer-article'))
+    .filter(e => !e.closest('article.bd-article') && !e.closest(chrome))
     .map(e => e.tagName + '.' + e.className).slice(0, 5);
   // anything wider than the viewport that is not inside a scrolling box
   const wide = [...document.body.querySelectorAll('*')].filter(e => {
@@ -442,11 +447,15 @@ LAYOUT = """() => {
     if (r.width === 0 || r.right <= width + 1 || !e.checkVisibility()) return false;
     for (let a = e.parentElement; a; a = a.parentElement) {
       const o = getComputedStyle(a).overflowX;
-      if (o === 'auto' || o === 'scroll' || o === 'hidden') return a.getBoundingClientRect().right > width + 1;
+      if (o === 'auto' || o === 'scroll' || o === 'hidden') {
+        return a.getBoundingClientRect().right > width + 1;
+      }
     }
     return true;
-  }).map(e => e.tagName + (e.id ? '#' + e.id : '') + '.' + String(e.className).split(' ')[0] + ' ' + Math.round(e.getBoundingClientRect().right) + 'px').slice(0, 5);
-  return {article: box.width, scrollWidth: document.documentElement.scrollWidth, width, outside, wide};
+  }).map(e => e.tagName + (e.id ? '#' + e.id : '') + '.' + String(e.className).split(' ')[0]
+    + ' ' + Math.round(e.getBoundingClientRect().right) + 'px').slice(0, 5);
+  const scrollWidth = document.documentElement.scrollWidth;
+  return {article: box.width, scrollWidth, width, outside, wide};
 }"""
 
 
@@ -474,7 +483,8 @@ def test_every_page_is_whole_at_desktop_and_phone_width(browser, server, pages, 
                     )
                 if got["scrollWidth"] > width:
                     problems.append(
-                        f"{name} ({size}, {mode}): page {got['scrollWidth']} px wide in a {width} px window: {got['wide']}"
+                        f"{name} ({size}, {mode}): page {got['scrollWidth']} px wide "
+                        f"in a {width} px window: {got['wide']}"
                     )
                 if got["outside"]:
                     problems.append(
@@ -493,20 +503,25 @@ def test_every_page_is_whole_at_desktop_and_phone_width(browser, server, pages, 
 # --- each language complete on its own ---------------------------------------------------------
 
 VISIBLE_TEXT = """(mode) => {
-  const skip = 'pre, code, kbd, samp, .cell_output, .output, .lang-switch, [data-lang-keep], mjx-container, .MathJax, script, style';
+  const skip = 'pre, code, kbd, samp, .cell_output, .output, .lang-switch, [data-lang-keep], '
+    + 'mjx-container, .MathJax, script, style';
+  const blocks = 'h1,h2,h3,h4,h5,h6,th,td,li,figcaption,summary,nav,header,footer,p,a';
   const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
   const found = [];
   while (walker.nextNode()) {
     const node = walker.currentNode, el = node.parentElement;
     const text = node.data.replace(/\\s+/g, ' ').trim();
-    if (!text || !el || (el.closest(skip) && !el.closest('figcaption')) || !el.checkVisibility({checkOpacity: true, checkVisibilityCSS: true})) continue;
+    if (!text || !el || (el.closest(skip) && !el.closest('figcaption'))) continue;
+    if (!el.checkVisibility({checkOpacity: true, checkVisibilityCSS: true})) continue;
     const rect = el.getBoundingClientRect();
     if (rect.width === 0 || rect.height === 0) continue;
     // glossary headwords keep both names and their IPA on purpose
     const heading = el.closest('h1, h2, h3, h4, h5, h6');
-    if (heading && /\\/[^\\/]+\\/\\s*#?$/.test(heading.textContent.replace(/[#¶]\\s*$/, '').trim())) continue;
-    const where = (el.closest('h1,h2,h3,h4,h5,h6,th,td,li,figcaption,summary,nav,header,footer,p,a') || el);
-    found.push([where.tagName.toLowerCase() + (where.className ? '.' + String(where.className).split(' ')[0] : ''), text]);
+    const headword = heading && heading.textContent.replace(/[#¶]\\s*$/, '').trim();
+    if (headword && /\\/[^\\/]+\\/\\s*#?$/.test(headword)) continue;
+    const where = el.closest(blocks) || el;
+    const kind = where.className ? '.' + String(where.className).split(' ')[0] : '';
+    found.push([where.tagName.toLowerCase() + kind, text]);
   }
   return {texts: found, title: document.title};
 }"""
@@ -525,15 +540,17 @@ def single_language_leaks(tab, base: str, name: str, mode: str) -> list[str]:
     for where, text in got["texts"] + [["title", got["title"]]]:
         if mode == "en" and CJK.search(text):
             leaks.append(f"{name} [en] {where}: {text[:70]!r}")
-        # English names in parentheses after a Chinese term are the book's convention: 推理（inference）
+        # English names in parentheses after a Chinese term are the book's convention:
+        # 推理（inference）
         if mode == "zh" and ENGLISH_PROSE.search(re.sub(r"（[^）]*）|\([^)]*\)", "", text)):
             leaks.append(f"{name} [zh] {where}: {text[:70]!r}")
     return leaks
 
 
 def test_each_single_language_mode_shows_one_language(page, pages) -> None:
-    """English mode shows no Chinese outside glossary headwords; Chinese mode no English prose outside
-    code, outputs and names — headings, page titles, navigation, tables, captions and labels included."""
+    """English mode shows no Chinese outside glossary headwords; Chinese mode no English prose
+    outside code, outputs and names — headings, page titles, navigation, tables, captions and
+    labels included."""
     leaks = []
     for name in pages:
         for mode in ("en", "zh"):
@@ -579,8 +596,9 @@ def test_axe_finds_no_serious_or_critical_violation(page, pages) -> None:
             result = page.evaluate("() => axe.run(document, {resultTypes: ['violations']})")
             for v in result["violations"]:
                 targets = [", ".join(n["target"]) for n in v["nodes"]][:3]
+                count = len(v["nodes"])
                 report.append(
-                    f"{name} [{mode}, {width}px] {v['impact']}: {v['id']} ({len(v['nodes'])}) {targets}"
+                    f"{name} [{mode}, {width}px] {v['impact']}: {v['id']} ({count}) {targets}"
                 )
                 if v["impact"] in ("serious", "critical"):
                     found.append(report[-1])
@@ -606,13 +624,14 @@ def test_figures_have_alt_text_and_numbered_captions(page, pages) -> None:
             )
             if not re.match(r"图 \d+", caption) or not re.search(r"Fig\. \d+", caption):
                 problems.append(
-                    f"{name}: figure without a numbered caption in both languages ({caption[:60]!r})"
+                    f"{name}: figure without a numbered caption in both languages "
+                    f"({caption[:60]!r})"
                 )
     assert not problems, "\n".join(problems)
 
 
 def test_nbconvert_lab_rendering_shows_no_raw_markup(browser, tmp_path: Path) -> None:
-    """Each notebook rendered to HTML with nbconvert's lab template (as exported and on many viewers)."""
+    """Each notebook rendered by nbconvert's lab template (as exported, and on many viewers)."""
     from nbconvert import HTMLExporter
 
     exporter = HTMLExporter(template_name="lab")
@@ -645,12 +664,13 @@ def test_nbconvert_lab_rendering_shows_no_raw_markup(browser, tmp_path: Path) ->
 
 @pytest.fixture(scope="module")
 def jupyterlab(tmp_path_factory: pytest.TempPathFactory):
-    """JupyterLab serving the repository on a free loopback port, without kernels; yields its URL."""
+    """JupyterLab serving the repository on a free loopback port, no kernels; yields its URL."""
     home = tmp_path_factory.mktemp("lab")
     settings = home / "settings" / "@jupyterlab"
     (settings / "notebook-extension").mkdir(parents=True)
     (settings / "apputils-extension").mkdir(parents=True)
-    # render every cell up front (JupyterLab 4 otherwise renders only what is on screen); no news popup
+    # render every cell up front (JupyterLab 4 otherwise renders only what is on screen);
+    # no news popup
     (settings / "notebook-extension" / "tracker.jupyterlab-settings").write_text(
         '{"windowingMode": "none"}'
     )
@@ -730,7 +750,8 @@ def test_student_view_in_jupyterlab_shows_no_raw_markup(browser, jupyterlab) -> 
             )
             tab.goto(jupyterlab + "lab/tree/" + notebook.relative_to(REPO_ROOT).as_posix())
             tab.wait_for_function(  # every markdown cell rendered, with its text
-                "n => { const r = [...document.querySelectorAll('.jp-MarkdownCell .jp-RenderedMarkdown')];"
+                "n => { const r = [...document.querySelectorAll("
+                "'.jp-MarkdownCell .jp-RenderedMarkdown')];"
                 " return r.length >= n && r.every(e => e.textContent.trim().length > 0); }",
                 arg=markdown,
             )
@@ -775,7 +796,7 @@ def test_student_view_in_jupyterlab_shows_no_raw_markup(browser, jupyterlab) -> 
 
 
 def test_glossary_links_open_in_jupyterlab(browser, jupyterlab) -> None:
-    """`make lab` serves the repository root, so ../chapters/glossary.md from a notebook resolves."""
+    """`make lab` serves the repository root, so a notebook's ../chapters/glossary.md resolves."""
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     context.set_default_timeout(timeouts.scaled(90_000))
     failed: list[str] = []

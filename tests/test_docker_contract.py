@@ -2,8 +2,8 @@
 
 The Dockerfile's runtime stage is replayed on this machine: its build context is filtered through
 ``.dockerignore``, its COPY lines fill a scratch root, ``/opt/venv`` is a virtual environment built
-from ``requirements-serve.txt`` alone (cached in ``artifacts/cache/serve-venv/<hash>``), its RUN checks run,
-and its CMD and HEALTHCHECK run with its ENV, as its unprivileged USER.
+from ``requirements-serve.txt`` alone (cached in ``artifacts/cache/serve-venv/<hash>``), its RUN
+checks run, and its CMD and HEALTHCHECK run with its ENV, as its unprivileged USER.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def _serve_venv_key() -> str:
 
 @pytest.fixture(scope="session")
 def serve_venv() -> Path:
-    """A fresh virtual environment with requirements-serve.txt alone, as the builder stage makes it."""
+    """A fresh venv with requirements-serve.txt alone, as the builder stage makes it."""
     target = CACHE / _serve_venv_key()
     done = target / ".complete"
     if done.is_file():
@@ -135,7 +135,7 @@ class ImageRoot:
     user: tuple[int, int]
 
     def argv(self, args: list[str]) -> list[str]:
-        """Resolve the program through the container's PATH and drop to USER when running as root."""
+        """Resolve the program through the container's PATH; drop to USER when running as root."""
         program = shutil.which(args[0], path=self.env["PATH"])
         assert program, f"{args[0]} is not on the image's PATH"
         command = [program, *args[1:]]
@@ -163,7 +163,7 @@ class ImageRoot:
 
 
 def _rebase(value: str, mapping: dict[str, Path]) -> str:
-    """Rewrite container paths in an ENV value (``:``-separated lists too) to their stand-ins here."""
+    """Map container paths in an ENV value (``:``-separated lists too) to their stand-ins here."""
     parts = []
     for item in value.split(":"):
         for prefix, local in mapping.items():
@@ -184,7 +184,7 @@ def _free_port() -> int:
 def _assemble(
     parsed: dockerfile.Dockerfile, stage: dockerfile.Stage, context: Path, venv: Path
 ) -> Iterator[ImageRoot]:
-    """Replay a runtime stage: COPY into a scratch root, run its RUN checks, resolve its ENV and USER.
+    """Replay a runtime stage: COPY into a scratch root, run its RUN checks, resolve ENV and USER.
 
     ``venv`` stands in for the ``/opt/venv`` the stage copies from its builder stage.
     """
@@ -357,7 +357,8 @@ def test_footprint_measured_here_is_the_package_set_the_image_installs(serve_ven
     os.geteuid() != 0 or not shutil.which("useradd"), reason="useradd --prefix needs root"
 )
 def test_user_creation_line_runs_cleanly_and_makes_the_runtime_user(parsed, tmp_path):
-    # Run the base stage's groupadd/useradd line against a copy of /etc (``--prefix``), as the build would.
+    # Run the base stage's groupadd/useradd line against a copy of /etc (``--prefix``),
+    # as the build would.
     (run,) = [i for i in parsed.stage("base").all("RUN") if "useradd" in i.args]
     etc = tmp_path / "etc"
     etc.mkdir()
@@ -384,7 +385,8 @@ def test_user_creation_line_runs_cleanly_and_makes_the_runtime_user(parsed, tmp_
 
 
 def test_torchscript_target_serves_its_model_with_torch(parsed, context):
-    # Its builder adds torch to the serving set; the course environment (which has both) stands in for it.
+    # Its builder adds torch to the serving set;
+    # the course environment (which has both) stands in for it.
     stage = parsed.stage("runtime-torchscript")
     assert {spec.from_stage for spec in parsed.copies(stage)} - {None} == {"builder-torch"}
     with _assemble(parsed, stage, context, Path(sys.prefix)) as image:

@@ -33,7 +33,8 @@ def test_hadolint_passes_with_no_warning():
 
 
 def test_hadolint_is_really_linting(tmp_path):
-    # The same linter must object to the mistakes the image avoids: unpinned base, root, shell-form CMD.
+    # The same linter must object to the mistakes the image avoids:
+    # unpinned base, root, shell-form CMD.
     bad = tmp_path / "Dockerfile"
     bad.write_text("FROM python:latest\nRUN pip install fastapi\nCMD uvicorn app:app\n")
     proc = _hadolint(bad)
@@ -121,8 +122,20 @@ def test_runtime_targets_run_unprivileged_expose_their_port_and_check_health(par
 
 
 def test_parser_handles_continuations_args_and_env_expansion():
-    # As in Docker, a variable set on an ENV line is visible from the next line on, not on its own line.
-    text = 'ARG IMG=python:3.11.9-slim\n# c\nFROM ${IMG} AS a\nENV A=1\nENV A=2 \\\n  # inner comment\n  B="$A two"\nFROM a AS b\nENV PATH=/x:$PATH\nCOPY --from=a /src ./d/\n'
+    # As in Docker, a variable set on an ENV line is visible from the next line on,
+    # not on its own line.
+    text = (
+        "ARG IMG=python:3.11.9-slim\n"
+        "# c\n"
+        "FROM ${IMG} AS a\n"
+        "ENV A=1\n"
+        "ENV A=2 \\\n"
+        "  # inner comment\n"
+        '  B="$A two"\n'
+        "FROM a AS b\n"
+        "ENV PATH=/x:$PATH\n"
+        "COPY --from=a /src ./d/\n"
+    )
     parsed = dockerfile.parse(text)
     assert [(s.base, s.name) for s in parsed.stages] == [("python:3.11.9-slim", "a"), ("a", "b")]
     assert parsed.env(parsed.final, {"PATH": "/bin"}) == {"A": "2", "B": "1 two", "PATH": "/x:/bin"}

@@ -124,7 +124,8 @@ def test_has_no_torch_inside(container):
     names = container.exec(
         "python",
         "-c",
-        "import importlib.metadata as m; print(sorted(d.metadata['Name'].lower() for d in m.distributions()))",
+        "import importlib.metadata as m; "
+        "print(sorted(d.metadata['Name'].lower() for d in m.distributions()))",
     )
     installed = json.loads(names.stdout.replace("'", '"'))
     assert "onnxruntime" in installed and not any(
@@ -160,8 +161,9 @@ def test_stops_cleanly_and_quickly_on_sigterm(engine, image, request):
 
 NOT_CHECKED = (
     "not checked without a cluster: the Service and the HPA; readiness and startup probes "
-    "(podman runs neither); rolling updates; resource requests (no scheduler); the liveness probe as "
-    "an HTTP call (podman turns it into `curl` inside the container, and the image has no curl)"
+    "(podman runs neither); rolling updates; resource requests (no scheduler); "
+    "the liveness probe as an HTTP call "
+    "(podman turns it into `curl` inside the container, and the image has no curl)"
 )
 
 

@@ -1,4 +1,4 @@
-"""Section 5.3: quantization library (fake quant, GPTQ, AWQ, INT8/INT4 ONNX, QAT) and its targets."""
+"""Section 5.3: quantization library (fake quant, GPTQ, AWQ, INT8/INT4 ONNX, QAT), its targets."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from gptq_reference import fasterquant
-
 from mldeploy import runtime
 from mldeploy.quant import (
     awq,

@@ -13,17 +13,17 @@ import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from html import escape
-from typing import Union
 
 Pair = tuple[str, str]
-Cell = Union[str, Pair]
+Cell = str | Pair
 
 
 def _html(cell: Cell) -> str:
     if isinstance(cell, tuple):
         zh, en = cell
         return (
-            f'<span lang="zh">{escape(zh)}</span><span class="lang-sep" aria-hidden="true"> · </span>'
+            f'<span lang="zh">{escape(zh)}</span>'
+            '<span class="lang-sep" aria-hidden="true"> · </span>'
             f'<span lang="en">{escape(en)}</span>'
         )
     return escape(cell)
@@ -63,7 +63,10 @@ class Table:
             + "</tr>"
             for row in self.rows
         )
-        return f'<table class="bilingual-table"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+        return (
+            f'<table class="bilingual-table"><thead><tr>{head}</tr></thead>'
+            f"<tbody>{body}</tbody></table>"
+        )
 
     def __repr__(self) -> str:
         grid = [[_text(c) for c in self.columns]] + [[_text(c) for c in row] for row in self.rows]
@@ -82,5 +85,5 @@ class Table:
 
 
 def table(columns: Sequence[Cell], rows: Sequence[Sequence[Cell]], align: str = "") -> Table:
-    """A table to display (make it a cell's last expression); ``columns`` are usually ``(中文, English)`` pairs."""
+    """A table to show as a cell's last expression; ``columns`` are often ``(中文, English)``."""
     return Table(list(columns), [list(r) for r in rows], align)

@@ -37,7 +37,7 @@ class ServeArtifacts:
 
 
 def build(out_dir: str | Path, *, epochs: int = 60, seed: int = 0) -> ServeArtifacts:
-    """Train the chapter's two-moons model, export ONNX and TorchScript, write and re-check checksums."""
+    """Train the two-moons model, export ONNX and TorchScript, write and re-check the checksums."""
     import torch  # only the build needs torch; the image that serves the result does not
 
     from mldeploy import export, training
@@ -97,7 +97,8 @@ if __name__ == "__main__":
 def ensure(out_dir: str | Path, **kwargs: int) -> ServeArtifacts | None:
     """Build the artifacts unless both models are already there and match their checksums.
 
-    Returns the new build, or ``None`` when the existing files were kept (their accuracy is not re-measured).
+    Returns the new build, or ``None`` when the existing files were kept (their accuracy is not
+    re-measured).
     """
     from mldeploy.image.checksums import ChecksumError
 

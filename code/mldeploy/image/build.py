@@ -1,7 +1,7 @@
 """``make image``: build the serving image with Docker or Podman and report its size and layers.
 
-    python -m mldeploy.image.build              # build ml-server:0.1.0 (target runtime), print the report
-    python -m mldeploy.image.build --check      # one line: which engine would build, or why none can
+    python -m mldeploy.image.build          # build ml-server:0.1.0 (target runtime) and report
+    python -m mldeploy.image.build --check  # one line: which engine would build, or why none can
 
 Without a registry the Podman path builds a stand-in for the ``FROM`` image once (Debian bookworm
 with its python3, made by mmdebstrap, cached in ``artifacts/cache/image/``) and imports it under
@@ -38,7 +38,8 @@ DEBIAN_SOURCES = (
     "deb http://deb.debian.org/debian bookworm-updates main",
     "deb http://deb.debian.org/debian-security bookworm-security main",
 )
-# like debian:bookworm-slim, which the official python image starts from: no manuals, docs or translations
+# like debian:bookworm-slim, which the official python image starts from:
+# no manuals, docs or translations
 SLIM_DPKG = (
     "path-exclude=/usr/share/man/*",
     "path-exclude=/usr/share/doc/*",
@@ -61,7 +62,7 @@ def base_image() -> str:
 
 
 def ca_bundle() -> Path | None:
-    """The CA bundle this machine's pip and requests are told to trust, if any (proxies that re-sign HTTPS)."""
+    """The CA bundle this machine's pip and requests trust, if any (proxies that re-sign HTTPS)."""
     for name in ("PIP_CERT", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE"):
         value = os.environ.get(name)
         if value and Path(value).is_file():
@@ -78,7 +79,7 @@ def _stream(
     timeout: float,
     label: str,
 ) -> None:
-    """Run ``cmd``, keep its whole output in ``log``, echo the lines ``show`` picks, and a heartbeat."""
+    """Run ``cmd``, writing all its output to ``log``; echo what ``show`` picks, and a heartbeat."""
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     last_said = [start]
@@ -109,13 +110,12 @@ def _stream(
             timer.cancel()
     if code != 0:
         why = "timed out" if time.monotonic() - start >= timeout else f"exit code {code}"
-        raise EngineError(
-            f"{label} failed ({why}): {last_line(chr(10).join(tail))}; full log in {log.relative_to(REPO_ROOT)}"
-        )
+        last, where = last_line("\n".join(tail)), log.relative_to(REPO_ROOT)
+        raise EngineError(f"{label} failed ({why}): {last}; full log in {where}")
 
 
 def stand_in_base(engine: Engine, name: str, say: Say = say_stdout) -> None:
-    """Build (once) a Debian bookworm + python3 root file system with mmdebstrap and import it as ``name``."""
+    """Build (once) a Debian bookworm + python3 root fs with mmdebstrap, import it as ``name``."""
     IMAGE_CACHE.mkdir(parents=True, exist_ok=True)
     tar = IMAGE_CACHE / "stand-in-base-bookworm.tar"
     if not tar.is_file():
@@ -163,7 +163,7 @@ def stand_in_base(engine: Engine, name: str, say: Say = say_stdout) -> None:
 
 
 def ensure_base(engine: Engine, say: Say = say_stdout) -> str:
-    """Make the ``FROM`` image available to Podman; Docker pulls it itself. Returns how it got there."""
+    """Make the ``FROM`` image available to Podman (Docker pulls it); return how it got there."""
     name = base_image()
     if engine.name == "docker":
         return "pulled by docker build"
@@ -187,18 +187,16 @@ def build(engine: Engine, tag: str = TAG, target: str = TARGET, say: Say = say_s
     if bundle:
         args += ["--secret", f"id=pip-ca,src={bundle}"]
     if engine.name == "podman":
-        args += [
-            "--format",
-            "docker",
-            "--pull=never",
-            "--layers",
-        ]  # docker format keeps HEALTHCHECK
-        show = lambda line: bool(
-            re.match(r"\[\d+/\d+\] (STEP|COMMIT)|Successfully (installed|tagged)", line)
-        )
+        # the docker format keeps HEALTHCHECK
+        args += ["--format", "docker", "--pull=never", "--layers"]
+        shown = re.compile(r"\[\d+/\d+\] (STEP|COMMIT)|Successfully (installed|tagged)")
     else:
         args += ["--progress", "plain"]
-        show = lambda line: bool(re.match(r"#\d+ \[[^\]]+\] [A-Z]|#\d+ naming to", line))
+        shown = re.compile(r"#\d+ \[[^\]]+\] [A-Z]|#\d+ naming to")
+
+    def show(line: str) -> bool:
+        return bool(shown.match(line))
+
     start = time.monotonic()
     _stream(
         engine.cmd(*args, "."),

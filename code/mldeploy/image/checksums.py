@@ -1,4 +1,4 @@
-"""SHA-256 checksum files in ``sha256sum`` format, so the image build can verify a model with coreutils.
+"""SHA-256 checksum files in ``sha256sum`` format, so an image build can check a model by coreutils.
 
 Imports only the standard library: the serving image and its health check can use it.
 """
@@ -39,7 +39,7 @@ def write_checksum(path: str | Path) -> Path:
 
 
 def verify_checksum(path: str | Path) -> str:
-    """Check a file against its ``.sha256`` file; return the digest or raise :class:`ChecksumError`."""
+    """Check a file against its ``.sha256``; return the digest or raise :class:`ChecksumError`."""
     path = Path(path)
     record = checksum_path(path)
     if not path.is_file():

@@ -47,7 +47,7 @@ class Instruction:
     line: int
 
     def flags(self) -> tuple[dict[str, str], str]:
-        """Split leading ``--name=value`` flags from the rest (``COPY --from=x``, ``HEALTHCHECK --interval=…``)."""
+        """Split leading flags (``COPY --from=x``, ``HEALTHCHECK --interval=…``) from the rest."""
         rest, found = self.args.strip(), {}
         while rest.startswith("--"):
             token, _, rest = rest.partition(" ")
@@ -101,7 +101,7 @@ class Stage:
 
 @dataclass(frozen=True)
 class CopySpec:
-    """A ``COPY``: sources (context paths, or paths in another stage when ``from_stage`` is set) → dest."""
+    """A ``COPY``: sources (context paths, or paths in stage ``from_stage`` if set) → dest."""
 
     sources: tuple[str, ...]
     dest: str
@@ -135,7 +135,7 @@ class Dockerfile:
         return chain
 
     def env(self, stage: Stage, base_env: Mapping[str, str] | None = None) -> dict[str, str]:
-        """The environment a container of ``stage`` starts with, on top of the base image's ``base_env``."""
+        """The environment a ``stage`` container starts with, on top of the base's ``base_env``."""
         env = dict(base_env or {})
         for part in self.lineage(stage):
             for instr in part.all("ENV"):
@@ -143,7 +143,7 @@ class Dockerfile:
         return env
 
     def copies(self, stage: Stage) -> list[CopySpec]:
-        """Every ``COPY`` of the stage (``ADD`` is refused: it can fetch URLs and unpack archives)."""
+        """Every ``COPY`` of the stage (``ADD`` is refused: it can fetch URLs, unpack archives)."""
         if stage.all("ADD"):
             raise DockerfileError(f"line {stage.all('ADD')[0].line}: use COPY, not ADD")
         specs, workdir = [], self.workdir(stage, before=stage.line)
@@ -207,7 +207,7 @@ def parse_env(instr: Instruction, env: Mapping[str, str]) -> dict[str, str]:
 
 
 def parse(text: str) -> Dockerfile:
-    """Parse Dockerfile text into stages; ``ARG``s before the first ``FROM`` are substituted in ``FROM``."""
+    """Parse Dockerfile text into stages; ``ARG``s before the first ``FROM`` apply to ``FROM``s."""
     global_args: dict[str, str] = {}
     stages: list[Stage] = []
     for number, line in _logical_lines(text):
@@ -280,7 +280,7 @@ def parse_dockerignore(text: str) -> list[IgnoreRule]:
 
 
 def is_ignored(relpath: str, rules: list[IgnoreRule]) -> bool:
-    """Whether ``docker build`` leaves ``relpath`` (POSIX, relative to the context) out of the context."""
+    """Whether ``docker build`` leaves ``relpath`` (POSIX, relative to the context) out of it."""
     parts = relpath.strip("/").split("/")
     prefixes = ["/".join(parts[: k + 1]) for k in range(len(parts))]
     ignored = False
@@ -291,7 +291,7 @@ def is_ignored(relpath: str, rules: list[IgnoreRule]) -> bool:
 
 
 def _exception_inside(folder: str, rules: list[IgnoreRule]) -> bool:
-    """Whether some ``!`` exception could re-include a path below ``folder`` (else skip walking it)."""
+    """Whether a ``!`` exception could re-include a path below ``folder`` (else skip walking it)."""
     depth = folder.count("/") + 1
     for rule in rules:
         segments = rule.pattern.split("/")
@@ -303,7 +303,7 @@ def _exception_inside(folder: str, rules: list[IgnoreRule]) -> bool:
 
 
 def context_files(root: str | Path, rules: list[IgnoreRule]) -> list[str]:
-    """Files sent to the builder, sorted; ignored folders are skipped unless an exception reaches inside."""
+    """Files sent to the builder, sorted; skips ignored folders unless an exception reaches in."""
     root = Path(root)
     kept = []
     for folder, dirs, files in os.walk(root):

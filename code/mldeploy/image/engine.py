@@ -31,7 +31,7 @@ class EngineUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class Engine:
-    """A container engine command line (``docker`` or ``podman`` plus global flags) and its environment."""
+    """A container engine's command line (``docker``/``podman`` + global flags) and environment."""
 
     name: str
     argv: tuple[str, ...]
@@ -46,7 +46,7 @@ class Engine:
     def run(
         self, *args: str, timeout: float = 120, check: bool = True
     ) -> subprocess.CompletedProcess[str]:
-        """Run one engine command and capture its output; ``check`` raises with the engine's own message."""
+        """Run an engine command, capture its output; ``check`` raises with the engine's message."""
         proc = subprocess.run(
             self.cmd(*args), env=self.environ(), capture_output=True, text=True, timeout=timeout
         )
@@ -71,10 +71,11 @@ def _short_hash(text: str) -> str:
 
 
 def podman_engine(program: str) -> Engine:
-    """Podman with this repository's containers.conf and a private storage under ``artifacts/cache/podman``."""
+    """Podman with the repo's containers.conf and private storage in ``artifacts/cache/podman``."""
     state = CACHE / "podman"
     state.mkdir(parents=True, exist_ok=True)
-    # run-time state holds sockets whose paths must stay short (108 bytes): keep it out of the repository
+    # run-time state holds sockets whose paths must stay short (108 bytes):
+    # keep it out of the repository
     base = (
         Path("/run")
         if os.geteuid() == 0 and os.access("/run", os.W_OK)
@@ -84,7 +85,8 @@ def podman_engine(program: str) -> Engine:
     storage_conf = state / "storage.conf"
     text = (
         "# written by mldeploy.image.engine: image storage of this repository only\n[storage]\n"
-        f'driver = "overlay"\ngraphroot = "{state / "storage"}"\nrunroot = "{run_dir / "storage"}"\n'
+        f'driver = "overlay"\ngraphroot = "{state / "storage"}"\n'
+        f'runroot = "{run_dir / "storage"}"\n'
     )
     if not storage_conf.is_file() or storage_conf.read_text() != text:
         storage_conf.write_text(text)
@@ -141,7 +143,8 @@ def install_packages(packages: list[str], say=print) -> None:
     prefix = _privilege_prefix()
     if not shutil.which("apt-get") or prefix is None:
         raise EngineUnavailable(
-            f"no container engine: start Docker, or install Podman ({' '.join(packages)}; needs apt-get and root)"
+            "no container engine: start Docker, or install Podman "
+            f"({' '.join(packages)}; needs apt-get and root)"
         )
     say(f"installing Debian packages: {' '.join(packages)}")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
@@ -156,7 +159,7 @@ def install_packages(packages: list[str], say=print) -> None:
 
 
 def find(install: bool = False, say=print) -> Engine:
-    """The engine to use; with ``install``, install Podman's Debian packages when no engine is there."""
+    """The engine to use; with ``install``, install Podman's Debian packages if there is none."""
     forced = os.environ.get("MLDEPLOY_ENGINE", "").strip().lower()
     if forced not in ("", "docker", "podman"):
         raise EngineUnavailable(f"MLDEPLOY_ENGINE must be 'docker' or 'podman', got {forced!r}")
@@ -195,7 +198,7 @@ def find(install: bool = False, say=print) -> Engine:
 
 
 def available() -> Engine | None:
-    """The engine, or ``None`` (no installing): for tests and notebooks that only use what is there."""
+    """The engine or ``None`` (no installing), for tests and notebooks using only what is there."""
     try:
         return find(install=False)
     except EngineUnavailable:

@@ -54,7 +54,7 @@ def _distributions(paths: list[str] | None) -> dict[str, metadata.Distribution]:
 def closure(
     requirements: Iterable[Requirement], paths: list[str] | None = None
 ) -> dict[str, metadata.Distribution]:
-    """Every installed distribution the requirements pull in (extras and environment markers honoured)."""
+    """Every installed distribution the requirements pull in (honouring extras and env markers)."""
     installed = _distributions(paths)
     result: dict[str, metadata.Distribution] = {}
     todo = [(req, "") for req in requirements]
@@ -78,7 +78,7 @@ def closure(
 
 
 def installed_bytes(dist: metadata.Distribution) -> int:
-    """Bytes on disk of the files a distribution installed (its RECORD), skipping any since removed."""
+    """Bytes on disk of the files a distribution installed (its RECORD), skipping those removed."""
     total = 0
     for file in dist.files or []:
         located = Path(dist.locate_file(file))
@@ -102,6 +102,6 @@ class Footprint:
 
 
 def measure(requirements_file: str | Path, paths: list[str] | None = None) -> Footprint:
-    """Footprint of ``requirements_file``'s closure in the environment found on ``paths`` (default: this one)."""
+    """Footprint of ``requirements_file``'s closure, in the environment on ``paths`` or this one."""
     dists = closure(read_requirements(requirements_file), paths)
     return Footprint({name: installed_bytes(dist) for name, dist in dists.items()})

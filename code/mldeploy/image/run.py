@@ -1,4 +1,4 @@
-"""Run the serving image on a free loopback port, hardened as in production, and always remove it."""
+"""Run the serving image on a free loopback port, hardened as in production; always remove it."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ class Container:
         )
 
     def healthcheck(self) -> tuple[int, str]:
-        """The engine runs the image's HEALTHCHECK once (Docker has no command for it: run the same command)."""
+        """Run the image's HEALTHCHECK once (Docker has no command for it: run the same command)."""
         if self.engine.name == "podman":  # prints nothing when healthy, "unhealthy" otherwise
             proc = self.engine.run("healthcheck", "run", self.name, check=False, timeout=60)
             return proc.returncode, proc.stdout.strip() or "healthy"
@@ -91,7 +91,7 @@ def running(
     wait: bool = True,
     timeout: float = 60,
 ) -> Iterator[Container]:
-    """``run -d`` the image hardened, published on 127.0.0.1 only; wait for /health; remove it afterwards."""
+    """``run -d`` the image hardened, published on 127.0.0.1 only; await /health; then remove it."""
     name, port = unique_name(), free_port()
     args = [
         "run",

@@ -4,8 +4,8 @@ implementation does it (mit-han-lab/llm-awq, ``awq/quantize/auto_scale.py`` and 
 1. **Scale search**: ``y = W x = (W diag(s)) (diag(s)⁻¹ x)``. Scaling up the weight columns whose
    inputs are large, and those inputs down by the same factor, leaves the product unchanged but
    makes those columns lose less to rounding. ``s = mean|x|^α`` for ``α`` in
-   ``{0, 1/20, …, 19/20}``, chosen by the mean squared error of the *block output* (here: the rest of the network) when
-   only this layer is quantized.
+   ``{0, 1/20, …, 19/20}``, chosen by the mean squared error of the *block output* (here: the
+   rest of the network) when only this layer is quantized.
 2. **Clipping search**: after scaling, each group's weights are clamped to ``±max|w|·(1 − i/20)``,
    ``i < 10``, keeping per output row and group the bound with the smallest error of that group's
    contribution to the layer output.

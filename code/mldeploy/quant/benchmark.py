@@ -54,7 +54,8 @@ def bench_for(bench: LMBench, model: charlm.CharMLP, tag: str) -> LMBench:
     FP32 ONNX export: quantized files must start from *that* model's embedding and biases."""
     out = artifacts_dir("5.3", bench.out_dir.name, tag)
     fp32 = out / "charlm_fp32.onnx"
-    # Same graph, new weights: swap the initializers by name instead of exporting again (seconds saved).
+    # Same graph, new weights: swap the initializers by name
+    # instead of exporting again (seconds saved).
     proto = onnx.load(str(bench.fp32_onnx))
     state = {name: t.detach().numpy() for name, t in model.state_dict().items()}
     for init in proto.graph.initializer:
@@ -108,8 +109,8 @@ def torch_point(
 
 
 def estimated_bytes(bench: LMBench, spec: QuantSpec) -> int:
-    """Size of the FP32 file with every Linear weight bit-packed at ``spec`` (for widths that have no
-    ONNX Runtime kernel, such as 3 bits)."""
+    """Size of the FP32 file with every Linear weight bit-packed at ``spec`` (for widths that have
+    no ONNX Runtime kernel, such as 3 bits)."""
     total = sizes.artifact_bytes(bench.fp32_onnx)
     for layer in bench.model.linears().values():
         w = layer.weight

@@ -94,7 +94,7 @@ class CharLMConfig:
 
 
 class CharMLP(nn.Module):
-    """Embedding of ``context`` characters → Linear → ReLU → Linear → ReLU → Linear → next-character logits."""
+    """Embedded ``context`` characters → (Linear → ReLU) × 2 → Linear → next-character logits."""
 
     def __init__(
         self, context: int = 32, embed: int = 32, hidden: int = 512, vocab: int = VOCAB_SIZE
@@ -131,7 +131,7 @@ def decode(ids: np.ndarray) -> str:
 
 
 def read_stdlib(files: tuple[str, ...]) -> str:
-    """Concatenated source of standard-library files (read from this interpreter's ``stdlib`` path)."""
+    """Concatenated source of standard-library files (from this interpreter's ``stdlib`` path)."""
     root = Path(sysconfig.get_paths()["stdlib"])
     missing = [name for name in files if not (root / name).is_file()]
     if missing:
@@ -168,7 +168,7 @@ def sample_windows(
 
 
 def train_charlm(cfg: CharLMConfig, corpus: Corpus) -> CharMLP:
-    """Seeded AdamW training with a cosine schedule; bit-identical from run to run on one machine."""
+    """Seeded AdamW training with a cosine schedule; bit-identical across runs on one machine."""
     with single_thread():
         return _train(cfg, corpus)
 
@@ -219,7 +219,7 @@ def fit(
 def cached_charlm(
     cfg: CharLMConfig = CharLMConfig(), corpus: Corpus | None = None
 ) -> tuple[CharMLP, bool]:
-    """The trained model for ``cfg``, loaded from ``artifacts/5.3/`` if cached; also whether it was."""
+    """The trained model for ``cfg`` (from ``artifacts/5.3/`` if cached) and whether it was."""
     path = artifacts_dir("5.3") / f"charlm-{cfg.key()}.pt"
     if path.is_file():
         model = CharMLP(cfg.context, cfg.embed, cfg.hidden)

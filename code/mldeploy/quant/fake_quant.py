@@ -61,7 +61,7 @@ def minmax_params(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """Integer codes ``clamp(round(w / s) + z, 0, 2**bits - 1)``; ``scale`` and ``zero`` broadcast."""
+    """Integer codes ``clamp(round(w / s) + z, 0, 2**bits - 1)``; ``scale``, ``zero`` broadcast."""
     return torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)
 
 
@@ -119,7 +119,7 @@ def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 
 
 def packed_bytes(n_weights: int, spec: QuantSpec, rows: int) -> int:
-    """Bytes to store ``n_weights`` codes bit-packed, plus a float32 scale and a uint8 zero point per group."""
+    """Bytes for ``n_weights`` bit-packed codes, plus a float32 scale and uint8 zero per group."""
     cols = n_weights // rows
     groups = rows * spec.groups(cols)
     return (n_weights * spec.bits + 7) // 8 + groups * 5

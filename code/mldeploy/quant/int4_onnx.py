@@ -26,7 +26,10 @@ FLOAT_TYPES = {
 
 
 def gemm_to_matmul(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """Rewrite every ``Gemm(A, W, b)`` with a constant ``W`` (transB=1) as ``MatMul(A, Wᵀ) + b``, in place."""
+    """Rewrite every ``Gemm(A, W, b)`` with a constant ``W`` (transB=1) as ``MatMul(A, Wᵀ) + b``.
+
+    ``proto`` is changed in place (and returned).
+    """
     inits = {t.name: t for t in proto.graph.initializer}
     nodes = []
     for node in proto.graph.node:

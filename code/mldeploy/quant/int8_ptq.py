@@ -87,7 +87,7 @@ def activation_scales(path: str | Path) -> dict[str, float]:
 
 
 def quantize_int8_dynamic(fp32_path: str | Path, out_path: str | Path) -> Path:
-    """Dynamic INT8: weights stored as INT8 per output channel; activation ranges computed per batch at run time."""
+    """Dynamic INT8: INT8 weights per output channel; activation ranges per batch at run time."""
     out_path = Path(out_path)
     with _prepared(fp32_path) as prepared:
         quantize_dynamic(
@@ -108,8 +108,8 @@ def quantize_int8_qdq(
     method: str = "MinMax",
     input_name: str = "input",
 ) -> Path:
-    """Static INT8 in QDQ format: weights per channel, activation ranges from ``calibration`` by ``method``
-    (``MinMax``, ``Entropy`` or ``Percentile``)."""
+    """Static INT8 in QDQ format: weights per channel, activation ranges from ``calibration`` by
+    ``method`` (``MinMax``, ``Entropy`` or ``Percentile``)."""
     if method not in CALIBRATION_METHODS:
         raise ValueError(f"method must be one of {sorted(CALIBRATION_METHODS)}, got {method!r}")
     out_path = Path(out_path)

@@ -19,7 +19,7 @@ from mldeploy.reproducibility import single_thread
 
 
 class FakeQuant(nn.Module):
-    """Parametrization that replaces a weight by its fake-quantized value (straight-through gradient)."""
+    """Parametrization that fake-quantizes a weight on every use (straight-through gradient)."""
 
     def __init__(self, spec: QuantSpec):
         super().__init__()
@@ -64,7 +64,7 @@ def qat_finetune(
 def float_finetune(
     model: CharMLP, ids: np.ndarray, *, steps: int, lr: float = 1e-3, seed: int = 1
 ) -> CharMLP:
-    """The PTQ side of a fair comparison: the same steps, data and learning rate, without fake quantization."""
+    """The PTQ side of a fair comparison: same steps, data and learning rate, no fake-quantizing."""
     tuned = copy.deepcopy(model)
     with single_thread():
         fit(tuned, ids, steps=steps, lr=lr, seed=seed)

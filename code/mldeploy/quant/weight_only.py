@@ -30,7 +30,7 @@ AWQ_ROWS = 2048
 
 @torch.no_grad()
 def layer_inputs(model: CharMLP, x: np.ndarray, batch_size: int = 4096) -> dict[str, torch.Tensor]:
-    """The input of every Linear layer of ``model`` for the windows ``x`` (captured by forward hooks)."""
+    """The input of each Linear layer of ``model`` for windows ``x`` (captured by forward hooks)."""
     seen: dict[str, list[torch.Tensor]] = {name: [] for name in model.linears()}
     hooks = [
         layer.register_forward_hook(
