@@ -220,11 +220,21 @@ def log_excerpt(path: Path = BUILD_LOG) -> list[str]:
     lines = (
         path.read_text(encoding="utf-8", errors="replace").splitlines() if path.is_file() else []
     )
-    return [
+    steps = [
         re.sub(r"\b[0-9a-f]{12,64}\b", "<id>", re.sub(r"\s+", " ", line.strip()))
         for line in lines
         if STEP_LINE.match(line)
     ]
+    return sorted(steps, key=_step_order)
+
+
+def _step_order(line: str) -> tuple[float, float]:
+    """Podman builds independent stages in parallel, so their lines interleave differently from
+    build to build: order them by stage, then step (a COMMIT ends its stage); others keep place."""
+    found = re.match(r"\[(\d+)/\d+\] (?:STEP (\d+)/\d+|COMMIT)", line)
+    if not found:
+        return (float("inf"), 0.0)
+    return (float(found.group(1)), float(found.group(2)) if found.group(2) else float("inf"))
 
 
 @dataclass(frozen=True)
