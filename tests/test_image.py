@@ -87,7 +87,7 @@ def test_size_is_the_base_plus_the_serving_environment(image, request):
         f"venv layer {venv.size / 1e6:.1f} MB = {ratio:.2f} x the footprint measured in 5.4.3 "
         f"({measured / 1e6:.1f} MB; the layer adds pip, setuptools and bytecode)",
     )
-    assert 1.0 <= ratio <= 1.3
+    assert 1.0 <= ratio <= 1.5
     # everything else (user, code, model, checksum run) is small: the runtime decides the size
     rest = image.size - sum(layer.size for layer in image.largest(2))
     assert 0 <= rest < 1e6 and image.size < 0.6e9

@@ -2,7 +2,10 @@
 
 No download and no new install: the closure is resolved from the ``Requires-Dist`` metadata of the
 distributions already installed (by default in the running interpreter's environment), and each
-distribution's size is the sum of the files its ``RECORD`` lists, as they lie on disk.
+distribution's size is the sum of the files its ``RECORD`` lists, as they lie on disk, without
+bytecode caches: a ``.pyc`` file embeds the path it was compiled at, so its size changes with the
+folder the environment lives in (measured: 195.49 MB with caches in one checkout, 195.51 MB in
+another), while the wheels' own files are the same bytes everywhere.
 """
 
 from __future__ import annotations
@@ -78,11 +81,14 @@ def closure(
 
 
 def installed_bytes(dist: metadata.Distribution) -> int:
-    """Bytes on disk of the files a distribution installed (its RECORD), skipping those removed."""
+    """Bytes on disk of the files a distribution installed (its RECORD), without bytecode caches.
+
+    Files listed but since removed are skipped.
+    """
     total = 0
     for file in dist.files or []:
         located = Path(dist.locate_file(file))
-        if located.is_file():
+        if located.suffix != ".pyc" and located.is_file():
             total += located.stat().st_size
     return total
 
