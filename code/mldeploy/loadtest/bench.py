@@ -136,11 +136,11 @@ def batching_rows(seconds: float) -> tuple[list[Row], dict]:
     model = str(wide_onnx())
     call_ms = single_call_ms(model)
     rows = [
-        Row(
+        Row(  # context: the cost that batching shares out (0.26–0.59 ms on the course machines)
             f"wide MLP {WIDE['hidden']}x{WIDE['layers']}: one single-sample call",
             f"{call_ms:.2f} ms",
-            "≥ 0.5 ms",
-            call_ms >= 0.5,
+            "",
+            None,
         )
     ]
     measured: dict = {}

@@ -12,17 +12,19 @@ from typing import Any
 # Imported on first use: ``python -m mldeploy.serving.healthcheck`` runs in the image's HEALTHCHECK
 # and must not pay for (or need) FastAPI and ONNX Runtime.
 _EXPORTS = {
-    "AdminServer": "mldeploy.serving.server",
+    "AdminServer": "mldeploy.serving.probes",
     "BackgroundServer": "mldeploy.serving.server",
     "BatchRequest": "mldeploy.serving.schemas",
     "BatchResponse": "mldeploy.serving.schemas",
     "BatchResult": "mldeploy.serving.batching",
+    "DeadlineExceeded": "mldeploy.serving.batching",
     "DelayedPredictor": "mldeploy.serving.predictors",
     "GuardedHttpProtocol": "mldeploy.serving.server",
     "MicroBatcher": "mldeploy.serving.batching",
     "ModelError": "mldeploy.serving.batching",
     "OnnxPredictor": "mldeploy.serving.predictors",
     "PredictRequest": "mldeploy.serving.schemas",
+    "ProbeProcess": "mldeploy.serving.probes",
     "PredictResponse": "mldeploy.serving.schemas",
     "Predictor": "mldeploy.serving.predictors",
     "QueueFull": "mldeploy.serving.batching",

@@ -15,6 +15,7 @@ import threading
 
 from mldeploy import settings as settings_module
 from mldeploy.serving import server
+from mldeploy.serving.probes import ProbeProcess
 
 
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -33,21 +34,27 @@ def main(argv: list[str] | None = None) -> int:
     errors = logging.getLogger("mldeploy.errors")
     if not errors.handlers:  # server faults: one JSON line each on stderr (tracebacks included)
         errors.addHandler(logging.StreamHandler(sys.stderr))
-    from mldeploy.serving.app import create_app_from_env  # FastAPI only once settings are good
-
-    app = create_app_from_env(settings)
-    try:
-        app.state.service.load()  # before listening: a bad model is one line, not a traceback
-    except RuntimeError as exc:
-        raise SystemExit(f"error: {str(exc).splitlines()[0]}") from None
     if args.fd is not None:  # family and type are read from the descriptor
         sock = socket.socket(fileno=args.fd)
         admin = socket.socket(fileno=args.admin_fd) if args.admin_fd is not None else None
     else:
         sock = server.listen(settings.host, settings.port)
         admin = server.listen(settings.host, settings.admin_port)
+    probes = None
+    if admin is not None:  # forked now, while this process has one thread
+        probes = ProbeProcess(admin, server.local_url(sock) + "/metrics", settings.header_timeout_s)
+        probes.start(close_in_child=(sock,))
+    from mldeploy.serving.app import create_app_from_env  # FastAPI only once settings are good
+
+    app = create_app_from_env(settings)
     try:
-        started = server.serve(app, sock, admin)
+        app.state.service.load()  # a bad model is one line, not a traceback
+    except RuntimeError as exc:
+        if probes is not None:
+            probes.stop()
+        raise SystemExit(f"error: {str(exc).splitlines()[0]}") from None
+    try:
+        started = server.serve(app, sock, probes)
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl+C after its graceful stop
         started = True
     # a model call that never returns must not keep the process alive past its shutdown bound

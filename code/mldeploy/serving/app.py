@@ -3,7 +3,7 @@
 Endpoints: ``POST /predict`` (one sample, micro-batched), ``POST /predict_batch`` (a bounded
 list), ``POST /validate`` (parse and validate a sample without the model), ``GET /health``
 (liveness), ``GET /ready`` (readiness), ``GET /metrics`` (Prometheus). The probes and metrics
-are also served on the admin listener (``server.AdminServer``), which stays fast under load.
+are also served on the admin listener (``probes``), which stays fast under load.
 """
 
 # no `from __future__ import annotations`: FastAPI must see the per-app BatchRequest class itself
@@ -24,7 +24,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import Field, create_model
 
-from mldeploy.serving.batching import Hooks, MicroBatcher, ModelError, QueueFull, Unavailable
+from mldeploy.serving.batching import (
+    DeadlineExceeded,
+    Hooks,
+    MicroBatcher,
+    ModelError,
+    QueueFull,
+    Unavailable,
+)
 from mldeploy.serving.metrics import ServiceMetrics
 from mldeploy.serving.middleware import AccessLog, BodySizeLimit, FastPaths, access_logger
 from mldeploy.serving.predictors import OnnxPredictor, Predictor, TorchScriptPredictor
@@ -46,10 +53,6 @@ errors_log = logging.getLogger("mldeploy.errors")
 
 
 class NotReady(Exception):
-    pass
-
-
-class DeadlineExceeded(Exception):
     pass
 
 
@@ -102,6 +105,7 @@ class Service:
             max_wait_s=s.max_wait_ms / 1e3 if s.batching else 0.0,
             max_queue=s.max_queue,
             max_jobs=s.max_batch_jobs,
+            timeout_s=s.request_timeout_s,
             hooks=Hooks(
                 batch=self.metrics.observe_batch,
                 queue_wait=self.metrics.queue_wait.observe,
@@ -136,6 +140,9 @@ class Service:
 
     def ready_probe(self) -> tuple[int, dict]:
         return (200, {"ready": True}) if self.ready() else (503, {"ready": False})
+
+    def metrics_page(self) -> tuple[int, bytes, str]:
+        return 200, self.metrics.render(), self.metrics.content_type
 
     def shed(self, path: str) -> bool:
         """Refuse before parsing the body when the queue this request needs is already full."""
@@ -180,14 +187,6 @@ def _json(body: dict) -> Response:
     return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")
 
 
-async def _within_deadline(service: Service, work: asyncio.Future) -> object:
-    try:
-        async with asyncio.timeout(service.settings.request_timeout_s):
-            return await work
-    except TimeoutError:
-        raise DeadlineExceeded from None
-
-
 def _probabilities(row: np.ndarray, digits: int) -> list[float]:
     return [round(float(p), digits) for p in row]
 
@@ -197,8 +196,10 @@ async def predict(body: PredictRequest, request: Request) -> Response:
     service, batcher = running(request)
     x = np.asarray(body.features, dtype=np.float32)
     model_format = service.predictor.model_format
-    result = await _within_deadline(service, batcher.submit(x, client_gone(request)))
-    request.state.batch_size = result.batch_size
+    result = await batcher.submit(x, client_gone(request))
+    request.scope.setdefault("state", {})["batch_size"] = (
+        result.batch_size
+    )  # read by the access log
     return _json(
         {
             "prediction": int(result.probabilities.argmax()),
@@ -213,10 +214,10 @@ async def predict_batch(body: BatchRequest, request: Request) -> Response:
     service, batcher = running(request)
     x = np.asarray([item.features for item in body.items], dtype=np.float32)
     model_format = service.predictor.model_format
-    proba = await _within_deadline(service, batcher.submit_job(x, client_gone(request)))
+    proba = await batcher.submit_job(x, client_gone(request))
     if not np.isfinite(proba).all():
         raise ModelError("non-finite output")
-    request.state.batch_size = len(x)
+    request.scope.setdefault("state", {})["batch_size"] = len(x)
     digits = service.settings.digits
     return _json(
         {

@@ -34,6 +34,10 @@ class ModelError(Exception):
     """The model failed or returned something unusable: a server fault (500)."""
 
 
+class DeadlineExceeded(Exception):
+    """The request waited ``timeout_s`` without an answer: 504, and it is never computed."""
+
+
 # kept for callers of the first version; a bad sample is now a model fault like any other
 SampleRejected = ModelError
 
@@ -44,6 +48,7 @@ class _Item:
     future: asyncio.Future
     gone: Callable[[], bool] | None = None  # True once the client has disconnected
     enqueued_at: float = field(default_factory=time.perf_counter)
+    deadline: float = float("inf")  # perf_counter time after which it is answered 504
 
     def wanted(self) -> bool:
         return not self.future.done() and not (self.gone is not None and self.gone())
@@ -78,6 +83,10 @@ class MicroBatcher:
       raises :class:`QueueFull` at once. Samples and jobs take turns for the model.
     - A failure anywhere in a round fails that round's requests with :class:`ModelError`; the
       worker carries on. ``stop`` resolves every future still waiting.
+    - A request still unanswered ``timeout_s`` after it was submitted fails with
+      :class:`DeadlineExceeded`, waiting or computing. All requests share one timer, set for the
+      oldest (the timeout is the same for all, so the oldest expires first): a per-request timer
+      would cost the event loop more than the rest of the batching does.
     """
 
     def __init__(
@@ -89,18 +98,25 @@ class MicroBatcher:
         max_wait_s: float = 0.002,
         max_queue: int = 128,
         max_jobs: int = 2,
+        timeout_s: float = float("inf"),
         hooks: Hooks | None = None,
     ):
         if max_batch_size < 1 or max_queue < 1 or max_jobs < 1 or not 0 <= max_wait_s < 60:
             raise ValueError("max_batch_size, max_queue, max_jobs >= 1 and 0 <= max_wait_s < 60")
+        if not timeout_s > 0:
+            raise ValueError("timeout_s must be > 0 (inf: no deadline)")
         self.predict, self.executor = predict, executor
         self.max_batch_size, self.max_wait_s, self.max_queue = max_batch_size, max_wait_s, max_queue
-        self.max_jobs = max_jobs
+        self.max_jobs, self.timeout_s = max_jobs, timeout_s
         self.hooks = hooks or Hooks()
+        self._deadline_timer: asyncio.TimerHandle | None = None
         self._pending: collections.deque[_Item] = collections.deque()
         self._jobs: collections.deque[_Item] = collections.deque()
         self._current: list[_Item] = []  # the round being filled or computed
         self._arrived = asyncio.Event()
+        # how many waiting samples wake the worker: 1 when it idles; while it fills a batch,
+        # the number that completes it (one wake-up per batch, not one per arriving sample)
+        self._wake_at = 1
         self._last_batch_size = 0
         self._jobs_turn = False
         self._task: asyncio.Task | None = None
@@ -129,6 +145,8 @@ class MicroBatcher:
     async def stop(self) -> None:
         """Stop the worker and fail whatever still waits (the server is shutting down)."""
         self._closed = True
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -153,7 +171,13 @@ class MicroBatcher:
         if len(queue) >= bound:
             raise QueueFull(f"{len(queue)} already waiting")
         queue.append(item)
-        self._arrived.set()
+        if self.timeout_s != float("inf"):
+            item.deadline = item.enqueued_at + self.timeout_s
+            if self._deadline_timer is None:  # else it is set for an older request
+                loop = asyncio.get_running_loop()
+                self._deadline_timer = loop.call_later(self.timeout_s, self._expire)
+        if queue is self._jobs or len(self._pending) >= self._wake_at:
+            self._arrived.set()
         return item.future
 
     async def submit(
@@ -167,6 +191,21 @@ class MicroBatcher:
         """Queue a whole (n, features) batch for one model call of its own; wait for its rows."""
         item = _Item(x, asyncio.get_running_loop().create_future(), gone)
         return await self._enqueue(self._jobs, self.max_jobs, item)
+
+    def _expire(self) -> None:
+        """Fail every request past its deadline; set the timer for the oldest one left."""
+        now, oldest = time.perf_counter(), float("inf")
+        for item in [*self._current, *self._pending, *self._jobs]:
+            if item.future.done():
+                continue
+            if item.deadline <= now:
+                item.future.set_exception(DeadlineExceeded(f"no answer in {self.timeout_s:g} s"))
+            else:
+                oldest = min(oldest, item.deadline)
+        self._deadline_timer = None
+        if oldest != float("inf"):
+            loop = asyncio.get_running_loop()
+            self._deadline_timer = loop.call_later(oldest - now, self._expire)
 
     def _take(self, queue: collections.deque, limit: int) -> list[_Item]:
         taken: list[_Item] = []
@@ -231,16 +270,27 @@ class MicroBatcher:
 
     async def _fill(self, batch: list[_Item], expected: int) -> None:
         """Wait until the batch has ``expected`` samples or its oldest has waited ``max_wait_s``."""
-        deadline = batch[0].enqueued_at + self.max_wait_s
-        while len(batch) < expected:
-            remaining = deadline - time.perf_counter()
-            if remaining <= 0:
-                return
-            self._arrived.clear()
-            # waiting on an Event (not on queue.get) so a timeout can never lose a sample
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._arrived.wait(), remaining)
-            batch += self._take(self._pending, self.max_batch_size - len(batch))
+        remaining = batch[0].enqueued_at + self.max_wait_s - time.perf_counter()
+        if remaining <= 0:
+            return
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            self._arrived.set()
+
+        timer = asyncio.get_running_loop().call_later(remaining, expire)
+        try:
+            while len(batch) < expected and not expired:
+                self._wake_at = expected - len(batch)
+                self._arrived.clear()
+                if len(self._pending) < self._wake_at:
+                    await self._arrived.wait()  # woken by enough samples, a job or the timer
+                batch += self._take(self._pending, self.max_batch_size - len(batch))
+        finally:
+            self._wake_at = 1
+            timer.cancel()
 
     async def _call(self, x: np.ndarray) -> np.ndarray:
         """One model call in the worker thread; its output must have one row per input row."""

@@ -6,8 +6,9 @@
 - ``DrainingServer``: on SIGTERM, /ready turns 503 at once while traffic still flows for
   ``drain_s``; then uvicorn closes the listener, finishes in-flight requests (bounded by
   ``shutdown_timeout_s``) and the process exits 0.
-- ``AdminServer``: /health, /ready and /metrics on a port of their own, answered by a thread,
-  so the probes stay fast while the event loop is saturated.
+- ``serve``: what ``python -m mldeploy.serving`` runs; /health, /ready and /metrics answer on a
+  port of their own, from a child process (``probes.ProbeProcess``), so the probes stay fast while
+  the event loop is saturated.
 - ``BackgroundServer``: the service on free loopback ports, in a thread or in a child process
   (tests, notebooks, the benchmark, the demo); always stopped.
 """
@@ -15,7 +16,6 @@
 from __future__ import annotations
 
 import functools
-import http.server
 import json
 import logging
 import os
@@ -34,6 +34,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from mldeploy.serving.middleware import ASGIApp
+from mldeploy.serving.probes import AdminServer, ProbeProcess
 from mldeploy.settings import ServiceSettings
 
 log = logging.getLogger("mldeploy.server")
@@ -141,6 +142,8 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.service, self.drain_s = service, drain_s
         self.drain_started: float | None = None
+        self.on_drain: Any = None  # called once the service is marked as draining
+        self.last_tick: float | None = None  # when the event loop last ran on_tick (~10 Hz)
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         first = self.drain_started is None and not self.should_exit
@@ -152,78 +155,16 @@ class DrainingServer(uvicorn.Server):
     def begin_drain(self) -> None:
         if self.service is not None:
             self.service.draining = True
+        if self.on_drain is not None:
+            self.on_drain()
         self.drain_started = time.monotonic()
         print(f"SIGTERM: draining for {self.drain_s:g} s (/ready answers 503)", file=sys.stderr)
 
     async def on_tick(self, counter: int) -> bool:
+        self.last_tick = time.monotonic()
         if self.drain_started is not None and time.monotonic() - self.drain_started >= self.drain_s:
             self.should_exit = True
         return await super().on_tick(counter)
-
-
-class AdminServer:
-    """/health, /ready and /metrics answered by a thread of their own (standard library HTTP),
-    so probes do not queue behind requests on the busy event loop."""
-
-    def __init__(self, service: Any, sock: socket.socket, timeout_s: float = 5.0):
-        handler = type("AdminHandler", (_AdminHandler,), {"service": service, "timeout": timeout_s})
-        self._httpd = _AdminHTTPServer(sock.getsockname()[:2], handler, bind_and_activate=False)
-        self._httpd.socket.close()
-        self._httpd.socket = sock
-        self._httpd.daemon_threads = True
-        sock.listen(128)
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True
-        )
-
-    def start(self) -> AdminServer:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._thread.is_alive():
-            self._httpd.shutdown()
-        self._httpd.server_close()
-
-
-class _AdminHTTPServer(http.server.ThreadingHTTPServer):
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        if not isinstance(sys.exc_info()[1], ConnectionError):  # a prober that hung up is normal
-            log.exception("admin listener: request from %s failed", client_address)
-
-
-class _AdminHandler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    # headers and body go out in two writes: without TCP_NODELAY the second waits for the
-    # client's delayed ACK (about 40 ms on Linux), which once made every probe slow
-    disable_nagle_algorithm = True
-    service: Any = None
-
-    def do_GET(self) -> None:
-        path, headers = self.path.partition("?")[0], {}
-        if path in ("/health", "/ready"):
-            probe = self.service.health_probe if path == "/health" else self.service.ready_probe
-            status, body = probe()
-            payload, kind = json.dumps(body).encode(), "application/json"
-            if status == 503:
-                headers["Retry-After"] = "1"
-        elif path == "/metrics":
-            status, payload = 200, self.service.metrics.render()
-            kind = self.service.metrics.content_type
-        else:
-            status, payload, kind = 404, b'{"detail":"Not Found"}', "application/json"
-        self.send_response(status)
-        for name, value in {
-            "Content-Type": kind,
-            "Content-Length": len(payload),
-            **headers,
-        }.items():
-            self.send_header(name, str(value))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, *args: object) -> None:
-        pass  # probes every few seconds would drown the log
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -264,17 +205,28 @@ def build(
     return server, admin
 
 
-def serve(app: ASGIApp, sock: socket.socket, admin_sock: socket.socket | None = None) -> bool:
-    """Serve until SIGTERM/SIGINT (drained) or a failed start-up; True if it started."""
-    server, admin = build(app, sock, admin_sock)
-    if admin is not None:
-        admin.start()  # /health answers (model_loaded: false) while the model loads
+def serve(app: ASGIApp, sock: socket.socket, probes: ProbeProcess | None = None) -> bool:
+    """Serve until SIGTERM/SIGINT (drained) or a failed start-up; True if it started.
+
+    ``probes``: the admin listener, already started (``python -m mldeploy.serving`` forks it
+    before loading the model); it is told about the service here and stopped at the end."""
+    server, _ = build(app, sock)
+    if probes is not None:
+        probes.attach(app.state.service, lambda: server.last_tick)  # type: ignore[attr-defined]
+        server.on_drain = probes.publish  # /ready turns 503 now, not at the next poll
     try:
         server.run(sockets=[sock])
     finally:
-        if admin is not None:
-            admin.stop()
+        if probes is not None:
+            probes.stop()
     return server.started
+
+
+def local_url(sock: socket.socket) -> str:
+    """The URL a process on this machine reaches ``sock``'s listener at."""
+    host, port = sock.getsockname()[:2]
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def _loopback_socket() -> socket.socket:
