@@ -630,6 +630,31 @@ def test_figures_have_alt_text_and_numbered_captions(page, pages) -> None:
     assert not problems, "\n".join(problems)
 
 
+def test_printed_book_gives_every_page_its_title_and_stamp(page) -> None:
+    # what `make pdf` prints: every page appended to the first, in print media
+    sys.path.insert(0, str(REPO_ROOT / "tests"))
+    import bookpdf
+
+    order = bookpdf.toc_pages()
+    page.goto(page.base + order[0] + "?lang=en")
+    page.evaluate(bookpdf.COMBINE, [page.base + name for name in order[1:]])
+    page.emulate_media(media="print")
+    problems = page.evaluate(
+        """() => Array.from(document.querySelectorAll('.book-print-page')).flatMap((part, i) => {
+          const h1 = part.querySelector('h1');
+          const out = [];
+          if (!h1 || getComputedStyle(h1).display === 'none' || !h1.offsetHeight)
+            out.push(`appended page ${i + 1}: title hidden in print`);
+          const stamp = part.querySelector('.verified-stamp');
+          if (stamp && getComputedStyle(stamp).breakInside !== 'avoid')
+            out.push(`appended page ${i + 1}: the stamp may be cut by a page break`);
+          return out;
+        })"""
+    )
+    appended = page.locator(".book-print-page").count()
+    assert appended == len(order) - 1 and not problems, "\n".join(problems)
+
+
 def test_nbconvert_lab_rendering_shows_no_raw_markup(browser, tmp_path: Path) -> None:
     """Each notebook rendered by nbconvert's lab template (as exported, and on many viewers)."""
     from nbconvert import HTMLExporter

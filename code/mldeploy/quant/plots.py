@@ -97,8 +97,9 @@ def plot_curve(points: list[Point], ax: matplotlib.axes.Axes) -> None:
         ax.scatter([], [], marker=marker, color=color, label=family)
     ax.set_xscale("log")
     ax.margins(x=0.08, y=0.08)
-    ax.set_xlabel("model file size (KiB, log scale; hollow = estimated packed size)")
-    ax.set_ylabel("held-out perplexity (lower is better)")
+    # units and symbols only: the caption says what they measure, in both languages
+    ax.set_xlabel("KiB (log)")
+    ax.set_ylabel("PPL ↓")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="upper right", fontsize=8)
     _place_labels(ax, labels)
@@ -123,8 +124,8 @@ def plot_bits(points: list[BitsPoint], fp32_perplexity: float, ax: matplotlib.ax
         if method == "GGUF":
             _place_labels(ax, [(p.bits_per_weight, p.perplexity, p.label, color) for p in members])
     ax.axhline(fp32_perplexity, color="k", ls="--", lw=1, label="FP32")
-    ax.set_xlabel("bits per weight, scales included")
-    ax.set_ylabel("held-out perplexity")
+    ax.set_xlabel("bit / w")
+    ax.set_ylabel("PPL")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
 
@@ -138,13 +139,13 @@ def plot_calibration(
     for name in rows[0][1]:
         axes[0].plot(n, [r[1][name] for r in rows], marker="o", label=name)
     axes[0].set_yscale("log")
-    axes[0].set_ylabel("GPTQ 4-bit layer error (held-out)")
+    axes[0].set_ylabel("GPTQ 4 bit: ‖ΔY‖² / ‖Y‖²")
     axes[0].legend(fontsize=8)
     axes[1].plot(n, [r[2] for r in rows], marker="s", color="C0")
-    axes[1].set_ylabel("static INT8 perplexity")
+    axes[1].set_ylabel("INT8 PPL")
     for ax in axes:
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("calibration windows")
+        ax.set_xlabel("n")
         ax.grid(True, which="both", alpha=0.3)
 
 
@@ -155,26 +156,26 @@ def plot_superblock(
     values, one step size per sub-block of ``sub`` weights."""
     ax = axes[0]
     fields = [
-        ("d (FP16)", 2, "C3"),
-        ("dmin (FP16)", 2, "C3"),
-        ("8 × (scale, min), 6 bits each", 12, "C1"),
-        ("256 × 4-bit codes", 128, "C0"),
+        ("d\nFP16", 2, "C3"),
+        ("dmin\nFP16", 2, "C3"),
+        ("8×(s,m)\n6 bit", 12, "C1"),
+        ("256 × q\n4 bit", 128, "C0"),
     ]
     x = 0.0
     for label, nbytes, color in fields:
-        width = max(nbytes, 10)  # tiny fields drawn wider so their names fit; bytes in the label
+        width = max(nbytes, 22)  # tiny fields drawn wider so their names fit; bytes in the label
         ax.add_patch(Rectangle((x, 0), width, 1, color=color, alpha=0.35))
         ax.text(x + width / 2, 0.5, f"{label}\n{nbytes} B", ha="center", va="center", fontsize=7)
         x += width
     ax.set_xlim(0, x)
     ax.set_ylim(-0.2, 1.2)
     ax.axis("off")
-    ax.set_title("block_q4_K: 144 bytes / 256 weights = 4.5 bits", fontsize=9)
+    ax.set_title("block_q4_K: 144 B / 256 w = 4.5 bit / w", fontsize=9)
     ax = axes[1]
-    ax.plot(w, ".", ms=3, color="0.5", label="FP32 weight")
-    ax.plot(w_hat, "_", ms=5, color="C0", label="Q4_K decoded")
+    ax.plot(w, ".", ms=3, color="0.5", label="w (FP32)")
+    ax.plot(w_hat, "_", ms=5, color="C0", label="ŵ (Q4_K)")
     for k in range(sub, len(w), sub):
         ax.axvline(k - 0.5, color="C1", lw=0.6, alpha=0.6)
-    ax.set_xlabel(f"weight index (sub-blocks of {sub})")
-    ax.set_ylabel("value")
+    ax.set_xlabel("i")
+    ax.set_ylabel("w")
     ax.legend(fontsize=7)
