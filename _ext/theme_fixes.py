@@ -7,7 +7,8 @@
   draws with the icon font, so it goes; the search index (and its scripts) is loaded only by the
   search page, not by every page in ``<head>``; MathJax only where a page has mathematics, and
   sphinx-design's styles and tab script only where a page uses its components.
-- Accessibility: the solution toggles' ``aria-label="Toggle hidden content"`` hid their visible
+- Accessibility: the book's title link in the sidebar gets a ``<nav>`` landmark (axe: region);
+  the solution toggles' ``aria-label="Toggle hidden content"`` hid their visible
   label from screen readers (axe: label-content-name-mismatch); the label itself names them.
 - Every page gets a ``<meta name="description">``: its first English paragraph.
 - ``make pdf`` (BOOK_PDF=1) links the first page to the whole book printed as PDF.
@@ -108,6 +109,10 @@ DESIGN = re.compile(
     r'|\s*<script data-sd-tabs-storage-prefix="[^"]*"'
     r' src="[^"]*_static/design-tabs\.js[^"]*"></script>'
 )
+# axe "region": the book's title link in the sidebar sat outside every landmark
+BRAND = re.compile(
+    r'(?<!<nav class="book-brand" aria-label="Book">)(<a class="navbar-brand logo".*?</a>)', re.S
+)
 HAS_MATH = re.compile(r'class="[^"]*\bmath\b|\\\(|\\\[|\$\$')
 
 
@@ -121,6 +126,7 @@ def lighten(html: str, search_page: bool) -> str:
         html = MATHJAX.sub("", html)
     if 'class="sd-' not in body:  # no sphinx-design component (cards, tabs) on the page
         html = DESIGN.sub("", html)
+    html = BRAND.sub(r'<nav class="book-brand" aria-label="Book">\1</nav>', html)
     return html.replace('<summary aria-label="Toggle hidden content">', "<summary>")
 
 
