@@ -4,7 +4,7 @@ No download and no new install: the closure is resolved from the ``Requires-Dist
 distributions already installed (by default in the running interpreter's environment), and each
 distribution's size is the sum of the files its ``RECORD`` lists, as they lie on disk, without
 bytecode caches: a ``.pyc`` file embeds the path it was compiled at, so its size changes with the
-folder the environment lives in (measured: 195.49 MB with caches in one checkout, 195.51 MB in
+folder the environment lives in (with caches: 195.49 MB in one checkout, 196 MB after rounding in
 another), while the wheels' own files are the same bytes everywhere.
 """
 
