@@ -24,6 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import Field, create_model
 
+from mldeploy.serving import probes
 from mldeploy.serving.batching import (
     DeadlineExceeded,
     Hooks,
@@ -132,14 +133,10 @@ class Service:
         return self.batcher is not None and self.batcher.healthy and not self.draining
 
     def health_probe(self) -> tuple[int, dict]:
-        body = {
-            "status": "ok" if self.live() else "failing",
-            "model_loaded": self.batcher is not None,
-        }
-        return (200 if self.live() else 503), body
+        return probes.health_answer(probes.state_of(self))
 
     def ready_probe(self) -> tuple[int, dict]:
-        return (200, {"ready": True}) if self.ready() else (503, {"ready": False})
+        return probes.ready_answer(probes.state_of(self))
 
     def metrics_page(self) -> tuple[int, bytes, str]:
         return 200, self.metrics.render(), self.metrics.content_type
@@ -197,9 +194,8 @@ async def predict(body: PredictRequest, request: Request) -> Response:
     x = np.asarray(body.features, dtype=np.float32)
     model_format = service.predictor.model_format
     result = await batcher.submit(x, client_gone(request))
-    request.scope.setdefault("state", {})["batch_size"] = (
-        result.batch_size
-    )  # read by the access log
+    # read by the access log (cheaper than request.state, which wraps the dict in an object)
+    request.scope.setdefault("state", {})["batch_size"] = result.batch_size
     return _json(
         {
             "prediction": int(result.probabilities.argmax()),

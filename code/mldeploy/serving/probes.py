@@ -53,6 +53,17 @@ def state_of(service: Any, loop_stalled: bool = False) -> dict[str, bool]:
     }
 
 
+def health_answer(state: dict[str, bool]) -> tuple[int, dict]:
+    """``/health``'s status and body for a state (the service's own, or as the child heard it)."""
+    body = {"status": "ok" if state["live"] else "failing", "model_loaded": state["model_loaded"]}
+    return (200 if state["live"] else 503), body
+
+
+def ready_answer(state: dict[str, bool]) -> tuple[int, dict]:
+    """``/ready``'s status and body for a state."""
+    return (200, {"ready": True}) if state["ready"] else (503, {"ready": False})
+
+
 class AdminServer:
     """/health, /ready and /metrics answered by threads of their own (standard library HTTP).
 
@@ -256,16 +267,10 @@ class RelayedService:
         return self._state
 
     def health_probe(self) -> tuple[int, dict]:
-        state = self._current()
-        body = {
-            "status": "ok" if state["live"] else "failing",
-            "model_loaded": state["model_loaded"],
-        }
-        return (200 if state["live"] else 503), body
+        return health_answer(self._current())
 
     def ready_probe(self) -> tuple[int, dict]:
-        ready = self._current()["ready"]
-        return (200, {"ready": True}) if ready else (503, {"ready": False})
+        return ready_answer(self._current())
 
     def metrics_page(self) -> tuple[int, bytes, str]:
         try:
