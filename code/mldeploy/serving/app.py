@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import sys
+import time
 import types
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +29,7 @@ from mldeploy.serving import probes
 from mldeploy.serving.batching import (
     DeadlineExceeded,
     Hooks,
+    Inline,
     MicroBatcher,
     ModelError,
     QueueFull,
@@ -68,6 +70,7 @@ class Service:
         self.predictor: Predictor | None = None
         self.batcher: MicroBatcher | None = None
         self.executor: ThreadPoolExecutor | None = None
+        self.call_seconds: dict[int, float] = {}  # batch size -> fastest warm-up call (s)
         self.draining = False  # set on SIGTERM: /ready answers 503 while requests still flow
 
     # --- start-up and shutdown ---------------------------------------------------------------
@@ -86,19 +89,24 @@ class Service:
         model = self.load_predictor()
         if model.n_features not in (N_FEATURES, -1):
             raise ValueError(f"it takes {model.n_features} features, the API sends {N_FEATURES}")
-        # warm-up: the first calls allocate; they also prove the output has the right shape
+        # warm-up: the first call of each size allocates and proves the output has the right
+        # shape; the two after it time the call (the faster one: a preempted call says nothing)
         for n in (1, self.settings.max_batch_size, self.settings.max_batch_items):
-            out = np.asarray(model.predict_proba(np.zeros((n, N_FEATURES), np.float32)))
+            x = np.zeros((n, N_FEATURES), np.float32)
+            out = np.asarray(model.predict_proba(x))
             if out.ndim != 2 or out.shape[0] != n or out.shape[1] < 2:
                 raise ValueError(
                     f"for {n} samples it returned shape {out.shape}, not ({n}, classes)"
                 )
             if not np.isfinite(out).all():
                 raise ValueError("it returned non-finite probabilities for a zero input")
+            self.call_seconds[n] = min(_seconds(model.predict_proba, x) for _ in range(2))
         return model
 
     def start(self) -> None:
         s = self.settings
+        below_s = s.inline_below_ms / 1e3
+        batch = s.max_batch_size if s.batching else 1
         self.batcher = MicroBatcher(
             self.predictor.predict_proba,  # type: ignore[union-attr]
             self.executor,  # type: ignore[arg-type]
@@ -113,6 +121,8 @@ class Service:
                 model_error=self.metrics.model_errors.inc,
                 skipped=self.metrics.abandoned.inc,
             ),
+            inline=Inline(below_s, self.call_seconds.get(batch, math.inf)),
+            inline_jobs=Inline(below_s, self.call_seconds.get(s.max_batch_items, math.inf)),
         )
         self.batcher.start()
 
@@ -154,6 +164,12 @@ class Service:
         return full
 
 
+def _seconds(fn: Callable[[np.ndarray], object], x: np.ndarray) -> float:
+    start = time.perf_counter()
+    fn(x)
+    return time.perf_counter() - start
+
+
 # --- dependencies ----------------------------------------------------------------------------
 # The inference routes call these directly rather than through FastAPI's Depends: resolving a
 # dependency costs a measurable share of a tiny model's request (see the benchmark).
@@ -184,22 +200,18 @@ def _json(body: dict) -> Response:
     return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")
 
 
-def _probabilities(row: np.ndarray, digits: int) -> list[float]:
-    return [round(float(p), digits) for p in row]
-
-
 async def predict(body: PredictRequest, request: Request) -> Response:
     """Classify one sample. Concurrent requests are micro-batched into one model call."""
     service, batcher = running(request)
-    x = np.asarray(body.features, dtype=np.float32)
     model_format = service.predictor.model_format
-    result = await batcher.submit(x, client_gone(request))
+    result = await batcher.submit(body.features, client_gone(request))
     # read by the access log (cheaper than request.state, which wraps the dict in an object)
     request.scope.setdefault("state", {})["batch_size"] = result.batch_size
+    digits = service.settings.digits
     return _json(
         {
-            "prediction": int(result.probabilities.argmax()),
-            "probabilities": _probabilities(result.probabilities, service.settings.digits),
+            "prediction": result.label,
+            "probabilities": [round(p, digits) for p in result.probabilities],
             "model_format": model_format,
         }
     )
@@ -217,8 +229,8 @@ async def predict_batch(body: BatchRequest, request: Request) -> Response:
     digits = service.settings.digits
     return _json(
         {
-            "predictions": [int(i) for i in proba.argmax(axis=1)],
-            "probabilities": [_probabilities(row, digits) for row in proba],
+            "predictions": proba.argmax(axis=1).tolist(),
+            "probabilities": [[round(p, digits) for p in row] for row in proba.tolist()],
             "model_format": model_format,
         }
     )
@@ -352,6 +364,9 @@ def create_app(
         version="0.3.0",
         description="Inference service of the course chapter 5.2 (micro-batched ONNX Runtime).",
         lifespan=lifespan,
+        # FastAPI's OpenTelemetry hooks: off, as no provider is configured; checking for one
+        # on every request cost more than the model call (the service has its own metrics)
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.service, app.state.settings, app.state.metrics = service, settings, service.metrics
     # the per-app bound on the batch length is part of the schema, so it is a per-app class

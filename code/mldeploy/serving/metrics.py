@@ -40,7 +40,16 @@ class ServiceMetrics:
             "mldeploy_batch_size", "Samples per model call", buckets=BATCH_BUCKETS, registry=r
         )
         self.model_seconds = Histogram(
-            "mldeploy_model_seconds", "Time of one model call", buckets=LATENCY_BUCKETS, registry=r
+            "mldeploy_model_seconds",
+            "Time of one model call, as the event loop waits for it (hand-off included)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.model_calls = Counter(
+            "mldeploy_model_calls",
+            "Model calls by where they ran: on the event loop or in the model thread",
+            ["on"],
+            registry=r,
         )
         self.queue_wait = Histogram(
             "mldeploy_queue_wait_seconds",
@@ -77,9 +86,10 @@ class ServiceMetrics:
         self.requests.labels(method, path, str(status)).inc()
         self.latency.labels(path).observe(seconds)
 
-    def observe_batch(self, size: int, seconds: float) -> None:
+    def observe_batch(self, size: int, seconds: float, on_loop: bool = False) -> None:
         self.batch_size.observe(size)
         self.model_seconds.observe(seconds)
+        self.model_calls.labels("loop" if on_loop else "thread").inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
