@@ -70,7 +70,7 @@ class Service:
         self.predictor: Predictor | None = None
         self.batcher: MicroBatcher | None = None
         self.executor: ThreadPoolExecutor | None = None
-        self.call_seconds: dict[int, float] = {}  # batch size -> fastest warm-up call (s)
+        self.call_seconds: dict[int, float] = {}  # batch size -> its warm-up call (s)
         self.draining = False  # set on SIGTERM: /ready answers 503 while requests still flow
 
     # --- start-up and shutdown ---------------------------------------------------------------

@@ -83,9 +83,10 @@ class Inline:
     """Whether one kind of model call (single-sample batches, or whole jobs) runs on the event loop.
 
     Handing a call to the model thread and taking its answer back costs the busy event loop more
-    than a tiny model's whole call: the two threads trade the GIL back and forth (section 5.2.4
-    measures it). So a call whose time at warm-up, ``expected_s``, is under ``below_s`` runs in
-    place; anything slower runs in the model thread, where ONNX Runtime computes beside the loop.
+    than a tiny model's whole call: the two threads trade the GIL back and forth (``make
+    bench-serve`` measures the difference; section 5.2.4 explains it). So a call whose time at
+    warm-up, ``expected_s``, is under ``below_s`` runs in place; anything slower runs in the
+    model thread, where ONNX Runtime computes beside the loop.
     An inline call that then runs long moves its kind to the model thread for good: three calls
     in a row at ``SLOW`` times the bound or more, or one call of ``STALL_S`` or more. A call on a
     cold cache (an idle server), a preempted thread or a garbage-collector pause (tens of ms,
