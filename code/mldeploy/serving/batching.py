@@ -227,7 +227,7 @@ class MicroBatcher:
         return item.future
 
     async def submit(
-        self, features: np.ndarray, gone: Callable[[], bool] | None = None
+        self, features: np.ndarray | list[float], gone: Callable[[], bool] | None = None
     ) -> BatchResult:
         """Queue one sample (its features, as a list or 1-D array) and wait for its result."""
         item = _Item(features, asyncio.get_running_loop().create_future(), gone)
