@@ -73,6 +73,60 @@ def test_training_is_bit_identical_run_to_run():
     )
 
 
+def _key_with(charlm_source: str, root) -> str:
+    """``CharLMConfig().key()`` computed by a fresh interpreter on a copy of the package whose
+    ``charlm.py`` holds ``charlm_source``."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import mldeploy
+
+    package = root / "mldeploy"
+    shutil.copytree(Path(mldeploy.__file__).parent, package, ignore=shutil.ignore_patterns("*.pyc"))
+    (package / "quant" / "charlm.py").write_text(charlm_source)
+    code = "from mldeploy.quant import charlm; print(charlm.CharLMConfig().key())"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=root,
+        env={"PYTHONPATH": str(root)},
+        text=True,
+        capture_output=True,
+        check=True,
+    )
+    return out.stdout.strip()
+
+
+def test_cache_key_changes_with_the_training_code(tmp_path):
+    import inspect
+
+    source = inspect.getsource(charlm)
+    assert "weight_decay=0.01" in source
+    same = _key_with(source, tmp_path / "same")
+    changed = _key_with(source.replace("weight_decay=0.01", "weight_decay=0.02"), tmp_path / "bug")
+    assert same == charlm.CharLMConfig().key()
+    assert changed != same
+
+
+def test_atomic_output_replaces_in_one_step_and_cleans_up(tmp_path):
+    from mldeploy.quant import cache
+
+    target = tmp_path / "model.onnx"
+    target.write_text("old")
+    with cache.atomic_output(target) as a, cache.atomic_output(target) as b:
+        assert a != b and a.parent == b.parent == tmp_path and a.suffix == ".onnx"
+        a.write_text("first")
+        b.write_text("second")
+        assert target.read_text() == "old"  # nothing visible before the write completes
+    assert target.read_text() == "first"  # the outer writer finished last
+    with pytest.raises(RuntimeError), cache.atomic_output(target) as c:
+        c.write_text("half")
+        raise RuntimeError("writer failed")
+    assert target.read_text() == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
 def test_large_model_is_big_enough_and_learned_something(bench, fp32):
     assert sum(p.numel() for p in bench.model.parameters()) >= 500_000
     assert fp32.perplexity < 0.2 * charlm.VOCAB_SIZE  # far better than guessing uniformly

@@ -14,7 +14,7 @@ from onnx import numpy_helper
 from mldeploy import export, runtime
 from mldeploy.export import sizes
 from mldeploy.paths import artifacts_dir
-from mldeploy.quant import charlm, int4_onnx, weight_only
+from mldeploy.quant import cache, charlm, int4_onnx, weight_only
 from mldeploy.quant.fake_quant import QuantSpec, packed_bytes
 
 
@@ -42,10 +42,11 @@ def lm_bench(
     model, cached = charlm.cached_charlm(cfg, corpus)
     calibration, _ = charlm.sample_windows(corpus.train, cfg.context, n_calibration, seed=1)
     x, y = charlm.sample_windows(corpus.valid, cfg.context, n_eval, seed=2)
-    out = artifacts_dir("5.3", cfg.key())
+    out = artifacts_dir("5.3", f"{cfg.key()}-{cache.source_digest(export.formats)}")
     fp32 = out / "charlm_fp32.onnx"
     if not fp32.is_file():
-        export.export_onnx(model, torch.from_numpy(x[:4]), fp32)
+        with cache.atomic_output(fp32) as tmp:
+            export.export_onnx(model, torch.from_numpy(x[:4]), tmp)
     return LMBench(model, corpus, calibration, x, y, charlm.logits_of(model, x), out, fp32, cached)
 
 
@@ -61,7 +62,8 @@ def bench_for(bench: LMBench, model: charlm.CharMLP, tag: str) -> LMBench:
     for init in proto.graph.initializer:
         if init.name in state:
             init.CopyFrom(numpy_helper.from_array(state[init.name].astype(np.float32), init.name))
-    onnx.save(proto, str(fp32))
+    with cache.atomic_output(fp32) as tmp:
+        onnx.save(proto, str(tmp))
     return LMBench(
         model,
         bench.corpus,

@@ -3,7 +3,8 @@
 Every machine with Python 3.11 has the corpus offline. The model is a wide MLP over a fixed window
 of characters (Bengio-style): almost all of its parameters sit in three ``nn.Linear`` layers, which
 is exactly where INT8/INT4 weight quantization acts. Trained weights are cached under
-``artifacts/5.3/`` keyed by a hash of the configuration, so notebooks and tests train at most once.
+``artifacts/5.3/`` keyed by a hash of the configuration and of the code that trains them, so
+notebooks and tests train at most once and a change to the training code trains again.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 
 from mldeploy import reproducibility
 from mldeploy.paths import artifacts_dir
+from mldeploy.quant import cache
 from mldeploy.reproducibility import single_thread
 from mldeploy.training import set_seed
 
@@ -87,10 +89,19 @@ class CharLMConfig:
                 "train": TRAIN_FILES,
                 "torch": torch.__version__,
                 "compute": reproducibility.PINNED_ENV if reproducibility.pinned() else "native",
+                "code": training_code_digest(),
             },
             sort_keys=True,
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def training_code_digest() -> str:
+    """Hash of the code the trained weights depend on: this module (model, corpus, training loop),
+    the seeding and the single-thread settings."""
+    import sys
+
+    return cache.source_digest(sys.modules[__name__], set_seed, reproducibility)
 
 
 class CharMLP(nn.Module):
@@ -226,9 +237,8 @@ def cached_charlm(
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return model.eval(), True
     model = train_charlm(cfg, corpus if corpus is not None else load_corpus())
-    tmp = path.with_suffix(".tmp")
-    torch.save(model.state_dict(), tmp)
-    tmp.replace(path)  # atomic: a half-written cache file is never read
+    with cache.atomic_output(path) as tmp:  # a half-written cache file is never read
+        torch.save(model.state_dict(), tmp)
     return model, False
 
 

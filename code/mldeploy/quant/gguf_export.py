@@ -19,6 +19,7 @@ import gguf
 import numpy as np
 import torch
 
+from mldeploy.quant import cache
 from mldeploy.quant.charlm import CharMLP
 
 QK_K = 256
@@ -145,27 +146,28 @@ def write_gguf(model: CharMLP, path: str | Path, fmt: str) -> Path:
     """A GGUF file of ``model``: Linear weights in ``fmt``; embedding table and biases in F32
     (rows of 32 values do not fill a k-quant super-block)."""
     path = Path(path)
-    writer = gguf.GGUFWriter(path, ARCH)
-    writer.add_uint32(f"{ARCH}.context_length", model.context)
-    writer.add_uint32(f"{ARCH}.embedding_length", model.embed.embedding_dim)
-    writer.add_uint32(f"{ARCH}.feed_forward_length", model.fc1.out_features)
-    writer.add_uint32(f"{ARCH}.vocab_size", model.embed.num_embeddings)
-    writer.add_file_type(
-        int(gguf.LlamaFileType[f"MOSTLY_{fmt}" if fmt != "Q4_K" else "MOSTLY_Q4_K_S"])
-    )
-    linears = {f"{name}.weight" for name in model.linears()}
-    for name, tensor in model.state_dict().items():
-        value = tensor.detach().float().numpy()
-        if name in linears:
-            writer.add_tensor(
-                name, quantize_tensor(value, fmt), raw_dtype=gguf.GGMLQuantizationType[fmt]
-            )
-        else:
-            writer.add_tensor(name, np.ascontiguousarray(value))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    with cache.atomic_output(path) as tmp:
+        writer = gguf.GGUFWriter(tmp, ARCH)
+        writer.add_uint32(f"{ARCH}.context_length", model.context)
+        writer.add_uint32(f"{ARCH}.embedding_length", model.embed.embedding_dim)
+        writer.add_uint32(f"{ARCH}.feed_forward_length", model.fc1.out_features)
+        writer.add_uint32(f"{ARCH}.vocab_size", model.embed.num_embeddings)
+        writer.add_file_type(
+            int(gguf.LlamaFileType[f"MOSTLY_{fmt}" if fmt != "Q4_K" else "MOSTLY_Q4_K_S"])
+        )
+        linears = {f"{name}.weight" for name in model.linears()}
+        for name, tensor in model.state_dict().items():
+            value = tensor.detach().float().numpy()
+            if name in linears:
+                writer.add_tensor(
+                    name, quantize_tensor(value, fmt), raw_dtype=gguf.GGMLQuantizationType[fmt]
+                )
+            else:
+                writer.add_tensor(name, np.ascontiguousarray(value))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
     return path
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from mldeploy.quant import cache
 from mldeploy.quant.fake_quant import QuantizedWeight
 from mldeploy.runtime import quiet_logs, require_model
 
@@ -92,7 +93,8 @@ def quantize_nbits_rtn(
         )
         quantizer.process()
     out_path = Path(out_path)
-    onnx.save(quantizer.model.model, str(out_path))
+    with cache.atomic_output(out_path) as tmp:
+        onnx.save(quantizer.model.model, str(tmp))
     return out_path
 
 
@@ -190,7 +192,8 @@ def write_nbits(
     if not any(op.domain == "com.microsoft" for op in proto.opset_import):
         proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     out_path = Path(out_path)
-    onnx.save(proto, str(out_path))
+    with cache.atomic_output(out_path) as tmp:
+        onnx.save(proto, str(tmp))
     return out_path
 
 

@@ -24,6 +24,7 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from mldeploy.quant import cache
 from mldeploy.runtime import quiet_logs, require_model
 
 # Weights in 7 bits (−64…63) instead of 8. ONNX Runtime multiplies u8 activations by s8 weights;
@@ -89,10 +90,10 @@ def activation_scales(path: str | Path) -> dict[str, float]:
 def quantize_int8_dynamic(fp32_path: str | Path, out_path: str | Path) -> Path:
     """Dynamic INT8: INT8 weights per output channel; activation ranges per batch at run time."""
     out_path = Path(out_path)
-    with _prepared(fp32_path) as prepared:
+    with _prepared(fp32_path) as prepared, cache.atomic_output(out_path) as tmp:
         quantize_dynamic(
             str(prepared),
-            str(out_path),
+            str(tmp),
             weight_type=QuantType.QInt8,
             per_channel=True,
             reduce_range=REDUCE_RANGE,
@@ -114,10 +115,14 @@ def quantize_int8_qdq(
         raise ValueError(f"method must be one of {sorted(CALIBRATION_METHODS)}, got {method!r}")
     out_path = Path(out_path)
     # The histogram calibrators print progress to stdout; keep notebooks quiet.
-    with _prepared(fp32_path) as prepared, contextlib.redirect_stdout(io.StringIO()):
+    with (
+        _prepared(fp32_path) as prepared,
+        cache.atomic_output(out_path) as tmp,
+        contextlib.redirect_stdout(io.StringIO()),
+    ):
         quantize_static(
             str(prepared),
-            str(out_path),
+            str(tmp),
             calibration_data_reader=BatchReader(input_name, calibration),
             quant_format=QuantFormat.QDQ,
             activation_type=QuantType.QInt8,
