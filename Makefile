@@ -14,7 +14,7 @@ PORT ?= 8888
 ADMIN_PORT ?= 8081
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
 
-.PHONY: help venv demo serve book pdf lab refresh test test-lib test-notebooks test-book test-browser page-weight axe bench-serve constraints clean lint format second-machine
+.PHONY: help venv demo serve book pdf lab refresh test test-lib test-notebooks test-book test-browser page-weight axe bench-serve constraints clean lint format second-machine mutation-check
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -95,6 +95,9 @@ second-machine: $(STAMP)  ## re-run every notebook as another CPU would; ONNX Ru
 	$(PY) -m mldeploy.book.second_machine notebooks
 	@if command -v qemu-x86_64 >/dev/null; then $(PY) -m mldeploy.book.second_machine ort; \
 	else echo "qemu-x86_64 not found (apt-get install -y qemu-user): ONNX Runtime's kernels not checked on an AVX2-only CPU"; fi
+
+mutation-check: $(STAMP)  ## apply each deliberate bug of code/mldeploy/book/mutations.toml to a temporary copy; its check must go red (ONLY="id ..." for some)
+	$(PY) -m mldeploy.book.mutations $(if $(ONLY),--only $(ONLY)) --out _build/mutations
 
 constraints:  ## after changing a pin in requirements*.txt: install without the old lock, then re-pin everything
 	@test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
