@@ -140,3 +140,30 @@ def test_nbval_passes_within_the_declared_tolerance_and_fails_outside(tmp_path):
     assert failed == {"outside", "text", "undeclared"}, outcome
     measured = json.loads(drift.read_text())["largest_relative_drift"]
     assert measured["within.ipynb"] == pytest.approx(0.7e-3 / 10.186, rel=1e-3)
+
+
+def test_e_notation_is_compared_relatively_fixed_decimals_absolutely():
+    tol = Tolerance(rel=0.01, abs=2e-4, reason="test")
+    # 8.6e-06 -> 1.0e-04 is inside abs 2e-4 but a 12-fold change: refused
+    assert reconcile("|Δ| = 1.0e-04", "|Δ| = 8.6e-06", tol) == "|Δ| = 1.0e-04"
+    assert reconcile("|Δ| = 8.65e-06", "|Δ| = 8.60e-06", tol) == "|Δ| = 8.60e-06"
+    assert reconcile("KL 0.0041", "KL 0.0040", tol) == "KL 0.0040"  # fixed decimals: abs applies
+
+
+def test_audit_counts_numbers_a_tolerance_lets_move_more_than_5_percent(tmp_path):
+    from mldeploy.book.nbval_tolerance import audit
+
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("print()")
+    cell.outputs = [
+        nbformat.v4.new_output("stream", text="ppl 10.387 KL 0.0040 gap 8.6e-06 in 3 s\n")
+    ]
+    cell.metadata["tolerance"] = {"rel": 0.005, "abs": 2e-4, "reason": "test"}
+    nb.cells.append(cell)
+    path = tmp_path / "x.ipynb"
+    nbformat.write(nb, path)
+    cfg = tmp_path / "sanitize.cfg"
+    cfg.write_text("[s]\nregex: in \\d+ s\nreplace: in <N> s\n")
+    # 10.387 may move 0.7 %, 8.6e-06 0.5 %; KL 0.0040 may move 5.5 %; the duration is masked
+    assert audit([path], 0.05, cfg) == {"x.ipynb": (3, 1)}
+    assert audit([path], 0.05) == {"x.ipynb": (4, 1)}  # unmasked: "3" is compared too

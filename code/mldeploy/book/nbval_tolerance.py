@@ -9,8 +9,13 @@ whole notebook, declares how much, and why, in its metadata::
     notebook.metadata["mldeploy"]["tolerance"] = {...}          # default for every cell
 
 A fresh output then passes when it has the stored output's text with every number ``a`` in place
-of the stored ``b`` such that ``|a - b| <= abs + rel * |b|``; anything else fails as nbval reports
-it. Runs of spaces are compared as one space (a wider number shifts table padding).
+of the stored ``b`` such that ``|a - b| <= abs + rel * |b|``, where ``abs`` applies only to numbers
+printed in fixed decimals: a number in e-notation (``8.6e-06``) spans many orders of magnitude and
+is compared relatively, ``|a - b| <= rel * |b|``. Anything else fails as nbval reports it. Runs of
+spaces are compared as one space (a wider number shifts table padding).
+
+``python -m mldeploy.book.nbval_tolerance audit notebooks/*.ipynb`` counts the stored numbers each
+declared tolerance lets move by more than 5 %.
 
 Registered as a pytest plugin (entry point ``mldeploy_nbval``); it changes nothing unless nbval
 runs. With ``MLDEPLOY_DRIFT_REPORT=path.json`` it also writes, per notebook, the largest relative
@@ -57,8 +62,17 @@ class Tolerance:
             raise ToleranceError(f"{where}: tolerance rel must be in [0, 0.5) and abs >= 0")
         return cls(rel, abs_, str(raw["reason"]))
 
-    def accepts(self, fresh: float, stored: float) -> bool:
-        return abs(fresh - stored) <= self.abs + self.rel * abs(stored)
+    def allowance(self, stored: float, token: str = "") -> float:
+        """How far a number printed as ``token`` (value ``stored``) may move."""
+        return (0.0 if is_scientific(token) else self.abs) + self.rel * abs(stored)
+
+    def accepts(self, fresh: float, stored: float, token: str = "") -> bool:
+        return abs(fresh - stored) <= self.allowance(stored, token)
+
+
+def is_scientific(token: str) -> bool:
+    """Whether a number is printed in e-notation."""
+    return "e" in token.lower()
 
 
 def _to_float(token: str) -> float:
@@ -93,7 +107,8 @@ def reconcile(fresh: str, stored: str, tolerance: Tolerance | None) -> str:
     stored_text, stored_nums = split_numbers(stored)
     if fresh_text != stored_text or len(fresh_nums) != len(stored_nums):
         return fresh
-    if all(tolerance.accepts(a, b) for a, b in zip(fresh_nums, stored_nums)):
+    tokens = NUMBER.findall(stored)
+    if all(tolerance.accepts(a, b, t) for a, b, t in zip(fresh_nums, stored_nums, tokens)):
         return stored
     return fresh
 
@@ -190,6 +205,71 @@ def install(log: DriftLog) -> None:
     IPyNbCell.__init__ = __init__
 
 
+def sanitizer(cfg: Path) -> Any:
+    """The text nbval compares: the regexes of ``cfg`` applied in order, as nbval does."""
+    import configparser
+
+    parser = configparser.ConfigParser()
+    parser.read(cfg)
+    rules = [(re.compile(parser[s]["regex"]), parser[s]["replace"]) for s in parser.sections()]
+
+    def sanitize(text: str) -> str:
+        for pattern, replacement in rules:
+            text = pattern.sub(replacement, text)
+        return text
+
+    return sanitize
+
+
+def audit(
+    paths: list[Path], limit: float = 0.05, sanitize_with: Path | None = None, verbose: bool = False
+) -> dict[str, tuple[int, int]]:
+    """Per notebook: (numbers compared, numbers the declared tolerance lets move by more than
+    ``limit`` of their value) over the stored outputs of its code cells, after sanitizing."""
+    sanitize = sanitizer(sanitize_with) if sanitize_with else (lambda text: text)
+    result = {}
+    for path in paths:
+        nb = nbformat.read(path, as_version=4)
+        default = nb.metadata.get("mldeploy", {}).get("tolerance")
+        compared = loose = 0
+        for i, cell in enumerate(nb.cells):
+            if cell.cell_type != "code":
+                continue
+            raw = cell.metadata.get("tolerance", default)
+            tol = Tolerance.parse(raw, f"{path.name} cell {i}") if raw else Tolerance()
+            for output in cell.get("outputs", []):
+                for _, text in _texts(output):
+                    for token in NUMBER.findall(sanitize(text)):
+                        value = _to_float(token)
+                        compared += 1
+                        if tol.allowance(value, token) > limit * abs(value):
+                            loose += 1
+                            if verbose:
+                                print(
+                                    f"{path.name} cell {i}: {token} (rel {tol.rel}, abs {tol.abs})"
+                                )
+        result[path.name] = (compared, loose)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="tolerance audit of stored notebook outputs")
+    parser.add_argument("command", choices=["audit"])
+    parser.add_argument("notebooks", nargs="+", type=Path)
+    parser.add_argument("--limit", type=float, default=0.05)
+    parser.add_argument("--sanitize-with", type=Path, default=Path("tests/sanitize.cfg"))
+    parser.add_argument("-v", "--verbose", action="store_true", help="list each loose number")
+    args = parser.parse_args(argv)
+    rows = audit(args.notebooks, args.limit, args.sanitize_with, args.verbose)
+    for name, (compared, loose) in rows.items():
+        print(f"{name:<42} {compared:>6} compared {loose:>5} may move > {args.limit:.0%}")
+    total = [sum(col) for col in zip(*rows.values())]
+    print(f"{'total':<42} {total[0]:>6} compared {total[1]:>5} may move > {args.limit:.0%}")
+    return 0
+
+
 _LOG = DriftLog(None)
 
 
@@ -204,3 +284,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     _LOG.write()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
