@@ -104,7 +104,7 @@ def run_check(repo: Path, check: list[str], timeout: int) -> tuple[int, str]:
 
 def caught_by(output: str) -> list[str]:
     """The failing tests or notebook cells pytest names in its short summary."""
-    return sorted(set(re.findall(r"^FAILED (\S+)", output, flags=re.M)))
+    return sorted(set(re.findall(r"^FAILED (.+?)(?: - .*)?$", output, flags=re.M)))
 
 
 def check_one(m: dict, timeout: int, baseline: bool) -> Result:
