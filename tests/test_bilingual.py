@@ -55,3 +55,23 @@ def test_trend_names_the_steps_that_rise_and_ignores_noise() -> None:
     assert "does not fall overall" in verdict.trend("x", [1, 2], [1.0, 1.5])[0]
     with pytest.raises(ValueError):
         verdict.trend("x", [1], [1.0])
+
+
+def test_the_principles_table_of_5_4_reads_the_dockerfile_and_footprints() -> None:
+    from mldeploy.image import dockerfile, footprint, principles
+    from mldeploy.paths import REPO_ROOT
+
+    parsed = dockerfile.parse((REPO_ROOT / "Dockerfile").read_text(encoding="utf-8"))
+    reqs = footprint.read_requirements(REPO_ROOT / "requirements-serve.txt")
+    table = principles.principles_table(parsed, reqs, *_fake_footprints(len(reqs) + 3))
+    text = repr(table)
+    assert "依赖 2 MB，而不是 9 MB · deps 2 MB instead of 9 MB" in text, text
+    assert f"{len(reqs)}/{len(reqs)} direct requirements with ==" in text
+    assert "3 个传递依赖未固定 · 3 transitive unpinned" in text
+
+
+def _fake_footprints(packages: int):
+    from types import SimpleNamespace
+
+    onnx = SimpleNamespace(total=2e6, sizes={f"p{i}": 1 for i in range(packages)})
+    return onnx, SimpleNamespace(total=9e6, sizes={})
