@@ -508,3 +508,20 @@ def test_terminology_check_wants_american_spelling(tmp_path: Path) -> None:
     joined = "\n".join(bookcheck.terminology_problems(write_notebook(tmp_path, cell)))
     assert "'behaviour'" in joined and "'organised'" in joined and "'保留集'" in joined, joined
     assert "'behavior'" not in joined and "'留出集'" not in joined
+
+
+# Serving terms whose first use in 5.2 is not linked yet (see NOT_YET_CLEAN).
+UNLINKED_FOR_NOW = {"event-loop", "deadline", "graceful-shutdown", "warm-up"}
+
+
+def test_every_glossary_entry_is_linked_from_the_book() -> None:
+    text = "".join(p.read_text(encoding="utf-8") for p in NOTEBOOKS + PAGES)
+    unlinked = {
+        t.anchor
+        for t in bookcheck.glossary_terms(GLOSSARY)
+        if f"glossary.md#{t.anchor})" not in text
+    }
+    assert unlinked == UNLINKED_FOR_NOW, (
+        f"never linked: {sorted(unlinked - UNLINKED_FOR_NOW)}; "
+        f"linked now, remove from UNLINKED_FOR_NOW: {sorted(UNLINKED_FOR_NOW - unlinked)}"
+    )
