@@ -756,7 +756,7 @@ COMPARISON = re.compile(
     r"keeps? (?:falling|rising|growing|dropping|improving)|about the same|roughly the same"
     r"|far (?:below|above|smaller|larger|better|worse)|an order of magnitude"
     r"|barely (?:moves|shrinks)|nearly enough|持续(?:下降|上升)|继续(?:下降|上升)|差不多"
-    r"|远低于|远高于|一个数量级|几乎不再变化",
+    r"|远低于|远高于|一个数量级|几乎不再变化|(?:better|worse) than|[略更远](?:好|差)于",
     re.IGNORECASE,
 )
 # What a printed verdict looks like: a named winner or none, a trend, a yes/no test, a ratio.
