@@ -585,7 +585,17 @@ VARIANTS: dict[str, str] = {
     r"(?<!百)分位数": "百分位数 (percentile)",
     r"脚本(?=（scripting|\(scripting| · scripting)": "脚本化 (scripting)",
     r"(?<![\w-])[Rr]un-time(?![\w-])": "run time (English prose) / runtime (the glossary term)",
+    r"保留集": "留出集 (held-out set)",
+    r"(?<![超子])小块(?=的|，|。|有|各|只|参数|缩放)": "子块 (sub-block, the k-quant word)",
+    r"\b[Ss]mall[- ]blocks?\b": "sub-block (the k-quant word)",
+    r"存活检查|就绪检查": "存活探针 / 就绪探针 (liveness / readiness probe)",
 }
+# British spellings: the book writes American English, as its glossary's IPA does.
+BRITISH = re.compile(
+    r"\b(?:behaviours?|honour(?:s|ed|ing)?|organis(?:e|ed|es|ing|ation)"
+    r"|specialis(?:e|ed|es|ing|ation)|optimis(?:e|ed|es|ing|ation)|neighbours?|colours?|favour\w*"
+    r"|centres?|grey|maths|analyse[sd]?|modelled|modelling|labelled|labelling)\b"
+)
 # British vowels in an IPA transcription: the glossary uses American English throughout.
 BRITISH_IPA = re.compile(r"ɒ|əʊ|eə(?!r)|ɪə(?!r)|ʊə(?!r)")
 IPA = re.compile(r"/[^/\s`][^/`\n]{0,40}?/")
@@ -617,6 +627,8 @@ def terminology_problems(path: Path) -> list[str]:
                 problems.append(
                     f"{where}: IPA {m.group(0)} is British; write the American pronunciation"
                 )
+        for m in BRITISH.finditer(text):
+            problems.append(f"{where}: {m.group(0)!r} is British; write the American spelling")
         for m in DRAFT.finditer(text):
             problems.append(
                 f"{where}: {text[max(0, m.start() - 30) : m.end() + 10]!r} "
@@ -628,7 +640,7 @@ def terminology_problems(path: Path) -> list[str]:
 # --- numbers in prose agree with the outputs ---------------------------------------------------
 
 NUMBER = re.compile(
-    r"(?<![\w.\-/])(\d{1,3}(?:,\d{3})+|\d+)(?:\.(\d+))?(?:\s?(KiB|MiB|KB|MB|ms|µs|s|%|×|x|倍|秒|毫秒|微秒|req/s))?(?![\w.])"
+    r"(?<![\w.\-/])(\d{1,3}(?:,\d{3})+|\d+)(?:\.(\d+))?(?:\s?(KiB|MiB|KB|MB|ms|µs|s|%|×|x|倍|秒|毫秒|微秒|req/s))?(?!\w|\.\d)"
 )
 
 
@@ -684,6 +696,10 @@ def quoted_numbers(text: str) -> list[tuple[str, float, int]]:
             "x",
             "倍",
             "req/s",
+            "ms",
+            "µs",
+            "毫秒",
+            "微秒",
         ):
             continue  # counts, and durations quoted as rough run times ("about 15 s")
         if re.search(r"(?:arXiv:?\s*|abs/)$", before) or (
@@ -695,14 +711,19 @@ def quoted_numbers(text: str) -> list[tuple[str, float, int]]:
     return found
 
 
-CITATION = re.compile(r"arXiv:\d{4}\.\d{4,5}")
+# A sourced figure: a paper, a pull request, or a README/benchmark the sentence names as its source.
+CITATION = re.compile(
+    r"arXiv:\d{4}\.\d{4,5}|PR #\d+|(?:measured by|cited from|source:|来源：|出自|摘自)"
+    r"|(?:README|make bench-serve)\S*\s*(?:的|'s)?\s*(?:table|表|benchmark|基准)"
+)
 
 
 def number_problems(path: Path) -> list[str]:
-    """Each measured-looking number in a notebook's prose is in its outputs, rounded as quoted."""
+    """Each measured-looking number in a notebook's prose is in its outputs, rounded as quoted,
+    unless its line cites a source; each comparison stands next to a printed verdict."""
     cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
     outputs = _numbers_in_outputs(cells)
-    problems = []
+    problems = comparison_problems(path)
     for source, text in _prose(path):
         text = "\n".join(line for line in text.split("\n") if not HEADING.match(line))
         # a cited result (a paper's own numbers) is sourced, not measured here
@@ -726,6 +747,53 @@ def number_problems(path: Path) -> list[str]:
                     f"{path.name}, {source.where}: "
                     f"{shown!r} in the prose matches no number in the outputs"
                 )
+    return problems
+
+
+# Comparisons a reader takes as measured ("keeps falling", "about the same", "far below", "an order
+# of magnitude"): each must stand next to a cell that prints a computed verdict.
+COMPARISON = re.compile(
+    r"keeps? (?:falling|rising|growing|dropping|improving)|about the same|roughly the same"
+    r"|far (?:below|above|smaller|larger|better|worse)|an order of magnitude"
+    r"|barely (?:moves|shrinks)|nearly enough|持续(?:下降|上升)|继续(?:下降|上升)|差不多"
+    r"|远低于|远高于|一个数量级|几乎不再变化|(?:better|worse) than|[略更远](?:好|差)于",
+    re.IGNORECASE,
+)
+# What a printed verdict looks like: a named winner or none, a trend, a yes/no test, a ratio.
+VERDICT = re.compile(
+    r"in every run|no winner|falls|rises|分不出|每一步|总体|\d\.\d+[x×]"
+    r"|(?:faster|slower|smaller|larger|lower|higher) than"
+)
+
+
+def _verdict_near(cells: list[dict], i: int) -> bool:
+    """A code cell among the three before cell ``i`` or the one after prints a verdict."""
+    code = [j for j in range(len(cells)) if cells[j]["cell_type"] == "code"]
+    near = [j for j in code if j < i][-3:] + [j for j in code if j > i][:1]
+    for j in near:
+        for out in cells[j].get("outputs", []):
+            text = out.get("text", "") or out.get("data", {}).get("text/plain", "")
+            if VERDICT.search("".join(text) if isinstance(text, list) else text):
+                return True
+    return False
+
+
+def comparison_problems(path: Path) -> list[str]:
+    """Each comparison in a notebook's prose is printed as a computed verdict by a cell next to it,
+    or its line cites a source."""
+    cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+    problems = []
+    for source, text in _prose(path):
+        index = int(source.where.split()[-1])
+        for line in text.split("\n"):
+            if CITATION.search(line):
+                continue
+            for m in COMPARISON.finditer(line):
+                if not _verdict_near(cells, index):
+                    problems.append(
+                        f"{path.name}, {source.where}: the comparison {m.group(0)!r} has no "
+                        "computed verdict printed next to it (print one, or cite the source)"
+                    )
     return problems
 
 

@@ -42,9 +42,72 @@ def test_glossary_links_land_on_an_entry(path: Path) -> None:
     assert not problems, "\n".join(problems)
 
 
+# Sections whose prose is not yet clean, with exactly what they still lack. Each entry names one
+# finding; an entry that no longer matches anything fails the test too, so the list only shrinks.
+NOT_YET_CLEAN: dict[str, set[str]] = {
+    # glossary terms its prose used before they had entries (`python tests/bookcheck.py
+    # link-first-uses FILE` links them), a number quoted from a benchmark, British spellings, and
+    # two probe names the glossary writes as 存活探针 / 就绪探针
+    "5.2-inference-service.ipynb": {
+        "#admin-port",
+        "#back-pressure",
+        "#deadline",
+        "#event-loop",
+        "#replica",
+        "#warm-up",
+        "'26 ms'",
+        "'behaviour'",
+        "'honour",
+        "'organised'",
+        "'存活检查'",
+        "'就绪检查'",
+    },
+    "5.5-full-demo.ipynb": {"#parity"},
+}
+# Glossary entries added with the serving and containers vocabulary: a section written alongside
+# them (5.6) may not link them yet; every other check applies to it in full.
+NEW_TERMS = {
+    "#parity",
+    "#event-loop",
+    "#back-pressure",
+    "#deadline",
+    "#graceful-shutdown",
+    "#warm-up",
+    "#admin-port",
+    "#activation",
+    "#dequantization",
+    "#qdq",
+    "#kl-divergence",
+    "#rtn",
+    "#group-wise",
+    "#hessian",
+    "#damping",
+    "#embedding-table",
+    "#super-block",
+    "#ste",
+    "#build-context",
+    "#base-image",
+    "#layer-cache",
+    "#build-secret",
+    "#contract-test",
+    "#replica",
+    "#startup-probe",
+    "#hpa",
+}
+
+
+def allowed(path: Path) -> set[str]:
+    """The allow-list entries for one section (5.6 files: only the new glossary terms)."""
+    if path.name.startswith("5.6-"):
+        return NEW_TERMS
+    return NOT_YET_CLEAN.get(path.name, set())
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS + [SAMPLE], ids=ids(NOTEBOOKS + [SAMPLE]))
 def test_first_use_of_each_term_links_to_the_glossary(path: Path) -> None:
     problems = bookcheck.first_use_problems(path, GLOSSARY)
+    kinds = [a for a in allowed(path) if a.startswith("#")]
+    problems = [p for p in problems if not any(p.endswith(a + ")") for a in kinds)]
     assert not problems, "\n".join(problems)
 
 
@@ -60,14 +123,39 @@ def test_no_glossary_link_inside_a_longer_word(path: Path) -> None:
     "path", NOTEBOOKS + PAGES + [SAMPLE], ids=ids(NOTEBOOKS + PAGES + [SAMPLE])
 )
 def test_one_vocabulary_american_ipa_and_no_drafts(path: Path) -> None:
-    problems = bookcheck.terminology_problems(path)
+    problems = [
+        p
+        for p in bookcheck.terminology_problems(path)
+        if not any(a in p for a in allowed(path) if a.startswith("'"))
+    ]
     assert not problems, "\n".join(problems)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS + [SAMPLE], ids=ids(NOTEBOOKS + [SAMPLE]))
 def test_numbers_in_the_prose_come_from_the_outputs(path: Path) -> None:
-    problems = bookcheck.number_problems(path)
+    """Every measured-looking number in prose is in the outputs or cited; every comparison stands
+    next to a printed verdict."""
+    problems = [
+        p
+        for p in bookcheck.number_problems(path)
+        if not any(a in p for a in allowed(path) if a.startswith("'"))
+    ]
     assert not problems, "\n".join(problems)
+
+
+def test_the_allow_list_names_only_findings_that_still_exist() -> None:
+    stale = []
+    for name, allowed in NOT_YET_CLEAN.items():
+        path = REPO_ROOT / "notebooks" / name
+        if not path.exists():
+            continue  # a section still being written
+        found = "\n".join(
+            bookcheck.first_use_problems(path, GLOSSARY)
+            + bookcheck.terminology_problems(path)
+            + bookcheck.number_problems(path)
+        )
+        stale += [f"{name}: {a}" for a in allowed if a not in found]
+    assert not stale, "fixed, remove from NOT_YET_CLEAN:\n" + "\n".join(stale)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS + [SAMPLE], ids=ids(NOTEBOOKS + [SAMPLE]))
@@ -96,7 +184,8 @@ def test_outputs_carry_a_verified_with_stamp(path: Path) -> None:
 
 def test_glossary_entries_are_complete() -> None:
     terms = bookcheck.glossary_terms(GLOSSARY)
-    assert len(terms) >= 40
+    assert len(terms) >= 80
+    assert NEW_TERMS <= {"#" + t.anchor for t in terms}
     assert not bookcheck.glossary_problems(GLOSSARY)
     # the pronunciations the chapter gives in its prose
     by_anchor = {t.anchor: t for t in terms}
@@ -211,7 +300,10 @@ def test_refresh_writes_the_stamp_from_the_environment() -> None:
     assert nb.metadata["mldeploy"]["verified"] == verified
     assert verified["torch"].split("+")[0] == PINS["torch"]
     assert verified["onnxruntime"] == PINS["onnxruntime"]
-    assert json.dumps(verified)  # plain JSON in the notebook file
+    # plain JSON in the notebook file: strings only, read back unchanged, and a real UTC date
+    assert all(isinstance(v, str) for v in verified.values())
+    assert json.loads(json.dumps(verified)) == verified
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", verified["date"])
 
 
 def test_first_uses_can_be_linked_automatically(tmp_path: Path) -> None:
@@ -380,3 +472,53 @@ def test_number_check_compares_prose_with_outputs(tmp_path: Path) -> None:
     assert problems == [
         "5.9-bad.ipynb, cell 1: '2.5×' in the prose matches no number in the outputs"
     ], problems
+
+
+def test_comparison_check_wants_a_printed_verdict_or_a_citation(tmp_path: Path) -> None:
+    prose = nbformat.v4.new_markdown_cell(
+        '<div lang="zh">\n\n误差持续下降，延迟约 44 ms。\n\n</div>\n'
+        '<div lang="en">\n\nThe error keeps falling; one request takes 44 ms.\n\n'
+        "Published: 3.25× faster on an A100 (arXiv:2210.17323), about the same in PR #1684."
+        "\n\n</div>"
+    )
+    code = nbformat.v4.new_code_cell("print(...)")
+    code.outputs = [nbformat.v4.new_output("stream", name="stdout", text="error 5.6e-03 2.7e-03\n")]
+    problems = bookcheck.number_problems(write_notebook(tmp_path, code, prose))
+    assert problems == [
+        "5.9-bad.ipynb, cell 1: the comparison '持续下降' has no computed verdict printed next to "
+        "it (print one, or cite the source)",
+        "5.9-bad.ipynb, cell 1: the comparison 'keeps falling' has no computed verdict printed "
+        "next to it (print one, or cite the source)",
+        "5.9-bad.ipynb, cell 1: '44 ms' in the prose matches no number in the outputs",
+        "5.9-bad.ipynb, cell 1: '44 ms' in the prose matches no number in the outputs",
+    ], problems
+    code.outputs = [
+        nbformat.v4.new_output(
+            "stream", name="stdout", text="fc1: falls overall (0.0056 → 0.0027)\nlatency 44 ms\n"
+        )
+    ]
+    assert bookcheck.number_problems(write_notebook(tmp_path, code, prose)) == []
+
+
+def test_terminology_check_wants_american_spelling(tmp_path: Path) -> None:
+    cell = nbformat.v4.new_markdown_cell(
+        '<div lang="zh">\n\n留出集与保留集。\n\n</div>\n'
+        '<div lang="en">\n\nIts behaviour is organised; the colorful behavior is fine.\n\n</div>'
+    )
+    joined = "\n".join(bookcheck.terminology_problems(write_notebook(tmp_path, cell)))
+    assert "'behaviour'" in joined and "'organised'" in joined and "'保留集'" in joined, joined
+    assert "'behavior'" not in joined and "'留出集'" not in joined
+
+
+# Serving terms whose first use in 5.2 is not linked yet (see NOT_YET_CLEAN).
+UNLINKED_FOR_NOW = {"event-loop", "deadline", "graceful-shutdown", "warm-up"}
+
+
+def test_every_glossary_entry_is_linked_from_the_book() -> None:
+    text = "".join(p.read_text(encoding="utf-8") for p in NOTEBOOKS + PAGES)
+    unlinked = {
+        t.anchor
+        for t in bookcheck.glossary_terms(GLOSSARY)
+        if f"glossary.md#{t.anchor})" not in text
+    }
+    assert unlinked <= UNLINKED_FOR_NOW, f"never linked: {sorted(unlinked - UNLINKED_FOR_NOW)}"

@@ -87,3 +87,23 @@ class Table:
 def table(columns: Sequence[Cell], rows: Sequence[Sequence[Cell]], align: str = "") -> Table:
     """A table to show as a cell's last expression; ``columns`` are often ``(中文, English)``."""
     return Table(list(columns), [list(r) for r in rows], align)
+
+
+@dataclass
+class Lines:
+    """Printed sentences in both languages: the book shows one language, text shows both."""
+
+    pairs: Sequence[Pair]
+
+    def _repr_html_(self) -> str:
+        zh = "<br>".join(escape(z) for z, _ in self.pairs)
+        en = "<br>".join(escape(e) for _, e in self.pairs)
+        return f'<div class="bilingual-lines"><p lang="zh">{zh}</p><p lang="en">{en}</p></div>'
+
+    def __repr__(self) -> str:
+        return "\n".join(f"{zh}\n  {en}" for zh, en in self.pairs)
+
+
+def lines(pairs: Sequence[Pair]) -> Lines:
+    """Sentences given as ``(中文, English)`` pairs, to show as a cell's last expression."""
+    return Lines([(zh, en) for zh, en in pairs])
