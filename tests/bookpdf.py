@@ -86,8 +86,17 @@ class _Quiet(SimpleHTTPRequestHandler):
         pass
 
 
-def print_book(site: Path, out: Path, pages: list[str] | None = None) -> dict[str, Path]:
-    """Write one PDF per language mode into ``out``; return {mode: path}."""
+def print_book(
+    site: Path,
+    out: Path,
+    pages: list[str] | None = None,
+    modes: tuple[str, ...] = tuple(MODES),
+    browser=None,
+) -> dict[str, Path]:
+    """Write one PDF per language mode into ``out``; return {mode: path}.
+
+    ``browser``: a running playwright chromium to print with (else one is launched).
+    """
     from playwright.sync_api import sync_playwright
 
     pages = pages or toc_pages()
@@ -95,38 +104,46 @@ def print_book(site: Path, out: Path, pages: list[str] | None = None) -> dict[st
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(_Quiet, directory=str(site)))
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{httpd.server_address[1]}/"
-    written = {}
     try:
+        if browser is not None:
+            return _print(browser, base, pages, modes, out)
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(
+            launched = pw.chromium.launch(
                 executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu"]
             )
-            for mode in MODES:
-                tab = browser.new_page()
-                tab.goto(base + pages[0] + f"?lang={mode}", wait_until="load")
-                tab.emulate_media(media="print")  # headings' words as printed (innerText)
-                headings = tab.evaluate(COMBINE, [base + p for p in pages[1:]])["headings"]
-                path = out / PDF_NAME.format(mode=mode)
-                tab.pdf(
-                    path=str(path),
-                    format="A4",
-                    print_background=True,
-                    display_header_footer=True,
-                    header_template="<span></span>",
-                    footer_template='<div style="font-size:8px;width:100%;text-align:center">'
-                    '<span class="pageNumber"></span> / <span class="totalPages"></span></div>',
-                    margin={"top": "14mm", "bottom": "16mm", "left": "14mm", "right": "14mm"},
-                    outline=True,  # bookmarks from the headings (a tagged PDF carries them)
-                    tagged=True,
-                )
-                tab.close()
-                if not retitle_outline(path, headings):
-                    print(f"{path.name}: bookmarks keep chromium's titles", file=sys.stderr)
-                written[mode] = path
-            browser.close()
+            try:
+                return _print(launched, base, pages, modes, out)
+            finally:
+                launched.close()
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def _print(browser, base: str, pages: list[str], modes: tuple[str, ...], out: Path) -> dict:
+    written = {}
+    for mode in modes:
+        tab = browser.new_page()
+        tab.goto(base + pages[0] + f"?lang={mode}", wait_until="load")
+        tab.emulate_media(media="print")  # headings' words as printed (innerText)
+        headings = tab.evaluate(COMBINE, [base + p for p in pages[1:]])["headings"]
+        path = out / PDF_NAME.format(mode=mode)
+        tab.pdf(
+            path=str(path),
+            format="A4",
+            print_background=True,
+            display_header_footer=True,
+            header_template="<span></span>",
+            footer_template='<div style="font-size:8px;width:100%;text-align:center">'
+            '<span class="pageNumber"></span> / <span class="totalPages"></span></div>',
+            margin={"top": "14mm", "bottom": "16mm", "left": "14mm", "right": "14mm"},
+            outline=True,  # bookmarks from the headings (a tagged PDF carries them)
+            tagged=True,
+        )
+        tab.context.close()  # browser.new_page made a context of its own
+        if not retitle_outline(path, headings):
+            print(f"{path.name}: bookmarks keep chromium's titles", file=sys.stderr)
+        written[mode] = path
     return written
 
 
