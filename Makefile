@@ -34,13 +34,11 @@ demo: $(STAMP)  ## run the full pipeline demo (train, export, quantize, serve, c
 serve: $(STAMP)  ## serve the demo's ONNX model on 127.0.0.1:$(PORT), probes on $(ADMIN_PORT) (run `make demo` first)
 	$(PY) -m mldeploy.serving --host 127.0.0.1 --port $(PORT) --admin-port $(ADMIN_PORT)
 
-# _static/ is copied afresh: Sphinx keeps an older copy of a changed file there
+# _ext/static_refresh.py copies a changed _static/ afresh: consecutive builds all pass
 book: $(STAMP)  ## build the static HTML book into _build/html (no re-execution)
-	rm -rf _build/html/_static
 	$(VENV)/bin/jupyter-book build . --builder html --warningiserror --keep-going --quiet
 
 pdf: $(STAMP)  ## the whole book as PDF (双语, 中文, English) printed by chromium, linked from the book
-	rm -rf _build/html/_static
 	BOOK_PDF=1 $(VENV)/bin/jupyter-book build . --all --builder html --warningiserror --keep-going --quiet
 	$(PY) tests/bookpdf.py _build/html
 

@@ -225,6 +225,11 @@
       document.body.appendChild(group);
     }
     apply(root.getAttribute("data-lang-mode"));
+    // search results arrive after the page loads: their `中文 · English` titles are cut as they come
+    var results = document.getElementById("search-results");
+    if (results && window.MutationObserver) {
+      new MutationObserver(function () { splitPairs(results); }).observe(results, { childList: true, subtree: true });
+    }
   }
 
   var initial = fromUrl();

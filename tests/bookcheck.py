@@ -18,6 +18,8 @@ from pathlib import Path
 
 import nbformat
 
+from mldeploy.book import notebooks
+
 CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 LATIN = re.compile(r"[A-Za-z]")
 OPEN = re.compile(r'^<div lang="(zh|en)">\s*$')
@@ -30,7 +32,7 @@ GLOSSARY_LINK = re.compile(
 TERM_ANCHOR = re.compile(r'^<a id="(?P<id>[A-Za-z0-9_-]+)"></a>\s*$')
 TERM_HEADING = re.compile(r"^### (?P<zh>.+?) · (?P<en>.+?) (?P<ipa>/[^/]+/)\s*$")
 EXERCISES = re.compile(r"^#{2,3}\s.*练习.*Exercises", re.IGNORECASE)
-SOLUTION_TAG = "hide-input"
+SOLUTION_TAG = notebooks.HIDE_TAG  # myst-nb folds source and outputs: hide-cell
 
 
 @dataclass
@@ -209,6 +211,11 @@ def _shared_is_fine(text: str) -> str | None:
             ):
                 return 'prose outside a <div lang="zh"> / <div lang="en"> block'
         return None
+    # a folded answer's label (`<summary>答案 1 · Answer 1</summary>`) names it in both languages
+    for label in re.findall(r"<summary>(.*?)</summary>", text):
+        if not (CJK.search(label) and LATIN.search(label)):
+            return f"summary {label!r} is not bilingual (write `中文 · English`)"
+    text = re.sub(r"<summary>.*?</summary>", "", text)
     # images, anchors, rules, MyST targets: no words of their own
     bare = re.sub(
         r"!\[[^\]]*\]\([^)]*\)|<[^>]+>|\(\w[\w-]*\)=|^[-*_]{3,}\s*$", "", text, flags=re.M
@@ -801,16 +808,20 @@ def comparison_problems(path: Path) -> list[str]:
 
 
 def solution_visibility_problems(path: Path) -> list[str]:
-    """Solution cells (tag hide-input) are folded in JupyterLab too (jupyter.source_hidden)."""
-    cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
-    return [
-        f"{path.name}, cell {i}: tagged {SOLUTION_TAG!r} but not folded in JupyterLab "
-        "(`python tests/bookcheck.py fix-structure FILE` sets jupyter.source_hidden)"
-        for i, c in enumerate(cells)
+    """Solutions (source and outputs) and answers stay closed until asked, in JupyterLab and in
+    the book (`python -m mldeploy.book.notebooks hide-answers FILE` closes them)."""
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    problems = [f"{path.name}, {p}" for p in notebooks.visible_answers(nb)]
+    problems += [
+        f"{path.name}, cell {i}: tagged {SOLUTION_TAG!r} but not folded in JupyterLab"
+        for i, c in enumerate(nb["cells"])
         if c["cell_type"] == "code"
         and SOLUTION_TAG in c.get("metadata", {}).get("tags", [])
         and not c.get("metadata", {}).get("jupyter", {}).get("source_hidden")
     ]
+    if problems:
+        problems.append("(`python -m mldeploy.book.notebooks hide-answers FILE` closes them)")
+    return problems
 
 
 def figure_problems(path: Path) -> list[str]:
@@ -889,6 +900,9 @@ def fix_structure(path: Path) -> list[str]:
             cell.metadata.setdefault("jupyter", {})["source_hidden"] = True
             dirty = True
             changes.append(f"cell {i}: solution folded in JupyterLab")
+    hidden = notebooks.hide_answers(nb)
+    changes += hidden
+    dirty = dirty or bool(hidden)
     if dirty:
         nbformat.write(nb, path)
     glossary = Path(__file__).resolve().parents[1] / "chapters" / "glossary.md"

@@ -10,6 +10,8 @@ import pytest
 from mldeploy.paths import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "_ext"))
+import bilingual_search
+import entry_redirect
 import repository_links
 import verified_stamp
 
@@ -85,3 +87,29 @@ def test_a_missing_browser_fails_in_ci_and_skips_elsewhere(monkeypatch, tmp_path
     monkeypatch.delenv("CI")
     with pytest.raises(pytest.skip.Exception):
         test_browser._require_chromium()
+
+
+def test_search_cuts_pages_and_queries_into_the_same_terms() -> None:
+    search = bilingual_search.BilingualSearch({})
+    # a Chinese run becomes its overlapping pairs, English words stay words
+    assert search.split("推理服务（inference service）") == [
+        "推理",
+        "理服",
+        "服务",
+        "inference",
+        "service",
+    ]
+    assert search.split("量") == ["量"] and search.word_filter("量")
+    assert not search.word_filter("a")  # a single Latin letter is no word
+    assert search.stem("服务") == "服务" and search.stem("services") == "servic"
+    # the browser's splitter is the same cut, written in JavaScript
+    assert "run.slice(i, i + 2)" in search.js_splitter_code
+
+
+def test_entry_page_forwards_with_the_query_and_fragment() -> None:
+    page = entry_redirect.redirect_page("chapters/overview.html", "书 · Book <1>", "en")
+    assert 'window.location.replace("chapters/overview.html" + window.location.search' in page
+    assert "window.location.hash" in page
+    # without JavaScript a refresh still forwards; the title is escaped
+    assert '<meta http-equiv="refresh" content="0; url=chapters/overview.html">' in page
+    assert "书 · Book &lt;1&gt;" in page

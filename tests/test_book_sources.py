@@ -269,7 +269,7 @@ def test_exercise_and_stamp_checks_catch_omissions(tmp_path: Path) -> None:
     exercises = nbformat.v4.new_markdown_cell("## 5.9.3 练习 · Exercises\n\n" + ZH + "\n" + EN)
     visible = nbformat.v4.new_code_cell("print('answer')")
     path = write_notebook(tmp_path, exercises, visible)
-    assert "no solution code cell tagged 'hide-input'" in bookcheck.exercise_problems(path)[0]
+    assert "no solution code cell tagged 'hide-cell'" in bookcheck.exercise_problems(path)[0]
     assert (
         "no exercises section" in bookcheck.exercise_problems(write_notebook(tmp_path, visible))[0]
     )
@@ -359,7 +359,7 @@ def test_headings_are_lifted_out_of_language_blocks_idempotently(tmp_path: Path)
     fixed = bookcheck.lift_headings(bad)
     assert fixed.startswith('## 小结 · Summary\n\n<div lang="zh">\n\n- 中文要点。\n\n</div>')
     assert bookcheck.lift_headings(fixed) == fixed
-    solution = nbformat.v4.new_code_cell("print(1)", metadata={"tags": ["hide-input"]})
+    solution = nbformat.v4.new_code_cell("print(1)", metadata={"tags": ["hide-cell"]})
     path = write_notebook(tmp_path, nbformat.v4.new_markdown_cell(bad), solution)
     assert bookcheck.bilingual_problems(path) and bookcheck.solution_visibility_problems(path)
     bookcheck.fix_structure(path)

@@ -3,8 +3,8 @@
 A temporary copy of the book, with the sample section tests/fixtures/5.0-sample.ipynb added, is
 built once and served from a loopback port. For every page: the language switch hides and shows
 the right prose, the choice survives navigation, reloads and ?lang= links, nothing 404s and the
-console stays clean. Screenshots of each page in both single-language modes land in
-_build/screenshots/ (git-ignored) for a human to look at.
+console stays clean. Screenshots of each page in the three modes at desktop and phone width land
+in _build/screenshots/ (git-ignored) for a human to look at.
 
 Outside CI a missing chromium skips these tests; with CI=true it fails them.
 """
@@ -33,6 +33,7 @@ import pytest
 import yaml
 
 from mldeploy import timeouts
+from mldeploy.book import notebooks
 from mldeploy.paths import REPO_ROOT
 
 pytestmark = pytest.mark.book
@@ -218,8 +219,8 @@ def shared_content_visible(tab) -> None:
     selectors = [
         "article h1",
         "article h2",
-        "article .cell:not(.tag_hide-input) .cell_input",
-        "article .cell_output",
+        "article .cell:not(.tag_hide-cell) .cell_input",
+        "article .cell:not(.tag_hide-cell) .cell_output",
         "article table",
         "article img",
     ]
@@ -231,41 +232,6 @@ def shared_content_visible(tab) -> None:
             ".map(e => e.outerHTML.slice(0, 80))",
         )
         assert not hidden, f"{selector} hidden on {tab.url}: {hidden}"
-
-
-def test_switch_hides_the_other_language_on_every_page(page, pages) -> None:
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    for name in pages:
-        page.goto(page.base + name)
-        assert page.get_attribute("html", "data-lang-mode") == "both"
-        zh, en = visible_texts(page, "zh"), visible_texts(page, "en")
-        assert zh and en and all(zh) and all(en), f"{name}: both languages should show by default"
-        assert page.locator(".lang-switch button").all_inner_texts() == ["中文", "English", "双语"]
-        for mode, hidden, shown, html_lang in [
-            ("English", "zh", "en", "en"),
-            ("中文", "en", "zh", "zh-CN"),
-        ]:
-            page.get_by_role("button", name=mode, exact=True).click()
-            assert not any(visible_texts(page, hidden)), (
-                f"{name}: {hidden} prose still visible in {mode} mode"
-            )
-            assert all(visible_texts(page, shown)), f"{name}: {shown} prose hidden in {mode} mode"
-            assert page.get_attribute("html", "lang") == html_lang
-            assert (
-                page.get_attribute(f'.lang-switch button[data-mode="{shown}"]', "aria-pressed")
-                == "true"
-            )
-            shared_content_visible(page)
-            page.screenshot(
-                path=str(SCREENSHOTS / f"{name.replace('/', '_')[:-5]}-{shown}.png"), full_page=True
-            )
-        page.reload()
-        assert page.get_attribute("html", "data-lang-mode") == "zh", (
-            f"{name}: choice lost on reload"
-        )
-        page.get_by_role("button", name="双语", exact=True).click()
-        assert all(visible_texts(page, "zh")) and all(visible_texts(page, "en"))
-        assert page.get_attribute("html", "lang") == "en"
 
 
 def test_choice_survives_navigation(page, pages) -> None:
@@ -305,9 +271,12 @@ def test_glossary_links_and_stamp_render(page, pages) -> None:
     assert page.locator(".verified-stamp").inner_text().startswith("Verified with Python")
     # the reader can download the notebook itself
     assert page.locator(f'a[href$="_sources/notebooks/{SAMPLE.name}"]').count() == 1
-    # the solution's source is behind a toggle, its output is shown
-    solution = page.locator("article .cell.tag_hide-input").first
+    # the solution's source and output wait behind one toggle, which opens both
+    solution = page.locator("article .cell.tag_hide-cell").first
     assert not solution.locator(".cell_input pre").first.is_visible()
+    assert not solution.locator(".cell_output").first.is_visible()
+    solution.locator("summary").first.click()
+    assert solution.locator(".cell_input pre").first.is_visible()
     assert solution.locator(".cell_output").first.is_visible()
     page.locator('article a[href$="glossary.html#inference"]:visible').first.click()
     page.wait_for_load_state()
@@ -315,11 +284,45 @@ def test_glossary_links_and_stamp_render(page, pages) -> None:
     assert page.locator("#inference").count() == 1
 
 
+# a query of several Chinese words, or an English word, and a page it must find
+SEARCHES = {
+    "推理": "glossary",
+    "推理服务": "5.2-inference-service",
+    "微批处理": "5.2-inference-service",
+    "优雅停机": "5.2-inference-service",
+    "困惑度": "5.3c-quantization-gguf-qat-curves",
+    "量化感知训练": "5.3c-quantization-gguf-qat-curves",
+    "inference": "glossary",
+    "microbatching": "5.2-inference-service",
+}
+SEARCH_BOX = """() => [...document.querySelectorAll('form.bd-search')]
+  .filter(f => f.checkVisibility()).map(f => {
+    const icon = f.querySelector('i').getBoundingClientRect();
+    const input = f.querySelector('input'), box = input.getBoundingClientRect();
+    const style = getComputedStyle(input);
+    const textStart = box.left + parseFloat(style.borderLeftWidth) + parseFloat(style.paddingLeft);
+    return {iconRight: icon.right, textStart};
+  })"""
+
+
 def test_search_finds_chinese_and_english_words(page) -> None:
-    for query in ["推理", "inference"]:
-        page.goto(page.base + f"search.html?q={query}")
+    """Both languages are searchable; results follow the mode; the icon leaves the query clear."""
+    for query, expected in SEARCHES.items():
+        page.goto(page.base + f"search.html?q={query}&lang=en")
         page.wait_for_selector("#search-results li", timeout=timeouts.scaled(60_000))
-        assert "glossary" in page.locator("#search-results").inner_html(), query
+        assert expected in page.locator("#search-results").inner_html(), query
+        titles = page.locator("#search-results li > a").all_inner_texts()
+        assert titles and not any(CJK.search(t) for t in titles), titles  # English mode
+    page.goto(page.base + "search.html?q=服务推理")  # the pairs of a word that is not in the book
+    page.wait_for_function(  # the search is finished when its summary says how it went
+        "() => /did not match|found/.test("
+        "document.querySelector('#search-results p.search-summary')?.textContent || '')"
+    )
+    assert page.locator("#search-results li").count() == 0
+    boxes = page.evaluate(SEARCH_BOX)
+    page.keyboard.press("Control+k")  # the search dialog
+    boxes += page.evaluate(SEARCH_BOX)
+    assert boxes and all(b["iconRight"] <= b["textStart"] for b in boxes), boxes
 
 
 class _Links(HTMLParser):
@@ -385,49 +388,6 @@ PAGE_BUDGET = 1_000_000
 MATHJAX = "/_static/mathjax/"  # ...besides MathJax (1.2 MB), which only pages with formulas load
 
 
-def test_page_weight(browser, server, pages, site: Path) -> None:
-    """Bytes a first visit to each page transfers (cold cache), and the whole site on disk.
-
-    Written to _build/page-weight.txt; `make page-weight` prints it.
-    """
-    base, _ = server
-    lines = ["     raw   gzipped  requests  page (first visit, empty cache)"]
-    over: list[str] = []
-
-    @functools.cache
-    def gzipped(url: str) -> int:  # what a web server that compresses would send
-        path = site / unquote(urlsplit(url).path).lstrip("/")
-        return len(gzip.compress(path.read_bytes(), 6)) if path.is_file() else 0
-
-    for name in pages:
-        context = browser.new_context()
-        responses: list[tuple[str, int]] = []
-        tab = context.new_page()
-
-        def record(response, into=responses):  # bound now: a new list for every page
-            into.append((response.url, int(response.headers.get("content-length", 0))))
-
-        tab.on("response", record)
-        tab.goto(base + name, wait_until="networkidle")
-        context.close()
-        raw, packed = sum(n for _, n in responses), sum(gzipped(u) for u, _ in responses)
-        maths = sum(n for u, n in responses if MATHJAX in u)
-        note = f"  (MathJax {maths / 1e6:.2f} MB)" if maths else ""
-        lines.append(
-            f"{raw / 1e6:6.2f} MB {packed / 1e6:6.2f} MB  {len(responses):6d}    {name}{note}"
-        )
-        if raw - maths > PAGE_BUDGET:
-            over.append(lines[-1])
-    total = sum(f.stat().st_size for f in site.rglob("*") if f.is_file())
-    html_files = sum(1 for f in site.rglob("*.html"))
-    lines.append(f"{total / 1e6:6.2f} MB  whole site on disk ({html_files} HTML files)")
-    report = REPO_ROOT / "_build" / "page-weight.txt"
-    report.parent.mkdir(parents=True, exist_ok=True)
-    report.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print("\n" + "\n".join(lines))
-    assert not over, f"over the {PAGE_BUDGET / 1e6:.1f} MB budget:\n" + "\n".join(over)
-
-
 # --- every page whole, at desktop and phone widths ---------------------------------------------
 
 WIDTHS = {"desktop": (1280, 900), "phone": (390, 844)}
@@ -458,47 +418,6 @@ LAYOUT = """() => {
   const scrollWidth = document.documentElement.scrollWidth;
   return {article: box.width, scrollWidth, width, outside, wide};
 }"""
-
-
-@pytest.mark.parametrize("size", WIDTHS, ids=WIDTHS.keys())
-def test_every_page_is_whole_at_desktop_and_phone_width(browser, server, pages, size) -> None:
-    """The article is wide, nothing overflows sideways, and all content sits inside the article."""
-    base, _ = server
-    width, height = WIDTHS[size]
-    context = browser.new_context(
-        viewport={"width": width, "height": height}, device_scale_factor=1
-    )
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    problems = []
-    try:
-        tab = context.new_page()
-        for name in pages:
-            for mode in ("both", "zh", "en"):
-                tab.goto(base + name + f"?lang={mode}")
-                tab.wait_for_load_state("load")
-                got = tab.evaluate(LAYOUT)
-                narrowest = 600 if size == "desktop" else 0.85 * width
-                if got["article"] < narrowest:
-                    problems.append(
-                        f"{name} ({size}, {mode}): article only {got['article']:.0f} px wide"
-                    )
-                if got["scrollWidth"] > width:
-                    problems.append(
-                        f"{name} ({size}, {mode}): page {got['scrollWidth']} px wide "
-                        f"in a {width} px window: {got['wide']}"
-                    )
-                if got["outside"]:
-                    problems.append(
-                        f"{name} ({size}, {mode}): content outside the article: {got['outside']}"
-                    )
-                if size == "phone" or mode == "both":
-                    tab.screenshot(
-                        path=str(SCREENSHOTS / f"{name.replace('/', '_')[:-5]}-{mode}-{size}.png"),
-                        full_page=True,
-                    )
-    finally:
-        context.close()
-    assert not problems, "\n".join(problems)
 
 
 # --- each language complete on its own ---------------------------------------------------------
@@ -533,32 +452,6 @@ ENGLISH_PROSE = re.compile(
 )
 
 
-def single_language_leaks(tab, base: str, name: str, mode: str) -> list[str]:
-    tab.goto(base + name + f"?lang={mode}")
-    tab.wait_for_load_state("load")
-    got = tab.evaluate(VISIBLE_TEXT, mode)
-    leaks = []
-    for where, text in got["texts"] + [["title", got["title"]]]:
-        if mode == "en" and CJK.search(text):
-            leaks.append(f"{name} [en] {where}: {text[:70]!r}")
-        # English names in parentheses after a Chinese term are the book's convention:
-        # 推理（inference）
-        if mode == "zh" and ENGLISH_PROSE.search(re.sub(r"（[^）]*）|\([^)]*\)", "", text)):
-            leaks.append(f"{name} [zh] {where}: {text[:70]!r}")
-    return leaks
-
-
-def test_each_single_language_mode_shows_one_language(page, pages) -> None:
-    """English mode shows no Chinese outside glossary headwords; Chinese mode no English prose
-    outside code, outputs and names — headings, page titles, navigation, tables, captions and
-    labels included."""
-    leaks = []
-    for name in pages:
-        for mode in ("en", "zh"):
-            leaks += single_language_leaks(page, page.base, name, mode)
-    assert not leaks, f"{len(leaks)} leaks:\n" + "\n".join(leaks)
-
-
 def test_headings_titles_and_navigation_follow_the_mode(page, pages) -> None:
     sample = next(p for p in pages if SAMPLE.stem in p)
     page.goto(page.base + sample + "?lang=en")
@@ -580,55 +473,308 @@ def test_headings_titles_and_navigation_follow_the_mode(page, pages) -> None:
 AXE = REPO_ROOT / "node_modules" / "axe-core" / "axe.min.js"
 
 
-def test_axe_finds_no_violation(page, pages) -> None:
+def _axe_missing() -> str | None:
+    if AXE.exists():
+        return None
+    message = f"{AXE.relative_to(REPO_ROOT)} is missing: run `make axe` (npm install axe-core)"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(message)
+    return message
+
+
+# --- every page, rendered once per width and language mode, every check on that render ----------
+
+# whole pages as JPEG: half the time of a PNG for a page 20,000 px long, and still sharp to read
+SHOT = {"full_page": True, "type": "jpeg", "quality": 85}
+MODE_BUTTONS = {"both": "双语", "en": "English", "zh": "中文"}
+HTML_LANG = {"both": "en", "en": "en", "zh": "zh-CN"}
+# axe runs where the earlier audit ran: both and en at desktop width, zh at phone width
+AXE_RENDERS = {("both", "desktop"), ("en", "desktop"), ("zh", "phone")}
+FOLDED = """() => {
+  // exercise solutions (a toggle over source and outputs) and answers (<details>) stay closed
+  const open = [...document.querySelectorAll('article details')].filter(d => d.open)
+    .map(d => d.className || 'details');
+  const shown = [...document.querySelectorAll(
+      'article .cell.tag_hide-cell .cell_input, article .cell.tag_hide-cell .cell_output, '
+      + 'article details.answer > div[lang]')]
+    .filter(e => e.checkVisibility()).map(e => e.className || e.tagName);
+  const toggles = document.querySelectorAll('article .cell.tag_hide-cell').length;
+  const answers = document.querySelectorAll('article details.answer').length;
+  return {open, shown, toggles, answers};
+}"""
+
+
+class Render:
+    """Problems found on every page, by check; filled once by the `rendered` fixture."""
+
+    def __init__(self) -> None:
+        self.problems: dict[str, list[str]] = {}
+        self.weight: list[str] = []
+        self.over_budget: list[str] = []
+        self.axe_ran = False
+
+    def add(self, check: str, problems: list[str]) -> None:
+        self.problems.setdefault(check, []).extend(problems)
+
+    def of(self, check: str) -> list[str]:
+        return self.problems.get(check, [])
+
+
+def _check_mode(tab, render: Render, name: str, mode: str, size: str, width: int) -> None:
+    """Every check of one page in one mode at one width, on the page as it is shown."""
+    where = f"{name} [{mode}, {size}]"
+    switch = []
+    if tab.get_attribute("html", "data-lang-mode") != mode:
+        switch.append(f"{where}: mode {tab.get_attribute('html', 'data-lang-mode')!r}")
+    if tab.get_attribute("html", "lang") != HTML_LANG[mode]:
+        switch.append(f"{where}: html lang {tab.get_attribute('html', 'lang')!r}")
+    pressed = tab.get_attribute(f'.lang-switch button[data-mode="{mode}"]', "aria-pressed")
+    if pressed != "true":
+        switch.append(f"{where}: the {mode} button is not pressed")
+    if tab.locator(".lang-switch button").all_inner_texts() != ["中文", "English", "双语"]:
+        switch.append(
+            f"{where}: switch buttons {tab.locator('.lang-switch button').all_inner_texts()}"
+        )
+    try:
+        shared_content_visible(tab)
+    except AssertionError as exc:
+        switch.append(f"{where}: {exc}")
+    # answers wait to be asked: closed, then opened for the language and layout checks below
+    folded = tab.evaluate(FOLDED)
+    if folded["open"] or folded["shown"]:
+        render.add("answers", [f"{where}: open {folded['open']}, shown {folded['shown'][:3]}"])
+    # axe audits the page as a reader first sees it (answers closed)
+    if (mode, size) in AXE_RENDERS and render.axe_ran:
+        tab.add_script_tag(path=str(AXE))
+        result = tab.evaluate("() => axe.run(document, {resultTypes: ['violations']})")
+        render.add(
+            "axe",
+            [
+                f"{where} {v['impact']}: {v['id']} ({len(v['nodes'])}) "
+                f"{[', '.join(n['target']) for n in v['nodes']][:3]}"
+                for v in result["violations"]
+            ],
+        )
+    stem = f"{name.replace('/', '_')[:-5]}-{mode}-{size}"
+    tab.screenshot(path=str(SCREENSHOTS / f"{stem}.jpg"), **SHOT)
+    if folded["answers"] or folded["toggles"]:
+        tab.evaluate(
+            "() => document.querySelectorAll('article details').forEach(d => d.open = true)"
+        )
+    for lang in ("zh", "en"):
+        shown = visible_texts(tab, lang)
+        should_show = mode in ("both", lang)
+        if not shown or (should_show and not all(shown)) or (not should_show and any(shown)):
+            switch.append(f"{where}: {lang} prose {'hidden' if should_show else 'visible'}")
+    if (folded["answers"] or folded["toggles"]) and size == "desktop" and mode == "en":
+        tab.screenshot(path=str(SCREENSHOTS / f"{stem}-answers.jpg"), **SHOT)
+    render.add("switch", switch)
+    # each language whole on its own (answers included)
+    if mode != "both":
+        got = tab.evaluate(VISIBLE_TEXT, mode)
+        leaks = []
+        for place, text in got["texts"] + [["title", got["title"]]]:
+            if mode == "en" and CJK.search(text):
+                leaks.append(f"{name} [en] {place}: {text[:70]!r}")
+            # English names in parentheses after a Chinese term are the book's convention
+            if mode == "zh" and ENGLISH_PROSE.search(re.sub(r"（[^）]*）|\([^)]*\)", "", text)):
+                leaks.append(f"{name} [zh] {place}: {text[:70]!r}")
+        render.add("leaks", leaks)
+    # the page whole at this width
+    got = tab.evaluate(LAYOUT)
+    layout = []
+    narrowest = 600 if size == "desktop" else 0.85 * width
+    if got["article"] < narrowest:
+        layout.append(f"{where}: article only {got['article']:.0f} px wide")
+    if got["scrollWidth"] > width:
+        layout.append(
+            f"{where}: page {got['scrollWidth']} px wide in a {width} px window: {got['wide']}"
+        )
+    if got["outside"]:
+        layout.append(f"{where}: content outside the article: {got['outside']}")
+    render.add("layout", layout)
+    tab.evaluate("() => document.querySelectorAll('article details').forEach(d => d.open = false)")
+
+
+def _figures(tab, name: str) -> list[str]:
+    problems = []
+    for img in tab.locator("article img").all():
+        alt = img.get_attribute("alt") or ""
+        if not alt or re.search(r"\.(png|svg|jpe?g)$|_images/", alt):
+            problems.append(f"{name}: image without real alt text ({alt!r})")
+    for figure in tab.locator("article figure").all():
+        caption = (
+            figure.locator("figcaption").inner_text()
+            if figure.locator("figcaption").count()
+            else ""
+        )
+        if not re.match(r"图 \d+", caption) or not re.search(r"Fig\. \d+", caption):
+            problems.append(
+                f"{name}: figure without a numbered caption in both languages ({caption[:60]!r})"
+            )
+    return problems
+
+
+@pytest.fixture(scope="module")
+def rendered(browser, server, pages, site: Path) -> Render:
+    """Each page at desktop and phone width, in a fresh browser (empty cache and storage): loaded
+    once per width, then switched through the three modes with the buttons; all checks run on
+    each of these six renders, and a screenshot of each lands in _build/screenshots/.
+
+    The desktop visit comes with no ?lang= (the default mode, and the bytes of a first visit);
+    the phone visit opens a shared ?lang=zh link, which must set and keep the mode.
+    """
+    base, failures = server
+    render = Render()
+    render.axe_ran = _axe_missing() is None
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+
+    @functools.cache
+    def gzipped(url: str) -> int:  # what a web server that compresses would send
+        path = site / unquote(urlsplit(url).path).lstrip("/")
+        return len(gzip.compress(path.read_bytes(), 6)) if path.is_file() else 0
+
+    render.weight.append("     raw   gzipped  requests  page (first visit, empty cache)")
+    for name in pages:
+        for size, (width, height) in WIDTHS.items():
+            context = browser.new_context(
+                viewport={"width": width, "height": height}, device_scale_factor=1
+            )
+            context.set_default_timeout(timeouts.scaled(60_000))
+            tab = context.new_page()
+            errors: list[str] = []
+            responses: list[tuple[str, int]] = []
+            tab.on(
+                "console",
+                lambda msg, into=errors: (
+                    into.append(f"console {msg.type}: {msg.text}") if msg.type == "error" else None
+                ),
+            )
+            tab.on("pageerror", lambda exc, into=errors: into.append(f"page error: {exc}"))
+
+            def record(response, into=responses, errs=errors):  # bound now: new lists each time
+                into.append((response.url, int(response.headers.get("content-length", 0))))
+                if response.status >= 400:
+                    errs.append(f"{response.status} {response.url}")
+
+            tab.on("response", record)
+            try:
+                if size == "desktop":
+                    tab.goto(base + name, wait_until="networkidle")
+                    first = "both"
+                    raw = sum(n for _, n in responses)
+                    packed = sum(gzipped(u) for u, _ in responses)
+                    maths = sum(n for u, n in responses if MATHJAX in u)
+                    note = f"  (MathJax {maths / 1e6:.2f} MB)" if maths else ""
+                    render.weight.append(
+                        f"{raw / 1e6:6.2f} MB {packed / 1e6:6.2f} MB  {len(responses):6d}    "
+                        f"{name}{note}"
+                    )
+                    if raw - maths > PAGE_BUDGET:
+                        render.over_budget.append(render.weight[-1])
+                    render.add("figures", _figures(tab, name))
+                else:
+                    tab.goto(base + name + "?lang=zh")
+                    first = "zh"
+                    if "lang=zh" not in tab.url:
+                        render.add("entry", [f"{name}: ?lang=zh dropped ({tab.url})"])
+                order = [first] + [m for m in ("en", "zh", "both") if m != first]
+                for mode in order:
+                    if mode != first:
+                        tab.get_by_role("button", name=MODE_BUTTONS[mode], exact=True).click()
+                        tab.mouse.move(0, height - 1)  # the button at rest, not hovered
+                        tab.wait_for_function(  # colour transitions finished
+                            "() => document.getAnimations().every(a => a.playState !== 'running')"
+                        )
+                    _check_mode(tab, render, name, mode, size, width)
+                    if size == "desktop" and mode == "zh":  # the choice survives a reload
+                        tab.reload()
+                        if tab.get_attribute("html", "data-lang-mode") != "zh":
+                            render.add("switch", [f"{name}: choice lost on reload"])
+            finally:
+                context.close()
+            render.add("errors", [f"{name} [{size}]: {e}" for e in errors])
+    render.add("errors", list(failures))
+    return render
+
+
+def test_switch_hides_the_other_language_on_every_page(rendered: Render) -> None:
+    """In each mode only that mode's prose shows (answers opened included), the buttons say which
+    mode is on, html lang follows, shared content never hides, a reload keeps the choice."""
+    assert not rendered.of("switch"), "\n".join(rendered.of("switch"))
+
+
+def test_every_page_is_whole_at_desktop_and_phone_width(rendered: Render) -> None:
+    """The article is wide, nothing overflows sideways, and all content sits inside the article."""
+    assert not rendered.of("layout"), "\n".join(rendered.of("layout"))
+
+
+def test_each_single_language_mode_shows_one_language(rendered: Render) -> None:
+    """English mode shows no Chinese outside glossary headwords; Chinese mode no English prose
+    outside code, outputs and names — headings, page titles, navigation, tables, captions,
+    labels and the opened answers included."""
+    leaks = rendered.of("leaks")
+    assert not leaks, f"{len(leaks)} leaks:\n" + "\n".join(leaks)
+
+
+def test_answers_wait_to_be_asked_in_the_book(rendered: Render) -> None:
+    """No exercise solution (source or outputs) and no answer shows before its toggle is opened."""
+    assert not rendered.of("answers"), "\n".join(rendered.of("answers"))
+
+
+def test_axe_finds_no_violation(rendered: Render) -> None:
     """axe-core (npm, installed by `make axe`) on every page in each mode and at phone width:
     no violation of any impact (moderate and minor included)."""
-    if not AXE.exists():
-        message = f"{AXE.relative_to(REPO_ROOT)} is missing: run `make axe` (npm install axe-core)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    found = []
-    report = []
-    for name in pages:
-        for mode, width in (("both", 1280), ("en", 1280), ("zh", 390)):
-            page.set_viewport_size({"width": width, "height": 900})
-            page.goto(page.base + name + f"?lang={mode}")
-            page.add_script_tag(path=str(AXE))
-            result = page.evaluate("() => axe.run(document, {resultTypes: ['violations']})")
-            for v in result["violations"]:
-                targets = [", ".join(n["target"]) for n in v["nodes"]][:3]
-                count = len(v["nodes"])
-                report.append(
-                    f"{name} [{mode}, {width}px] {v['impact']}: {v['id']} ({count}) {targets}"
-                )
-                found.append(report[-1])
+    if not rendered.axe_ran:
+        pytest.skip(_axe_missing() or "axe did not run")
+    found = rendered.of("axe")
     out = REPO_ROOT / "_build" / "axe.txt"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(report) + "\n", encoding="utf-8")
+    out.write_text("\n".join(found) + "\n", encoding="utf-8")
     assert not found, "\n".join(found)
 
 
-def test_figures_have_alt_text_and_numbered_captions(page, pages) -> None:
-    problems = []
-    for name in pages:
-        page.goto(page.base + name)
-        for img in page.locator("article img").all():
-            alt = img.get_attribute("alt") or ""
-            if not alt or re.search(r"\.(png|svg|jpe?g)$|_images/", alt):
-                problems.append(f"{name}: image without real alt text ({alt!r})")
-        for figure in page.locator("article figure").all():
-            caption = (
-                figure.locator("figcaption").inner_text()
-                if figure.locator("figcaption").count()
-                else ""
+def test_figures_have_alt_text_and_numbered_captions(rendered: Render) -> None:
+    assert not rendered.of("figures"), "\n".join(rendered.of("figures"))
+
+
+def test_pages_load_cleanly(rendered: Render) -> None:
+    """No console error, page error or failed request on any render."""
+    assert not rendered.of("errors"), "\n".join(rendered.of("errors"))
+
+
+def test_page_weight(rendered: Render, site: Path) -> None:
+    """Bytes a first visit to each page transfers (cold cache), and the whole site on disk.
+
+    Written to _build/page-weight.txt; `make page-weight` prints it.
+    """
+    total = sum(f.stat().st_size for f in site.rglob("*") if f.is_file())
+    html_files = sum(1 for f in site.rglob("*.html"))
+    lines = rendered.weight + [
+        f"{total / 1e6:6.2f} MB  whole site on disk ({html_files} HTML files)"
+    ]
+    report = REPO_ROOT / "_build" / "page-weight.txt"
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print("\n" + "\n".join(lines))
+    over = rendered.over_budget
+    assert not over, f"over the {PAGE_BUDGET / 1e6:.1f} MB budget:\n" + "\n".join(over)
+
+
+def test_every_entry_page_keeps_the_lang_query(page, pages, rendered: Render) -> None:
+    """A shared link keeps its language: the site root and index.html forward with the query and
+    the fragment, and every page opened with ?lang=zh kept it (checked on the phone renders)."""
+    assert not rendered.of("entry"), "\n".join(rendered.of("entry"))
+    root = yaml.safe_load((REPO_ROOT / "_toc.yml").read_text(encoding="utf-8"))["root"]
+    for entry in ("", "index.html"):
+        for mode in ("en", "zh"):
+            page.goto(page.base + entry + f"?lang={mode}#why-deployment")
+            page.wait_for_url(
+                re.compile(re.escape(f"/{root}.html?lang={mode}#why-deployment") + "$")
             )
-            if not re.match(r"图 \d+", caption) or not re.search(r"Fig\. \d+", caption):
-                problems.append(
-                    f"{name}: figure without a numbered caption in both languages "
-                    f"({caption[:60]!r})"
-                )
-    assert not problems, "\n".join(problems)
+            assert page.get_attribute("html", "data-lang-mode") == mode, (entry, page.url)
+            hidden = "zh" if mode == "en" else "en"
+            assert not any(visible_texts(page, hidden)), (entry, mode)
 
 
 def test_printed_book_gives_every_page_its_title_and_stamp(page) -> None:
@@ -638,8 +784,15 @@ def test_printed_book_gives_every_page_its_title_and_stamp(page) -> None:
 
     order = bookpdf.toc_pages()
     page.goto(page.base + order[0] + "?lang=en")
-    page.evaluate(bookpdf.COMBINE, [page.base + name for name in order[1:]])
     page.emulate_media(media="print")
+    page.evaluate(bookpdf.COMBINE, [page.base + name for name in order[1:]])
+    # the first page lists the whole book in the PDF's language
+    contents = page.locator("#jb-print-toc")
+    assert contents.locator("h2").inner_text().strip() == "Contents"
+    entries = [e.strip() for e in contents.locator("li.book-print-toc__h1").all_inner_texts()]
+    titles = [h.strip() for h in page.locator(".book-print-page h1").all_inner_texts()]
+    assert entries[0].startswith("Chapter 5") and entries[1:] == titles, (entries, titles)
+    assert not any(CJK.search(e) for e in contents.locator("li").all_inner_texts())
     problems = page.evaluate(
         """() => Array.from(document.querySelectorAll('.book-print-page')).flatMap((part, i) => {
           const h1 = part.querySelector('h1');
@@ -654,6 +807,31 @@ def test_printed_book_gives_every_page_its_title_and_stamp(page) -> None:
     )
     appended = page.locator(".book-print-page").count()
     assert appended == len(order) - 1 and not problems, "\n".join(problems)
+
+
+def test_pdfs_have_their_language_contents_and_an_outline(
+    browser, site: Path, tmp_path: Path
+) -> None:
+    """What `make pdf` writes: each PDF's bookmarks name every page of the book in its language."""
+    _require_chromium()
+    sys.path.insert(0, str(REPO_ROOT / "tests"))
+    import bookpdf
+
+    titles = {
+        "zh": ["第5章", "5.1 模型导出", "5.2 推理服务", "术语表"],
+        "en": ["Chapter 5", "5.1 Model Export", "5.2 Inference Service", "Glossary"],
+    }
+    written = bookpdf.print_book(site, tmp_path, modes=("zh", "en"), browser=browser)
+    for mode, path in written.items():
+        outline = bookpdf.outline(path)
+        top = [title for depth, title in outline if depth == 0]
+        assert len(top) == len(bookpdf.toc_pages()), top
+        assert all(any(t.startswith(w) for t in top) for w in titles[mode]), top
+        assert ("目录" if mode == "zh" else "Contents") in [t for _, t in outline]
+        other = CJK if mode == "en" else re.compile(r"\b(?:the|and|of)\b")
+        assert not [t for d, t in outline if d <= 1 and other.search(t)], (mode, outline[:10])
+        assert sum(depth == 1 for depth, _ in outline) > len(top)  # the sections under each page
+        assert bookpdf.page_count(path) > 50
 
 
 def test_nbconvert_lab_rendering_shows_no_raw_markup(browser, tmp_path: Path) -> None:
@@ -799,14 +977,15 @@ def test_student_view_in_jupyterlab_shows_no_raw_markup(browser, jupyterlab) -> 
             assert re.search(r"[\u4e00-\u9fff]{8}", joined) and re.search(
                 r"\b(the|and|of)\b", joined
             ), notebook.name
-            # solutions are folded (cell metadata jupyter.source_hidden) as the text promises
+            # solutions are folded, source and outputs (jupyter.source_hidden, outputs_hidden)
             hidden = sum(
-                "hide-input" in c.metadata.get("tags", [])
-                for c in nbformat.read(notebook, as_version=4).cells
+                notebooks.is_solution(c) for c in nbformat.read(notebook, as_version=4).cells
             )
             count = (
-                "() => [...document.querySelectorAll('.jp-CodeCell .jp-InputPlaceholder')]"
-                ".filter(p => p.checkVisibility()).length"
+                "() => [...document.querySelectorAll('.jp-CodeCell')].filter(c => "
+                "c.querySelector('.jp-InputPlaceholder')?.checkVisibility() && "
+                "(c.querySelector('.jp-OutputPlaceholder')?.checkVisibility() "
+                "|| !c.querySelector('.jp-OutputArea-output'))).length"
             )
             try:  # the previous notebook's panel may still be visible for a moment
                 tab.wait_for_function(f"n => ({count})() === n", arg=hidden, timeout=10_000)
@@ -815,6 +994,23 @@ def test_student_view_in_jupyterlab_shows_no_raw_markup(browser, jupyterlab) -> 
             folded = tab.evaluate(count)
             assert folded == hidden, (
                 f"{notebook.name}: {hidden} solutions, {folded} folded in JupyterLab"
+            )
+            # answers stay closed: no answer paragraph shows until its <details> is opened
+            answers = tab.evaluate(
+                "() => [...document.querySelectorAll('.jp-RenderedMarkdown details')]"
+                ".filter(d => d.checkVisibility() && !d.open && d.querySelector('summary'))"
+                ".length"
+            )
+            shown = tab.evaluate(
+                "() => [...document.querySelectorAll('.jp-RenderedMarkdown details > div')]"
+                ".filter(d => d.checkVisibility()).length"
+            )
+            expected = sum(
+                bool(notebooks.answer_numbers(c))
+                for c in nbformat.read(notebook, as_version=4).cells
+            )
+            assert answers == expected and shown == 0, (
+                f"{notebook.name}: {expected} answers, {answers} closed, {shown} paragraphs shown"
             )
             tab.screenshot(path=str(SCREENSHOTS / f"jupyterlab-{notebook.stem}.png"))
     finally:
