@@ -93,7 +93,6 @@ def overhead_rows(seconds: float) -> list[Row]:
         runs = _paired({"/validate": validate, "/predict": predict}, 64, 2 * seconds)
         same = _paired({"a": validate, "b": validate + "?again"}, 64, 2 * seconds)
         size, model_ms = batch_stats(server.url)
-        places = call_places(server.url)
     ratio = _median_ratio(runs["/predict"], runs["/validate"])
     noise = [b.throughput / a.throughput for a, b in zip(same["a"], same["b"])]
     return [
@@ -127,12 +126,6 @@ def overhead_rows(seconds: float) -> list[Row]:
             "",
             None,
         ),
-        Row(
-            "two-moons /predict: model calls on the event loop / in the model thread",
-            places,
-            "",
-            None,
-        ),
     ]
 
 
@@ -142,13 +135,6 @@ def batch_stats(url: str) -> tuple[float, float]:
     batches = metric(text, "mldeploy_batch_size_count") or 1.0
     model_s = metric(text, "mldeploy_model_seconds_sum")
     return metric(text, "mldeploy_batch_size_sum") / batches, 1e3 * model_s / batches
-
-
-def call_places(url: str) -> str:
-    """How many model calls ran on the event loop and in the model thread (from /metrics)."""
-    text = httpx.get(url + "/metrics", timeout=10).text
-    loop, thread = (metric(text, "mldeploy_model_calls_total", on=on) for on in ("loop", "thread"))
-    return f"{loop:,.0f} / {thread:,.0f}"
 
 
 def batching_rows(seconds: float) -> tuple[list[Row], dict]:
@@ -184,18 +170,11 @@ def batching_rows(seconds: float) -> tuple[list[Row], dict]:
         measured["health_load"] = loadgen.finish_wrk(load)
         measured["overload"], measured["probe"] = _overload(batched.url, seconds)
         measured["flood"] = _batch_flood(batched.url, seconds)
-        places = {True: call_places(batched.url), False: call_places(unbatched.url)}
     measured.update(at64=at64, at1=at1)
     speedup = _median_ratio(at64[True], at64[False])
     p99 = {k: _median(at64[k], "p99_ms") for k in (True, False)}
     p50_1 = {k: _median(at1[k], "p50_ms") for k in (True, False)}
     rows += [
-        Row(
-            "wide MLP: model calls on the event loop / in the model thread, batched; unbatched",
-            f"{places[True]}; {places[False]}",
-            "",
-            None,
-        ),
         Row(
             "unbatched, 64 clients: throughput",
             f"{_median(at64[False], 'throughput'):,.0f} req/s",
