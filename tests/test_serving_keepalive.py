@@ -24,6 +24,7 @@ import httpx
 import pytest
 import requests
 
+from mldeploy.loadtest import loadgen
 from mldeploy.serving import BackgroundServer, OnnxPredictor, create_app
 from mldeploy.serving.server import listen
 
@@ -143,3 +144,10 @@ def test_make_serve_command_answers_keep_alive_clients_fast(onnx_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_the_benchmark_measures_every_keep_alive_client(server):
+    medians = loadgen.keepalive_medians(server.url + "/predict", BODY, n=N)
+    expected = {"httpx.Client", "requests.Session", "http.client"}
+    assert expected | ({"curl"} if shutil.which("curl") else set()) == set(medians)
+    assert all(ms < BOUND_MS for ms in medians.values()), medians
