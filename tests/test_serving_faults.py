@@ -11,7 +11,6 @@ import threading
 import time
 
 import httpx
-import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
@@ -275,10 +274,13 @@ def test_probes_are_on_the_admin_port_and_ready_waits_for_the_warm_up(onnx_path)
         health = httpx.get(server.admin_url + "/health")
         runner.join()
         warm = httpx.get(server.admin_url + "/ready")
+        # two listeners: inference on the API port only, probes on the admin port
+        on_api = httpx.post(server.url + "/predict", json=SAMPLE)
+        on_admin = httpx.get(server.admin_url + "/predict")
     finally:
         runner.join()
         server.stop()
     assert cold.status_code == 503 and cold.headers["retry-after"] == "1"
     assert health.json() == {"status": "ok", "model_loaded": False}
     assert warm.status_code == 200 and warm.json() == {"ready": True}
-    np.testing.assert_equal(server.port != server.admin_port, True)
+    assert on_api.status_code == 200 and on_admin.status_code == 404
