@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 # pip warns about every local index folder missing on the course machines: keep only real messages
 PIP_INSTALL = $(PY) -m pip install --quiet
 QUIET_INDEX = 2>&1 | { grep -v 'is ignored: it is neither a file nor a directory' || true; }
-PORT ?= 8888
+PORT ?= 8000
 ADMIN_PORT ?= 8081
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
 

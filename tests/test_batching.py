@@ -11,7 +11,6 @@ import pytest
 
 from mldeploy.serving.batching import (
     Hooks,
-    Inline,
     MicroBatcher,
     ModelError,
     QueueFull,
@@ -124,7 +123,7 @@ def test_the_worker_survives_a_failure_outside_the_model(fault):
             return model(x)[:-1]
         return model(x)
 
-    def hook(size, seconds, on_loop):
+    def hook(size, seconds):
         if broken["on"] and fault == "hook raises":
             raise RuntimeError("metrics backend down")
 
@@ -234,57 +233,14 @@ def test_steady_small_concurrency_does_not_wait_for_a_full_batch():
     assert max(model.batch_sizes) == 4
 
 
-def test_a_cheap_model_runs_on_the_event_loop_and_a_dear_one_in_the_model_thread():
-    places = []
+def test_every_model_call_runs_in_the_model_thread():
+    """Samples and whole jobs, cheap as they are: none runs on the event loop's thread."""
 
     async def body(batcher):
         await batcher.submit(_sample(1))
         await batcher.submit_job(np.stack([_sample(2), _sample(3)]))
 
-    for expected_s in (1e-5, 0.01):  # warm-up times under and over the 1 ms bound
-        model = RecordingModel()
-        hooks = Hooks(batch=lambda size, seconds, on_loop: places.append(on_loop))
-        inline = {"inline": Inline(1e-3, expected_s), "inline_jobs": Inline(1e-3, expected_s)}
-        asyncio.run(_with_batcher(model, body, hooks=hooks, **inline))
-        assert len(model.batch_sizes) == 2
-        assert model.threads == ({"MainThread"} if expected_s < 1e-3 else {"model_0"})
-    assert places == [True, True, False, False]
-    # without a bound (the default), every call goes to the thread
     model = RecordingModel()
     asyncio.run(_with_batcher(model, body))
+    assert len(model.batch_sizes) == 2
     assert model.threads == {"model_0"}
-
-
-@pytest.mark.parametrize(
-    "delay, slow, expected",
-    [  # 5 ms bound: three calls in a row 10 times over it, or one of half a second
-        (0.06, [0, 1, 0, 1, 1, 1, 1], ["MainThread"] * 6 + ["model_0"]),
-        (0.55, [0, 1, 1], ["MainThread"] * 2 + ["model_0"]),
-    ],
-)
-def test_an_inline_call_that_runs_long_moves_its_kind_to_the_model_thread(delay, slow, expected):
-    """A slow call once in a while (a preempted thread) does not move it; the count of slow calls
-    starts again after a fast one."""
-    model = RecordingModel()
-    threads = []
-
-    async def body(batcher):
-        for is_slow in slow:
-            model.delay = delay if is_slow else 0.0
-            model.threads.clear()
-            await batcher.submit(_sample(1))
-            threads.append(model.threads.pop())
-
-    asyncio.run(_with_batcher(model, body, inline=Inline(5e-3, 0.0)))
-    assert threads == expected
-
-
-def test_inline_bookkeeping():
-    inline = Inline(below_s=1e-3, expected_s=2e-4)
-    assert inline.on_loop
-    # a cold call a few times over the bound is no reason to move; a slow streak is broken
-    assert [inline.record(s) for s in (5e-3, 0.02, 0.02, 2e-4, 0.02, 0.02)] == [False] * 6
-    assert inline.on_loop and inline.record(0.02) and not inline.on_loop  # third in a row
-    assert not Inline(below_s=1e-3, expected_s=0.0).record(0.1)  # a pause, 100 times over
-    assert Inline(below_s=1e-3, expected_s=0.0).record(0.5)  # a stall
-    assert not Inline(below_s=0.0, expected_s=0.0).on_loop  # 0 turns inline calls off

@@ -30,6 +30,9 @@ def test_demo_runs_all_eight_steps_and_releases_its_port(tmp_path):
     assert "All deployment steps completed successfully!" in out
     assert "GET /health  -> 200" in out and "POST /predict -> 200" in out
     assert len(re.findall(r"-> class=[01]", out)) == 5
+    # keep-alive median of 50: about 1 ms; a delayed ACK per request (no TCP_NODELAY) is 44 ms
+    latency_ms = float(re.search(r"API latency: +([\d.]+) ms \(median of 50 requests\)", out)[1])
+    assert latency_ms < 15, out
     port = int(re.search(r"127\.0\.0\.1:(\d+)", out).group(1))
     with socket.socket() as sock:  # the port is free again: nothing was left listening
         sock.bind(("127.0.0.1", port))

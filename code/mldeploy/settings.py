@@ -35,11 +35,9 @@ class ServiceSettings(PathSettings):
     backend: Literal["onnx", "torchscript"] = "onnx"
     model: Path | None = Field(None, description="model file; default: the demo's export")
     model_threads: Count = 1
-    # calls measured under this at warm-up run on the event loop (0: all in the model thread)
-    inline_below_ms: Annotated[float, Field(ge=0, le=10, allow_inf_nan=False)] = 0.1
     # listeners
     host: str = "127.0.0.1"
-    port: Port = 8888
+    port: Port = 8000
     admin_port: Port = 8081  # /health, /ready, /metrics on their own thread
     loop: Literal["asyncio", "uvloop"] = "asyncio"  # uvloop starved new connections in 5.2
     access_log: bool = True

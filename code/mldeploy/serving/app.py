@@ -29,7 +29,6 @@ from mldeploy.serving import probes
 from mldeploy.serving.batching import (
     DeadlineExceeded,
     Hooks,
-    Inline,
     MicroBatcher,
     ModelError,
     QueueFull,
@@ -89,10 +88,7 @@ class Service:
         model = self.load_predictor()
         if model.n_features not in (N_FEATURES, -1):
             raise ValueError(f"it takes {model.n_features} features, the API sends {N_FEATURES}")
-        # warm-up: the first call of each size allocates and proves the output has the right
-        # shape; a call near the inline bound is timed twice more (the faster: a preempted call
-        # says nothing)
-        near = 10 * self.settings.inline_below_ms / 1e3
+        # warm-up: the first call of each size allocates and proves the output has the right shape
         for n in (1, self.settings.max_batch_size, self.settings.max_batch_items):
             x = np.zeros((n, N_FEATURES), np.float32)
             start = time.perf_counter()
@@ -104,14 +100,10 @@ class Service:
                 )
             if not np.isfinite(out).all():
                 raise ValueError("it returned non-finite probabilities for a zero input")
-            if self.call_seconds[n] < near:
-                self.call_seconds[n] = min(_seconds(model.predict_proba, x) for _ in range(2))
         return model
 
     def start(self) -> None:
         s = self.settings
-        below_s = s.inline_below_ms / 1e3
-        batch = s.max_batch_size if s.batching else 1
         self.batcher = MicroBatcher(
             self.predictor.predict_proba,  # type: ignore[union-attr]
             self.executor,  # type: ignore[arg-type]
@@ -126,8 +118,6 @@ class Service:
                 model_error=self.metrics.model_errors.inc,
                 skipped=self.metrics.abandoned.inc,
             ),
-            inline=Inline(below_s, self.call_seconds.get(batch, math.inf)),
-            inline_jobs=Inline(below_s, self.call_seconds.get(s.max_batch_items, math.inf)),
         )
         self.batcher.start()
 
@@ -167,12 +157,6 @@ class Service:
         if full:
             self.metrics.shed.inc()
         return full
-
-
-def _seconds(fn: Callable[[np.ndarray], object], x: np.ndarray) -> float:
-    start = time.perf_counter()
-    fn(x)
-    return time.perf_counter() - start
 
 
 # --- dependencies ----------------------------------------------------------------------------

@@ -12,7 +12,6 @@ import asyncio
 import collections
 import contextlib
 import logging
-import math
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -72,45 +71,10 @@ class BatchResult:
 class Hooks:
     """Callbacks that feed metrics; each gets plain numbers."""
 
-    batch: Callable[[int, float, bool], None] = lambda size, seconds, on_loop: None
+    batch: Callable[[int, float], None] = lambda size, seconds: None
     queue_wait: Callable[[float], None] = lambda seconds: None
     model_error: Callable[[], None] = lambda: None
     skipped: Callable[[], None] = lambda: None  # a request whose client left, never computed
-
-
-@dataclass
-class Inline:
-    """Whether one kind of model call (single-sample batches, or whole jobs) runs on the event loop.
-
-    Handing a call to the model thread and taking its answer back costs the busy event loop more
-    than a tiny model's whole call: the two threads trade the GIL back and forth (``make
-    bench-serve`` measures the difference; section 5.2.4 explains it). So a call whose time at
-    warm-up, ``expected_s``, is under ``below_s`` runs in place; anything slower runs in the
-    model thread, where ONNX Runtime computes beside the loop.
-    An inline call that then runs long moves its kind to the model thread for good: three calls
-    in a row at ``SLOW`` times the bound or more, or one call of ``STALL_S`` or more. A call on a
-    cold cache (an idle server), a preempted thread or a garbage-collector pause (tens of ms,
-    measured under load) happens once, not three times in a row.
-    """
-
-    below_s: float = 0.0  # 0: every call runs in the model thread
-    expected_s: float = math.inf
-    slow_in_a_row: int = 0
-
-    SLOW, IN_A_ROW, STALL_S = 10, 3, 0.5
-
-    @property
-    def on_loop(self) -> bool:
-        return self.expected_s < self.below_s
-
-    def record(self, seconds: float) -> bool:
-        """Note an inline call's time; True when this kind has just moved to the model thread."""
-        slow = seconds >= self.SLOW * self.below_s
-        self.slow_in_a_row = self.slow_in_a_row + 1 if slow else 0
-        if self.slow_in_a_row >= self.IN_A_ROW or seconds >= self.STALL_S:
-            self.expected_s = seconds
-            return True
-        return False
 
 
 class MicroBatcher:
@@ -128,8 +92,9 @@ class MicroBatcher:
       :class:`DeadlineExceeded`, waiting or computing. All requests share one timer, set for the
       oldest (the timeout is the same for all, so the oldest expires first): a per-request timer
       would cost the event loop more than the rest of the batching does.
-    - Model calls run in ``executor``, except those ``inline`` (samples) and ``inline_jobs``
-      (jobs) place on the event loop (:class:`Inline`); by default, all run in ``executor``.
+    - Every model call runs in ``executor`` (a worker thread), never on the event loop: the loop
+      stays free to accept requests and answer probes while ONNX Runtime, which releases the
+      GIL, computes.
     """
 
     def __init__(
@@ -143,8 +108,6 @@ class MicroBatcher:
         max_jobs: int = 2,
         timeout_s: float = float("inf"),
         hooks: Hooks | None = None,
-        inline: Inline | None = None,
-        inline_jobs: Inline | None = None,
     ):
         if max_batch_size < 1 or max_queue < 1 or max_jobs < 1 or not 0 <= max_wait_s < 60:
             raise ValueError("max_batch_size, max_queue, max_jobs >= 1 and 0 <= max_wait_s < 60")
@@ -154,7 +117,6 @@ class MicroBatcher:
         self.max_batch_size, self.max_wait_s, self.max_queue = max_batch_size, max_wait_s, max_queue
         self.max_jobs, self.timeout_s = max_jobs, timeout_s
         self.hooks = hooks or Hooks()
-        self.inline, self.inline_jobs = inline or Inline(), inline_jobs or Inline()
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._pending: collections.deque[_Item] = collections.deque()
         self._jobs: collections.deque[_Item] = collections.deque()
@@ -294,7 +256,7 @@ class MicroBatcher:
             self._current = self._take(self._jobs, 1)
             if self._current:
                 item = self._current[0]
-                rows = await self._call(item.features, self.inline_jobs)
+                rows = await self._call(item.features)
                 if not item.future.done():
                     item.future.set_result(rows)
             return
@@ -306,7 +268,7 @@ class MicroBatcher:
             await self._fill(batch, expected)
         self._last_batch_size = len(batch)
         x = np.array([item.features for item in batch], dtype=np.float32)
-        proba = await self._call(x, self.inline)
+        proba = await self._call(x)
         # whole-batch numpy calls, then plain floats: cheaper than numpy calls per sample
         finite = np.isfinite(proba).all(axis=1).tolist()
         for item, row, ok in zip(batch, proba.tolist(), finite):
@@ -341,25 +303,11 @@ class MicroBatcher:
             self._wake_at = 1
             timer.cancel()
 
-    async def _call(self, x: np.ndarray, inline: Inline) -> np.ndarray:
-        """One model call, in place or in the model thread; one output row per input row."""
-        start, on_loop = time.perf_counter(), inline.on_loop
-        if on_loop:
-            try:
-                proba = np.asarray(self.predict(x))
-            finally:
-                seconds = time.perf_counter() - start
-                if inline.record(seconds):
-                    log.warning(
-                        "a model call on the event loop took %.2f ms (bound %.2f ms):"
-                        " calls of this kind now run in the model thread",
-                        1e3 * seconds,
-                        1e3 * inline.below_s,
-                    )
-        else:
-            loop = asyncio.get_running_loop()
-            proba = np.asarray(await loop.run_in_executor(self.executor, self.predict, x))
+    async def _call(self, x: np.ndarray) -> np.ndarray:
+        """One model call in the model thread; one output row per input row."""
+        start, loop = time.perf_counter(), asyncio.get_running_loop()
+        proba = np.asarray(await loop.run_in_executor(self.executor, self.predict, x))
         if proba.ndim != 2 or len(proba) != len(x):
             raise ModelError(f"the model returned shape {proba.shape} for input {x.shape}")
-        self.hooks.batch(len(x), time.perf_counter() - start, on_loop)
+        self.hooks.batch(len(x), time.perf_counter() - start)
         return proba

@@ -45,12 +45,6 @@ class ServiceMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.model_calls = Counter(
-            "mldeploy_model_calls",
-            "Model calls by where they ran: on the event loop or in the model thread",
-            ["on"],
-            registry=r,
-        )
         self.queue_wait = Histogram(
             "mldeploy_queue_wait_seconds",
             "Time a request waited in the queue before its model call",
@@ -86,10 +80,9 @@ class ServiceMetrics:
         self.requests.labels(method, path, str(status)).inc()
         self.latency.labels(path).observe(seconds)
 
-    def observe_batch(self, size: int, seconds: float, on_loop: bool = False) -> None:
+    def observe_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)
         self.model_seconds.observe(seconds)
-        self.model_calls.labels("loop" if on_loop else "thread").inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

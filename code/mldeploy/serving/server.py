@@ -65,6 +65,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     _deadline: Any = None
 
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        nodelay(transport)
         super().connection_made(transport)
         if len(self.connections) > self.max_connections:
             self.on_refused()
@@ -167,11 +168,21 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
+def nodelay(transport: Any) -> None:
+    """Turn off Nagle's algorithm on a connection: uvicorn writes a response's head and body
+    separately, and without ``TCP_NODELAY`` the body waits for the client's delayed ACK (~40 ms
+    per keep-alive request)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 def listen(host: str, port: int) -> socket.socket:
     """A bound, listening TCP socket; a clear one-line error when that is impossible."""
     try:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted connections only for TCP sockets
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
         sock.listen(2048)
