@@ -44,26 +44,7 @@ def test_glossary_links_land_on_an_entry(path: Path) -> None:
 
 # Sections whose prose is not yet clean, with exactly what they still lack. Each entry names one
 # finding; an entry that no longer matches anything fails the test too, so the list only shrinks.
-NOT_YET_CLEAN: dict[str, set[str]] = {
-    # glossary terms its prose used before they had entries (`python tests/bookcheck.py
-    # link-first-uses FILE` links them), a number quoted from a benchmark, British spellings, and
-    # two probe names the glossary writes as 存活探针 / 就绪探针
-    "5.2-inference-service.ipynb": {
-        "#admin-port",
-        "#back-pressure",
-        "#deadline",
-        "#event-loop",
-        "#replica",
-        "#warm-up",
-        "'26 ms'",
-        "'behaviour'",
-        "'honour",
-        "'organised'",
-        "'存活检查'",
-        "'就绪检查'",
-    },
-    "5.5-full-demo.ipynb": {"#parity"},
-}
+NOT_YET_CLEAN: dict[str, set[str]] = {}
 # Glossary entries added with the serving and containers vocabulary: a section written alongside
 # them (5.6) may not link them yet; every other check applies to it in full.
 NEW_TERMS = {
