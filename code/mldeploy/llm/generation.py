@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from mldeploy.llm.kv_cache import KVCache
@@ -101,3 +102,14 @@ def prefill_decode_rates(
             logits = net(torch.tensor([[int(logits.argmax())]]), cache)[0, -1]
         decode.append(time.perf_counter() - start)
     return len(prompt) / min(prefill), n_decode / min(decode)
+
+
+def speedup_at(times: StepTimes, position: int, half_window: int = 4) -> tuple[float, float]:
+    """Median seconds per token without and with the cache over positions ``position ± 4``."""
+    near = [i for i, p in enumerate(times.positions) if abs(p - position) <= half_window]
+    if not near:
+        raise ValueError(f"no timed step near position {position}")
+    return (
+        float(np.median([times.uncached[i] for i in near])),
+        float(np.median([times.cached[i] for i in near])),
+    )

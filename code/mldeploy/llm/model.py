@@ -8,6 +8,7 @@ computes the new positions and attends to the keys and values stored for the ear
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -187,7 +188,9 @@ def _init(module: nn.Module) -> None:
 
 def hf_config(cfg: LlamaConfig):
     """The matching ``transformers.LlamaConfig``."""
-    import transformers
+    with warnings.catch_warnings():  # tqdm warns about notebook widgets on import
+        warnings.simplefilter("ignore")
+        import transformers
 
     return transformers.LlamaConfig(
         vocab_size=cfg.vocab_size,
@@ -209,7 +212,9 @@ def hf_config(cfg: LlamaConfig):
 
 def to_transformers(model: Llama):
     """A ``transformers.LlamaForCausalLM`` holding this model's weights (strict load)."""
-    import transformers
+    with warnings.catch_warnings():  # tqdm warns about notebook widgets on import
+        warnings.simplefilter("ignore")
+        import transformers
 
     hf = transformers.LlamaForCausalLM(hf_config(model.cfg))
     hf.load_state_dict(model.state_dict(), strict=True)

@@ -8,6 +8,7 @@ normalization, no dummy prefix, whitespace kept as written, no whitespace-only p
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 
 from mldeploy.quant.charlm import TRAIN_FILES, VALID_FILES, read_stdlib
@@ -80,7 +81,9 @@ class Tokenizer:
 
 def to_transformers(path: Path):
     """transformers' ``LlamaTokenizer`` reading ``tokenizer.model``'s folder (needs protobuf)."""
-    import transformers
+    with warnings.catch_warnings():  # tqdm warns about notebook widgets on import
+        warnings.simplefilter("ignore")
+        import transformers
 
     return transformers.LlamaTokenizer.from_pretrained(
         str(Path(path).parent),
