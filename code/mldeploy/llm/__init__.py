@@ -1,0 +1,1 @@
+"""A tiny Llama: tokenizer, model, training, and generation with and without a KV cache."""
