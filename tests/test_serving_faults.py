@@ -11,6 +11,7 @@ import threading
 import time
 
 import httpx
+import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
@@ -133,6 +134,32 @@ def test_a_model_fault_is_a_500_with_a_request_id_on_every_path_and_the_worker_c
     logged = caplog.text
     assert all(r.json()["request_id"] in logged for r in answers.values())
     assert "internal detail" in logged  # the details are in the server's log
+
+
+class NanPredictor(FlakyPredictor):
+    """The real model, whose output turns to NaN on demand (a model that diverged or overflowed)."""
+
+    def predict_proba(self, x):
+        proba = np.array(super().predict_proba(x), dtype=np.float32)
+        if self.nan:
+            proba[:] = np.nan
+        return proba
+
+
+def test_a_non_finite_output_is_a_500_on_both_paths_never_a_nan_in_the_body(onnx_path):
+    model = NanPredictor(onnx_path)
+    model.nan = False
+    with BackgroundServer(create_app(lambda: model)) as server:
+        with httpx.Client(base_url=server.url) as client:
+            model.nan = True
+            one = client.post("/predict", json=SAMPLE)
+            batch = client.post("/predict_batch", json={"items": [SAMPLE] * 3})
+            model.nan = False
+            after = client.post("/predict_batch", json={"items": [SAMPLE] * 3})
+    for r in (one, batch):
+        assert r.status_code == 500, r.text
+        assert "nan" not in r.text.lower() and r.json()["request_id"]
+    assert after.status_code == 200 and len(after.json()["predictions"]) == 3
 
 
 def test_a_request_past_its_deadline_gets_504(onnx_path, scaled):
