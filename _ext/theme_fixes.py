@@ -113,6 +113,9 @@ DESIGN = re.compile(
 BRAND = re.compile(
     r'(?<!<nav class="book-brand" aria-label="Book">)(<a class="navbar-brand logo".*?</a>)', re.S
 )
+# axe "scrollable-region-focusable": a table wider than a phone scrolls in its own box
+# (lang-switch.css), so a keyboard user must be able to focus it; code listings are left alone
+TABLE_TAG = re.compile(r"<table(?![^>]*\btabindex=)(?![^>]*\bhighlighttable\b)(?=[\s>])")
 HAS_MATH = re.compile(r'class="[^"]*\bmath\b|\\\(|\\\[|\$\$')
 
 
@@ -127,6 +130,7 @@ def lighten(html: str, search_page: bool) -> str:
     if 'class="sd-' not in body:  # no sphinx-design component (cards, tabs) on the page
         html = DESIGN.sub("", html)
     html = BRAND.sub(r'<nav class="book-brand" aria-label="Book">\1</nav>', html)
+    html = TABLE_TAG.sub('<table tabindex="0"', html)
     return html.replace('<summary aria-label="Toggle hidden content">', "<summary>")
 
 
