@@ -13,8 +13,10 @@ QUIET_INDEX = 2>&1 | { grep -v 'is ignored: it is neither a file nor a directory
 PORT ?= 8000
 ADMIN_PORT ?= 8081
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
+# llama.cpp built for any x86-64 CPU (no -march=native), without the multimodal part the course never uses
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
 
-.PHONY: help venv demo serve book pdf lab refresh test test-lib test-notebooks test-book test-browser page-weight axe bench-serve constraints clean lint format second-machine mutation-check
+.PHONY: help venv demo serve book pdf lab refresh test test-lib test-notebooks test-book test-browser page-weight axe bench-serve bench-llm constraints clean lint format second-machine mutation-check
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -22,8 +24,10 @@ help:  ## list the commands
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	@$(PYTHON_BOOT) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "Python 3.11 is required, found " + sys.version.split()[0])'
 	@test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
-	$(PIP_INSTALL) -r requirements-dev.txt -c constraints.txt $(QUIET_INDEX)
+	@$(PY) -c 'import llama_cpp' 2>/dev/null || echo "first install: pip builds llama-cpp-python from source (measured 4-8 minutes on 2 cores; then reused from pip's wheel cache)"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP_INSTALL) -r requirements-dev.txt -c constraints.txt $(QUIET_INDEX)
 	$(PIP_INSTALL) --no-deps -e . $(QUIET_INDEX)
+	$(PY) -m mldeploy.llm.converter $(QUIET_INDEX)
 	@touch $@
 
 venv: $(STAMP)  ## create or update the virtual environment
@@ -99,7 +103,7 @@ mutation-check: $(STAMP)  ## apply each deliberate bug of code/mldeploy/book/mut
 
 constraints:  ## after changing a pin in requirements*.txt: install without the old lock, then re-pin everything
 	@test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
-	$(PIP_INSTALL) -r requirements-dev.txt $(QUIET_INDEX)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP_INSTALL) -r requirements-dev.txt $(QUIET_INDEX)
 	{ sed -n '1,3p' constraints.txt; $(PY) -m pip freeze --exclude-editable | sed 's/^torch==2.13.0+cpu$$/torch==2.13.0/'; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt
 
@@ -133,3 +137,6 @@ lint-docker: $(STAMP)  ## lint the Dockerfile (hadolint) and validate deploy/k8s
 
 bench-serve: $(STAMP)  ## benchmark the inference service with wrk (apt-get install -y wrk) and print the table
 	$(PY) -m mldeploy.loadtest.bench
+
+bench-llm: $(STAMP)  ## benchmark 5.6: continuous vs static batching, our server vs llama.cpp's, formats; prints the table
+	$(PY) -m mldeploy.llm.bench
