@@ -20,8 +20,8 @@ from mldeploy.quant.fake_quant import (
 
 
 def hessian(x: torch.Tensor) -> torch.Tensor:
-    """``2 XᵀX / n`` in float64 for inputs ``x`` of shape (n, in_features)."""
-    x = x.double()
+    """``2 XᵀX / n`` in float64 for inputs ``x`` of shape (n, in_features) or (…, in_features)."""
+    x = x.reshape(-1, x.shape[-1]).double()  # a sequence model's (windows, positions, features)
     return 2.0 * x.T @ x / len(x)
 
 
