@@ -27,13 +27,18 @@ from mldeploy.quant import cache
 
 
 def hf_folder(trained) -> Path:
-    """The model and tokenizer in Hugging Face form (``save_pretrained``), written once."""
-    out = Path(trained.folder) / f"hf-{cache.source_digest(model, tokenizer)}"
+    """The model and tokenizer in Hugging Face form (``save_pretrained``), written once.
+
+    ``tokenizer.model`` goes in too: from ``tokenizer.json`` alone llama.cpp's converter keeps no
+    merge scores (all -1000), and llama.cpp then merges pieces in another order than SentencePiece.
+    """
+    out = Path(trained.folder) / f"hf-{cache.source_digest(model, tokenizer, hf_folder)}"
     if (out / "config.json").is_file():
         return out
     tmp = Path(tempfile.mkdtemp(prefix=".hf-", dir=trained.folder))
     model.to_transformers(trained.model).save_pretrained(tmp)
     tokenizer.to_transformers(trained.tokenizer.path).save_pretrained(tmp)
+    shutil.copy(trained.tokenizer.path, tmp / "tokenizer.model")
     return _publish(tmp, out)
 
 
