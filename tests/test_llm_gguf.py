@@ -72,8 +72,9 @@ def test_quantized_files_are_smaller_and_stay_close(
 
 
 def test_course_q4_k_bytes_are_the_encoders_and_decode_alike(trained: training.Trained) -> None:
-    fp32 = gguf.weights(trained)
-    assert len(fp32) == 4 * len(gguf.PROJECTIONS)
+    fp32 = gguf.matrices(trained)
+    assert len(gguf.weights(trained)) == 4 * len(gguf.PROJECTIONS)
+    assert len(fp32) == 4 * len(gguf.PROJECTIONS) + 2  # and token_embd, output
     reader = gguf_py.GGUFReader(gguf.write_gguf(trained, "Q4_K (course)"))
     for t in reader.tensors:
         if t.name not in fp32:

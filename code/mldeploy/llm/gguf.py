@@ -2,13 +2,15 @@
 
 Two ways in: llama.cpp's own tools (``convert_hf_to_gguf.py`` for F32/F16, then
 ``llama_model_quantize`` for Q8_0, Q4_0, Q4_K_M), and 5.3c's k-quant encoder, whose Q4_K bytes
-replace llama.cpp's in a file quantized to Q4_K throughout (same layout, same size: only the
-rounding differs). Every file is loaded by llama.cpp and scored on the held-out windows of
+replace every tensor of a file llama.cpp quantized to Q4_K throughout (same layout, same size:
+only the rounding differs). Every file is loaded by llama.cpp and scored on the held-out windows of
 ``evaluation``, like every other engine in 5.6.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -68,28 +70,33 @@ def write_gguf(trained, kind: str) -> Path:
             _quantize(write_gguf(trained, "F32"), tmp, "Q4_K_S", pure=True)
         elif kind == "Q4_K (course)":
             tmp.write_bytes(write_gguf(trained, "Q4_K (llama.cpp)").read_bytes())
-            _encode_projections_in_place(tmp, weights(trained))
+            _encode_in_place(tmp, matrices(trained))
         else:
             _quantize(write_gguf(trained, "F32"), tmp, kind)
     return path
 
 
-def weights(trained) -> dict[str, np.ndarray]:
-    """The 28 FP32 projection matrices (out, in), read from the F32 GGUF under llama.cpp's names."""
+def matrices(trained) -> dict[str, np.ndarray]:
+    """Every FP32 matrix (out, in) of the F32 GGUF under llama.cpp's names: the 28 projections,
+    ``token_embd`` and ``output``."""
     reader = gguf_py.GGUFReader(write_gguf(trained, "F32"))
     return {
         t.name: np.array(t.data, dtype=np.float32).reshape(t.shape[::-1])
         for t in reader.tensors
-        if t.name.split(".")[-2] in PROJECTIONS
+        if len(t.shape) == 2
     }
 
 
-def _encode_projections_in_place(path: Path, fp32: dict[str, np.ndarray]) -> None:
-    """Overwrite each projection's Q4_K bytes with 5.3c's ``encode_q4_k`` of the FP32 matrix."""
+def weights(trained) -> dict[str, np.ndarray]:
+    """The 28 FP32 projection matrices (out, in)."""
+    return {n: w for n, w in matrices(trained).items() if n.split(".")[-2] in PROJECTIONS}
+
+
+def _encode_in_place(path: Path, fp32: dict[str, np.ndarray]) -> None:
+    """Overwrite every Q4_K tensor's bytes with 5.3c's ``encode_q4_k`` of its FP32 matrix."""
     reader = gguf_py.GGUFReader(path, "r+")
     for t in reader.tensors:
-        if t.name in fp32:
-            assert t.tensor_type == gguf_py.GGMLQuantizationType.Q4_K, (t.name, t.tensor_type)
+        if t.tensor_type == gguf_py.GGMLQuantizationType.Q4_K:
             t.data[...] = gguf_export.quantize_tensor(fp32[t.name], "Q4_K").reshape(t.data.shape)
     reader.data.flush()
 
@@ -107,6 +114,14 @@ def dequantized(path: Path) -> dict[str, tuple[str, np.ndarray]]:
 def relative_error(reference: np.ndarray, approx: np.ndarray) -> float:
     """‖W − Ŵ‖ / ‖W‖ (Frobenius)."""
     return float(np.linalg.norm(reference - approx) / np.linalg.norm(reference))
+
+
+def vocabulary(path: Path):
+    """llama.cpp's tokenizer of a GGUF file (``vocab_only``), without its start-up log line."""
+    from llama_cpp import Llama
+
+    with contextlib.redirect_stderr(io.StringIO()):
+        return Llama(model_path=str(path), vocab_only=True, verbose=False)
 
 
 def load(path: Path):
