@@ -1,0 +1,330 @@
+"""A batching engine: one worker thread steps every running sequence together.
+
+Each sequence keeps its own KV cache, so rows of a batch sit at different positions. A step
+(``Engine.step``) does three things: drop cancelled sequences, admit waiting ones (each is
+prefilled on its own and yields its first token), and run one batched decode step
+(``decode_step``) for the others.
+
+The two policies differ only in *when* waiting requests may join:
+
+- continuous batching: at every step, while there is room (``max_running`` sequences,
+  ``max_tokens_in_flight`` reserved cache positions);
+- static batching: only when the running batch is empty, so a batch runs until its longest
+  sequence finishes, and the slots freed by short ones stay idle.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch.nn import functional as F
+
+from mldeploy.llm.kv_cache import KVCache
+from mldeploy.llm.model import Llama, apply_rope
+
+log = logging.getLogger("mldeploy.llm.engine")
+
+
+MIN_TEMPERATURE = 1e-3  # below this, sampling is greedy (and logits / T would overflow)
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its cap; the client should retry later."""
+
+
+@torch.no_grad()
+def decode_step(net: Llama, tokens: list[int], caches: list[KVCache]) -> torch.Tensor:
+    """Next-token logits (rows, vocab) for one new token per row, each row at its own position.
+
+    Row i's token goes to position ``caches[i].length``: RoPE uses that position, and the
+    attention mask over the padded keys hides the positions row i has not filled yet.
+    """
+    pos = torch.tensor([c.length for c in caches])
+    if int(pos.max()) >= net.cfg.max_seq_len:
+        raise ValueError(f"a row exceeds max_seq_len={net.cfg.max_seq_len}")
+    width = int(pos.max()) + 1  # keys of the longest row, the new one included
+    cos = net.rope_cos[pos][:, None, None, :]  # (rows, 1 head, 1 query, head_dim)
+    sin = net.rope_sin[pos][:, None, None, :]
+    mask = (torch.arange(width)[None, :] <= pos[:, None])[:, None, None, :]  # (rows,1,1,width)
+    x = net.model.embed_tokens(torch.tensor(tokens)[:, None])
+    for block in net.model.layers:
+        h = block.input_layernorm(x)
+        x = x + _attend(block.self_attn, h, cos, sin, caches, width, mask)
+        x = x + block.mlp(block.post_attention_layernorm(x))
+    for cache in caches:
+        cache.advance(1)
+    return net.lm_head(net.model.norm(x))[:, 0]
+
+
+def _attend(attn, x, cos, sin, caches, width, mask) -> torch.Tensor:
+    """The model's attention for one query per row, over each row's own cache (padded)."""
+    cfg, rows = attn.cfg, x.shape[0]
+    q = attn.q_proj(x).view(rows, 1, cfg.n_heads, cfg.head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(rows, 1, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+    v = attn.v_proj(x).view(rows, 1, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    keys, values = [], []
+    for i, cache in enumerate(caches):
+        ki, vi = cache.update(attn.layer, k[i : i + 1], v[i : i + 1])
+        pad = (0, 0, 0, width - ki.shape[2])  # zeros after this row's end; the mask hides them
+        keys.append(F.pad(ki, pad))
+        values.append(F.pad(vi, pad))
+    groups = cfg.n_heads // cfg.n_kv_heads
+    keys = torch.cat(keys).repeat_interleave(groups, dim=1)
+    values = torch.cat(values).repeat_interleave(groups, dim=1)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+    return attn.o_proj(out.transpose(1, 2).reshape(rows, 1, -1))
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request: its prompt, the tokens generated so far, its cache and its timestamps."""
+
+    id: int
+    prompt: list[int]
+    max_tokens: int
+    temperature: float = 0.0
+    seed: int = 0
+    on_token: Callable[[Sequence, int | None], None] | None = None
+    generated: list[int] = field(default_factory=list)
+    cache: KVCache | None = None
+    cancelled: bool = False
+    finish_reason: str | None = None  # "length", "stop", "cancelled" or "error" once done
+    submitted: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    generator: torch.Generator | None = None
+
+    @property
+    def need(self) -> int:
+        """Cache positions reserved for this sequence: prompt plus every new token."""
+        return len(self.prompt) + self.max_tokens
+
+
+@dataclass
+class Stats:
+    """What the engine measured: per-request TTFT and TPOT (recent ones), tokens, steps."""
+
+    ttft: collections.deque = field(default_factory=lambda: collections.deque(maxlen=1000))
+    tpot: collections.deque = field(default_factory=lambda: collections.deque(maxlen=1000))
+    tokens: int = 0
+    finished: int = 0
+    cancelled: int = 0
+    busy_since: float | None = None
+
+
+class Engine:
+    """Schedules sequences onto batched decode steps; ``start()`` runs it in a worker thread."""
+
+    def __init__(
+        self,
+        net: Llama,
+        *,
+        batching: str = "continuous",
+        max_running: int = 8,
+        max_tokens_in_flight: int | None = None,
+        max_waiting: int = 64,
+        eos_id: int | None = None,
+        log_steps: int = 100_000,
+    ) -> None:
+        if batching not in ("continuous", "static"):
+            raise ValueError("batching must be 'continuous' or 'static'")
+        self.net, self.batching, self.eos_id = net.eval(), batching, eos_id
+        self.max_running, self.max_waiting = max_running, max_waiting
+        self.max_tokens_in_flight = max_tokens_in_flight or max_running * net.cfg.max_seq_len
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []
+        self.steps = 0
+        self.step_log: collections.deque[list[int]] = collections.deque(maxlen=log_steps)
+        self.stats = Stats()
+        self._ids = itertools.count()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # ---- called by clients (any thread) ----
+
+    def submit(self, prompt: list[int], max_tokens: int, **options) -> Sequence:
+        """Queue a request; raises ``QueueFull`` at the cap and ``ValueError`` if it cannot fit."""
+        seq = Sequence(next(self._ids), list(prompt), max_tokens, **options)
+        if not prompt or max_tokens < 1:
+            raise ValueError("need a non-empty prompt and max_tokens >= 1")
+        if seq.need > min(self.net.cfg.max_seq_len, self.max_tokens_in_flight):
+            raise ValueError(
+                f"prompt + max_tokens exceed the context of {self.net.cfg.max_seq_len}"
+            )
+        with self._cond:
+            if len(self.waiting) >= self.max_waiting:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting")
+            self.waiting.append(seq)
+            self._cond.notify()
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        """Mark ``seq`` cancelled; the next step frees its slot and cache."""
+        with self._cond:
+            seq.cancelled = True
+            self._cond.notify()
+
+    @property
+    def tokens_in_flight(self) -> int:
+        return sum(s.need for s in self.running)
+
+    # ---- the scheduler ----
+
+    @torch.no_grad()
+    def step(self) -> bool:
+        """One scheduler iteration; False if there was nothing to do."""
+        self._drop_cancelled()
+        joined = self._admit()
+        decoding = [s for s in self.running if s not in joined]
+        if not joined and not decoding:
+            return False
+        for seq in joined:
+            logits = self.net(torch.tensor([seq.prompt]), seq.cache)[0, -1]
+            self._emit(seq, logits)
+        if decoding:
+            logits = decode_step(
+                self.net, [s.generated[-1] for s in decoding], [s.cache for s in decoding]
+            )
+            for seq, row in zip(decoding, logits, strict=True):
+                self._emit(seq, row)
+        self.steps += 1
+        self.step_log.append([s.id for s in self.running])
+        self.running = [s for s in self.running if s.finish_reason is None]
+        return True
+
+    def _drop_cancelled(self) -> None:
+        with self._cond:
+            gone = [s for s in itertools.chain(self.waiting, self.running) if s.cancelled]
+            self.waiting = collections.deque(s for s in self.waiting if not s.cancelled)
+            self.running = [s for s in self.running if not s.cancelled]
+        for seq in gone:
+            self._finish(seq, "cancelled")
+
+    def _admit(self) -> list[Sequence]:
+        """Move waiting sequences into the batch, as the policy allows; allocate their caches."""
+        if self.batching == "static" and self.running:
+            return []  # a static batch runs until every sequence in it has finished
+        joined = []
+        with self._cond:
+            while self.waiting and len(self.running) < self.max_running:
+                if self.tokens_in_flight + self.waiting[0].need > self.max_tokens_in_flight:
+                    break
+                seq = self.waiting.popleft()
+                seq.cache = KVCache.for_model(self.net.cfg, max_len=seq.need)
+                if seq.temperature > 0:
+                    seq.generator = torch.Generator().manual_seed(seq.seed)
+                self.running.append(seq)
+                joined.append(seq)
+        return joined
+
+    def _emit(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """Pick the next token, hand it to the client, finish the sequence if it is done."""
+        if seq.temperature < MIN_TEMPERATURE:
+            token = int(logits.argmax())
+        else:  # subtracting the max keeps exp() finite for small temperatures
+            probs = torch.softmax((logits - logits.max()) / seq.temperature, dim=-1)
+            token = int(torch.multinomial(probs, 1, generator=seq.generator))
+        now = time.perf_counter()
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+            self.stats.ttft.append(now - seq.submitted)
+        if self.stats.busy_since is None:
+            self.stats.busy_since = now
+        seq.generated.append(token)
+        self.stats.tokens += 1
+        if seq.on_token is not None:
+            seq.on_token(seq, token)
+        if token == self.eos_id:
+            self._finish(seq, "stop")
+        elif len(seq.generated) >= seq.max_tokens:
+            self._finish(seq, "length")
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.finish_reason, seq.finished_at, seq.cache = reason, time.perf_counter(), None
+        if reason in ("cancelled", "error"):
+            self.stats.cancelled += reason == "cancelled"
+        else:
+            self.stats.finished += 1
+            if len(seq.generated) > 1:
+                spent = seq.finished_at - seq.first_token_at
+                self.stats.tpot.append(spent / (len(seq.generated) - 1))
+        if seq.on_token is not None:
+            seq.on_token(seq, None)  # None: no more tokens
+
+    def run_until_idle(self) -> int:
+        """Step (in this thread) until nothing waits or runs; returns the steps taken."""
+        start = self.steps
+        while self.step():
+            pass
+        return self.steps - start
+
+    # ---- the worker thread ----
+
+    def start(self) -> Engine:
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="llm-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def _loop(self) -> None:
+        torch.set_num_threads(1)  # shared 2-core machine: one core for the model, one for HTTP
+        while True:
+            with self._cond:
+                while not self._stopping and not self.waiting and not self.running:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except Exception:  # a bug must not kill the worker: fail the batch, keep serving
+                log.exception("engine step failed; finishing the running sequences")
+                failed, self.running = self.running, []
+                for seq in failed:
+                    self._finish(seq, "error")
+
+    def metrics(self) -> dict:
+        """Recent TTFT/TPOT medians, tokens/s since the first token, running and waiting counts."""
+        s = self.stats
+        busy = time.perf_counter() - s.busy_since if s.busy_since else 0.0
+        return {
+            "batching": self.batching,
+            "running": len(self.running),
+            "waiting": len(self.waiting),
+            "steps": self.steps,
+            "tokens_generated": s.tokens,
+            "requests_finished": s.finished,
+            "requests_cancelled": s.cancelled,
+            "tokens_per_s": round(s.tokens / busy, 1) if busy > 0 else 0.0,
+            "ttft_ms_p50": _ms(_quantile(s.ttft, 0.5)),
+            "ttft_ms_p99": _ms(_quantile(s.ttft, 0.99)),
+            "tpot_ms_p50": _ms(_quantile(s.tpot, 0.5)),
+            "tpot_ms_p99": _ms(_quantile(s.tpot, 0.99)),
+        }
+
+
+def _quantile(values, q: float) -> float | None:
+    values = sorted(values)
+    if not values:
+        return None
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 2)

@@ -1,0 +1,244 @@
+"""The LLM server (section 5.6d): batched decode parity, continuous vs static scheduling,
+streaming, cancellation, bad requests and back-pressure. A small random model; no timings."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+
+import httpx
+import pytest
+import torch
+
+from mldeploy.llm.generation import generate
+from mldeploy.llm.kv_cache import KVCache
+from mldeploy.llm.model import Llama, LlamaConfig
+from mldeploy.llm.serving import loadgen
+from mldeploy.llm.serving.api import create_app
+from mldeploy.llm.serving.engine import Engine, QueueFull, decode_step
+from mldeploy.serving import BackgroundServer
+
+CFG = LlamaConfig(
+    vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=256
+)
+
+
+class CharTokenizer:
+    """One token per character (a-z and space), enough to drive the API with a random model."""
+
+    ALPHABET = "abcdefghijklmnopqrstuvwxyz "
+
+    def encode(self, text: str) -> list[int]:
+        return [3 + self.ALPHABET.index(c) for c in text.lower() if c in self.ALPHABET]
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(self.ALPHABET[i % len(self.ALPHABET)] for i in ids)
+
+
+@pytest.fixture(scope="module")
+def net() -> Llama:
+    torch.manual_seed(0)
+    return Llama(CFG).eval()
+
+
+@pytest.fixture
+def server(net):
+    """A continuous-batching server on a free loopback port; always stopped."""
+    with BackgroundServer(create_app(net, CharTokenizer(), max_running=4)) as srv:
+        yield srv
+
+
+@torch.no_grad()
+def test_batched_decode_step_equals_the_model_row_by_row(net):
+    caches, tokens = [], [5, 9, 11, 40]
+    for n in (1, 4, 9, 17):  # rows at different positions
+        cache = KVCache.for_model(CFG, max_len=n + 3)
+        net(
+            torch.randint(0, CFG.vocab_size, (1, n), generator=torch.Generator().manual_seed(n)),
+            cache,
+        )
+        caches.append(cache)
+    expected = [net(torch.tensor([[t]]), copy.deepcopy(c))[0, -1] for t, c in zip(tokens, caches)]
+    got = decode_step(net, tokens, caches)
+    for row, want in zip(got, expected, strict=True):
+        torch.testing.assert_close(row, want, atol=1e-5, rtol=1e-5)
+    assert [c.length for c in caches] == [2, 5, 10, 18]  # each cache advanced by one
+
+
+@pytest.mark.parametrize("batching", ["continuous", "static"])
+def test_engine_output_equals_generate(net, batching):
+    prompts = [[3, 4, 5], [7] * 11, [9, 8]]
+    engine = Engine(net, batching=batching, max_running=2)
+    seqs = [engine.submit(p, 5 + 3 * i) for i, p in enumerate(prompts)]
+    engine.run_until_idle()
+    for p, seq in zip(prompts, seqs):
+        assert seq.generated == generate(net, p, seq.max_tokens)
+    sampled = engine.submit([3, 4, 5], 8, temperature=0.8, seed=7)
+    engine.run_until_idle()
+    assert sampled.generated == generate(net, [3, 4, 5], 8, temperature=0.8, seed=7)
+
+
+def _schedule(net, batching: str) -> tuple[list[list[int]], int]:
+    """A long request, a short one, and a third that arrives after the first step."""
+    engine = Engine(net, batching=batching, max_running=2)
+    long, short = engine.submit([3, 4], 8), engine.submit([5], 2)
+    engine.step()
+    late = engine.submit([6, 7], 3)
+    engine.run_until_idle()
+    assert (long.id, short.id, late.id) == (0, 1, 2)
+    return list(engine.step_log), engine.steps
+
+
+def test_continuous_admits_while_others_run_static_does_not(net):
+    log, steps = _schedule(net, "continuous")
+    assert any({0, 2} <= set(ids) for ids in log)  # the late request joined the long one
+    assert max(len(ids) for ids in log) <= 2  # the cap on running sequences
+    assert steps == 8
+    log, steps = _schedule(net, "static")
+    assert not any({0, 2} <= set(ids) for ids in log)  # it waited for the whole batch
+    assert steps == 8 + 3
+
+
+def test_tokens_in_flight_cap(net):
+    engine = Engine(net, max_running=8, max_tokens_in_flight=20)
+    for _ in range(4):
+        engine.submit([3] * 5, 5)  # 10 positions each: two fit
+    engine.run_until_idle()
+    assert max(len(ids) for ids in engine.step_log) == 2
+
+
+def test_cancel_frees_the_slot_within_one_step(net):
+    engine = Engine(net, max_running=1)
+    first, second = engine.submit([3, 4], 50), engine.submit([5], 3)
+    engine.step()
+    engine.cancel(first)
+    engine.step()
+    assert engine.step_log[-1] == [second.id]  # the very next step runs the waiting one
+    assert first.finish_reason == "cancelled" and first.cache is None
+
+
+def test_200_cancelled_requests_leak_nothing(net):
+    engine = Engine(net, max_running=8, max_waiting=200)
+    seqs = [engine.submit([3, 4, 5], 40) for _ in range(200)]
+    for _ in range(3):
+        engine.step()
+    for seq in seqs:
+        engine.cancel(seq)
+    engine.step()
+    assert not engine.running and not engine.waiting and engine.tokens_in_flight == 0
+    assert engine.stats.cancelled == 200
+    assert all(s.cache is None and s.finish_reason == "cancelled" for s in seqs)
+
+
+def _events(answer: httpx.Response) -> list[dict | str]:
+    out = []
+    for line in answer.iter_lines():
+        if line.startswith("data: "):
+            out.append("[DONE]" if line == "data: [DONE]" else json.loads(line[6:]))
+    return out
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_streamed_text_equals_non_streamed(server, temperature):
+    body = {"model": "tiny-llama", "prompt": "hello world", "max_tokens": 12, "seed": 3}
+    body["temperature"] = temperature
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        whole = client.post("/v1/completions", json=body).json()
+        with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as answer:
+            assert answer.headers["content-type"].startswith("text/event-stream")
+            events = _events(answer)
+    assert events[-1] == "[DONE]"
+    text = "".join(e["choices"][0]["text"] for e in events[:-1])
+    assert text == whole["choices"][0]["text"] and len(text) == 12
+    assert events[-2]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+    assert whole["usage"] == {"prompt_tokens": 11, "completion_tokens": 12, "total_tokens": 23}
+
+
+def test_models_health_metrics(server):
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        assert client.get("/health").json() == {"status": "ok"}
+        assert client.get("/v1/models").json()["data"][0]["id"] == "tiny-llama"
+        client.post(
+            "/v1/completions", json={"model": "tiny-llama", "prompt": "hi", "max_tokens": 3}
+        )
+        metrics = client.get("/metrics").json()
+    assert metrics["tokens_generated"] >= 3 and metrics["running"] == 0
+    assert metrics["waiting"] == 0 and metrics["ttft_ms_p50"] is not None
+
+
+def test_disconnecting_client_cancels_its_sequence(net):
+    slow = copy.deepcopy(net)
+    slow.lm_head.register_forward_pre_hook(lambda *_: time.sleep(0.01))  # ~2.5 s for 250 tokens
+    body = {"model": "tiny-llama", "prompt": "abc", "max_tokens": 250, "stream": True}
+    with BackgroundServer(create_app(slow, CharTokenizer())) as srv:
+        engine = srv.app.state.engine
+        with httpx.Client(base_url=srv.url, timeout=30) as client:
+            with client.stream("POST", "/v1/completions", json=body) as answer:
+                next(answer.iter_lines())  # the first token arrived; now hang up
+        deadline = time.monotonic() + 10
+        while engine.stats.cancelled == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert engine.stats.cancelled == 1 and engine.stats.finished == 0
+        assert not engine.running
+
+
+BAD = [
+    ({"model": "tiny-llama", "prompt": "a" * 300}, 400, "prompt is 300 tokens"),
+    ({"model": "tiny-llama", "prompt": "abc", "max_tokens": 0}, 422, "max_tokens"),
+    ({"model": "tiny-llama", "prompt": "abc", "max_tokens": 254}, 400, "exceeds"),
+    ({"model": "tiny-llama", "prompt": "abc", "max_tokens": "5"}, 422, "max_tokens"),
+    ({"model": "tiny-llama", "prompt": 7}, 422, "prompt"),
+    ({"model": "tiny-llama", "prompt": "abc", "temperature": -1}, 422, "temperature"),
+    ({"model": "gpt-4", "prompt": "abc"}, 400, "unknown model"),
+    ({"model": "tiny-llama", "prompt": ""}, 422, "prompt"),
+    ({"model": "tiny-llama", "prompt": "!!!"}, 400, "no tokens"),
+    ({"model": "tiny-llama", "prompt": "abc", "seed": -1}, 422, "seed"),
+    ({"prompt": "abc"}, 422, "model"),
+    ({"model": "tiny-llama", "prompt": "abc", "best_of": 2}, 422, "best_of"),
+]
+
+
+def test_bad_requests_get_one_clear_4xx(server):
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        for body, status, words in BAD:
+            answer = client.post("/v1/completions", json=body)
+            assert answer.status_code == status, (body, answer.text)
+            assert words in answer.json()["error"]["message"], (body, answer.text)
+        broken = client.post(
+            "/v1/completions", content=b'{"model": ', headers={"content-type": "application/json"}
+        )
+        assert broken.status_code == 422 and "JSON" in broken.json()["error"]["message"]
+        tiny = {"model": "tiny-llama", "prompt": "abc", "max_tokens": 3, "temperature": 1e-30}
+        assert client.post("/v1/completions", json=tiny).status_code == 200  # greedy, no NaN
+        assert client.get("/health").status_code == 200  # still serving
+
+
+def test_full_queue_answers_503_with_retry_after(net):
+    app = create_app(net, CharTokenizer(), max_waiting=2)
+    with BackgroundServer(app) as srv:
+        engine = app.state.engine
+        engine.stop()  # no worker: whatever is queued stays queued
+        for _ in range(2):
+            engine.submit([3, 4], 2)
+        with pytest.raises(QueueFull):
+            engine.submit([3, 4], 2)
+        with httpx.Client(base_url=srv.url, timeout=30) as client:
+            body = {"model": "tiny-llama", "prompt": "abc", "max_tokens": 2}
+            answer = client.post("/v1/completions", json=body)
+    assert answer.status_code == 503 and answer.headers["retry-after"] == "1"
+
+
+def test_loadgen_workload_is_seeded_and_mixed():
+    jobs = loadgen.workload(4, 3, seed=1)
+    assert jobs == loadgen.workload(4, 3, seed=1) and len(jobs) == 12
+    assert len({j.max_tokens for j in jobs}) > 3 and len({j.prompt for j in jobs}) > 3
+    assert loadgen.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.0
+
+
+def test_loadgen_against_a_server(server):
+    import asyncio
+
+    jobs = loadgen.workload(3, 2, seed=0, max_tokens=(2, 6))
+    report = asyncio.run(loadgen.run(server.url, jobs))
+    assert report["requests"] == 6 and report["tokens"] == sum(j.max_tokens for j in jobs)
