@@ -123,3 +123,19 @@ def test_unknown_kind_and_missing_converter_are_clear_errors(
     monkeypatch.setattr(converter, "HOME", tmp_path)
     with pytest.raises(FileNotFoundError, match="make venv"):
         converter.script()
+
+
+def test_llama_cpp_server_streams_every_requested_token_to_concurrent_clients(
+    trained: training.Trained,
+) -> None:
+    import asyncio
+
+    from mldeploy.llm import llamacpp_server
+    from mldeploy.llm.serving import loadgen
+
+    jobs = loadgen.workload(4, 2, seed=1)
+    with llamacpp_server.running(gguf.write_gguf(trained, "Q4_K_M")) as url:
+        result = asyncio.run(loadgen.run(url, jobs))
+    # queued, not interrupted: every stream gets all of its tokens
+    assert result["requests"] == len(jobs)
+    assert result["tokens"] == sum(job.max_tokens for job in jobs)
