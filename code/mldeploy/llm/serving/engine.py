@@ -305,7 +305,8 @@ class Engine:
         busy = time.perf_counter() - s.busy_since if s.busy_since else 0.0
         return {
             "batching": self.batching,
-            "running": len(self.running),
+            # a sequence that finished in the current step leaves ``running`` at the step's end
+            "running": sum(seq.finish_reason is None for seq in list(self.running)),
             "waiting": len(self.waiting),
             "steps": self.steps,
             "tokens_generated": s.tokens,
