@@ -1,15 +1,20 @@
-"""``python -m mldeploy.llm.serving --port 8001 --batching continuous|static``: serve the model."""
+"""``python -m mldeploy.llm.serving --port 8001 --batching continuous|static``: serve the model.
+
+Runs with 5.2's ``serve``: on SIGTERM /ready turns 503 and new completions are refused while
+running streams finish (``--drain-s``, then uvicorn's graceful shutdown); ``MLDEPLOY_*``
+environment variables set the rest of 5.2's server settings (timeouts, connection cap).
+"""
 
 from __future__ import annotations
 
 import argparse
 
 import torch
-import uvicorn
 
 from mldeploy.llm.serving.api import create_app
 from mldeploy.llm.training import train_or_load
-from mldeploy.serving.server import listen
+from mldeploy.serving.server import listen, serve
+from mldeploy.settings import ServiceSettings, load
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -19,8 +24,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batching", choices=("continuous", "static"), default="continuous")
     parser.add_argument("--max-running", type=int, default=8)
     parser.add_argument("--max-waiting", type=int, default=64)
+    parser.add_argument("--request-timeout-s", type=float, default=60.0)
+    parser.add_argument("--drain-s", type=float, default=None, help="default: MLDEPLOY_DRAIN_S")
     args = parser.parse_args(argv)
+    settings = load(ServiceSettings, host=args.host, port=args.port, drain_s=args.drain_s)
     torch.set_num_threads(1)
+    sock = listen(settings.host, settings.port)  # a clear one-line error if the port is taken
     trained = train_or_load()
     app = create_app(
         trained.model,
@@ -28,10 +37,12 @@ def main(argv: list[str] | None = None) -> None:
         batching=args.batching,
         max_running=args.max_running,
         max_waiting=args.max_waiting,
+        request_timeout_s=args.request_timeout_s,
+        settings=settings,
     )
-    sock = listen(args.host, args.port)  # a clear one-line error if the port is taken
-    print(f"serving {args.batching} batching on http://{args.host}:{args.port}", flush=True)
-    uvicorn.run(app, fd=sock.fileno(), log_level="warning")
+    print(f"serving {args.batching} batching on http://{settings.host}:{settings.port}", flush=True)
+    if not serve(app, sock):
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

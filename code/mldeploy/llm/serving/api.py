@@ -4,6 +4,10 @@
 events (``data: {json}\\n\\n`` per token, then ``data: [DONE]``). The engine runs in its own
 thread; its tokens cross into the event loop through ``call_soon_threadsafe``. A client that
 disconnects cancels its sequence, so its batch slot is free at the next step.
+
+5.2's defences carry over: a request-body limit (``BodySizeLimit``), a bounded waiting queue
+(503 + ``Retry-After``), a deadline per request, probes that report the engine thread, and a
+drain on SIGTERM (``LLMService`` plugs into 5.2's ``serve``/``BackgroundServer``).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mldeploy.llm.model import Llama
 from mldeploy.llm.serving.engine import Engine, QueueFull, Sequence
+from mldeploy.serving.middleware import BodySizeLimit
+from mldeploy.settings import ServiceSettings
 
 
 class TextTokenizer(Protocol):
@@ -40,6 +46,29 @@ class CompletionRequest(BaseModel):
     temperature: float = Field(0.0, ge=0.0, le=2.0, allow_inf_nan=False)
     seed: int = Field(0, ge=0, le=2**63 - 1)  # what torch.Generator.manual_seed accepts
     stream: bool = False
+
+
+class LLMService:
+    """What 5.2's server machinery asks of a service: settings, a draining flag, and probes.
+
+    Live while the engine thread runs; ready when also not draining (the model is loaded before
+    the app exists). ``DrainingServer`` sets ``draining`` on SIGTERM."""
+
+    metrics = None  # no connection counters: 5.2's protocol then counts nothing
+
+    def __init__(self, engine: Engine, settings: ServiceSettings) -> None:
+        self.engine, self.settings, self.draining = engine, settings, False
+
+    def health_probe(self) -> tuple[int, dict]:
+        live = self.engine.alive
+        return (200 if live else 503), {"status": "ok" if live else "failing"}
+
+    def ready_probe(self) -> tuple[int, dict]:
+        ready = self.engine.alive and not self.draining
+        return (200 if ready else 503), {"ready": ready}
+
+    def metrics_page(self) -> tuple[int, bytes, str]:
+        return 200, json.dumps(self.engine.metrics()).encode(), "application/json"
 
 
 def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
@@ -63,8 +92,13 @@ def create_app(
     max_running: int = 8,
     max_waiting: int = 64,
     max_tokens_in_flight: int | None = None,
+    request_timeout_s: float = 60.0,
+    max_body_bytes: int = 64 * 1024,
+    settings: ServiceSettings | None = None,
 ) -> FastAPI:
-    """The app; the engine's worker thread starts and stops with the app's lifespan."""
+    """The app; the engine's worker thread starts and stops with the app's lifespan.
+
+    ``settings``: 5.2's server settings (drain period, shutdown timeout, connection limits)."""
     engine = Engine(
         net,
         batching=batching,
@@ -82,15 +116,23 @@ def create_app(
             engine.stop()
 
     app = FastAPI(title="mldeploy LLM server", lifespan=lifespan)
-    app.state.engine = engine
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
+    service = LLMService(engine, settings or ServiceSettings())
+    app.state.engine, app.state.service = engine, service
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         return _error(422, _first_problem(exc))
 
     @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok"}
+    async def health() -> JSONResponse:
+        status, answer = service.health_probe()
+        return JSONResponse(answer, status_code=status)
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        status, answer = service.ready_probe()
+        return JSONResponse(answer, status_code=status)
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -103,6 +145,8 @@ def create_app(
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
+        if service.draining:  # SIGTERM: streams already running finish, new ones go elsewhere
+            return _error(503, "the server is shutting down; retry elsewhere", {"Retry-After": "1"})
         if body.model != model_name:
             return _error(400, f"unknown model {body.model!r}; this server has {model_name!r}")
         prompt = tokenizer.encode(body.prompt)
@@ -123,7 +167,7 @@ def create_app(
         try:
             seq = engine.submit(
                 prompt, body.max_tokens, temperature=body.temperature, seed=body.seed,
-                on_token=on_token,
+                on_token=on_token, deadline=time.perf_counter() + request_timeout_s,
             )  # fmt: skip
         except QueueFull:
             return _error(503, "too many requests are waiting; retry later", {"Retry-After": "1"})
@@ -174,6 +218,8 @@ async def _complete(engine, seq, tokens, tokenizer, meta, request: Request) -> J
     finally:
         if seq.finish_reason is None:
             engine.cancel(seq)
+    if seq.finish_reason == "timeout":
+        return _error(504, f"no complete answer within the deadline ({len(seq.generated)} tokens)")
     n_prompt, n_out = len(seq.prompt), len(seq.generated)
     usage = {
         "prompt_tokens": n_prompt,

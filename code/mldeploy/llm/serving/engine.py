@@ -1,13 +1,14 @@
 """A batching engine: one worker thread steps every running sequence together.
 
-Each sequence keeps its own KV cache, so rows of a batch sit at different positions. A step
-(``Engine.step``) does three things: drop cancelled sequences, admit waiting ones (each is
-prefilled on its own and yields its first token), and run one batched decode step
+Each running sequence owns one slot of a preallocated KV memory (``SlotPool``): its own cache,
+at its own position. A step (``Engine.step``) does three things: drop cancelled and expired
+sequences (their slots go back to the pool), admit waiting ones (each is prefilled on its own,
+by the model's own forward, and yields its first token), and run one batched decode step
 (``decode_step``) for the others.
 
 The two policies differ only in *when* waiting requests may join:
 
-- continuous batching: at every step, while there is room (``max_running`` sequences,
+- continuous batching: at every step, while there is room (``max_running`` slots,
   ``max_tokens_in_flight`` reserved cache positions);
 - static batching: only when the running batch is empty, so a batch runs until its longest
   sequence finishes, and the slots freed by short ones stay idle.
@@ -27,7 +28,7 @@ import torch
 from torch.nn import functional as F
 
 from mldeploy.llm.kv_cache import KVCache
-from mldeploy.llm.model import Llama, apply_rope
+from mldeploy.llm.model import Llama, LlamaConfig, apply_rope
 
 log = logging.getLogger("mldeploy.llm.engine")
 
@@ -39,14 +40,43 @@ class QueueFull(Exception):
     """The waiting queue is at its cap; the client should retry later."""
 
 
+class SlotPool:
+    """KV memory for ``slots`` sequences, allocated once: (slots, kv_heads, max_len, head_dim)
+    per layer. A running sequence owns one slot; its ``KVCache`` is a view of that row."""
+
+    def __init__(self, cfg: LlamaConfig, slots: int) -> None:
+        shape = (slots, cfg.n_kv_heads, cfg.max_seq_len, cfg.head_dim)
+        self.keys = [torch.zeros(shape) for _ in range(cfg.n_layers)]
+        self.values = [torch.zeros(shape) for _ in range(cfg.n_layers)]
+        self.free = list(range(slots))
+
+    def acquire(self) -> tuple[int, KVCache]:
+        """A free slot and an empty cache writing into it (old keys are hidden by its length)."""
+        slot = self.free.pop(0)
+        cache = KVCache(len(self.keys), 1, 1, 0, 1)  # no memory of its own: views of the pool
+        cache.keys = [k[slot : slot + 1] for k in self.keys]
+        cache.values = [v[slot : slot + 1] for v in self.values]
+        cache.max_len = self.keys[0].shape[2]
+        return slot, cache
+
+    def release(self, slot: int) -> None:
+        self.free.append(slot)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
 @torch.no_grad()
-def decode_step(net: Llama, tokens: list[int], caches: list[KVCache]) -> torch.Tensor:
+def decode_step(
+    net: Llama, tokens: list[int], pool: SlotPool, slots: list[int], positions: list[int]
+) -> torch.Tensor:
     """Next-token logits (rows, vocab) for one new token per row, each row at its own position.
 
-    Row i's token goes to position ``caches[i].length``: RoPE uses that position, and the
+    Row i's token goes to ``positions[i]`` of slot ``slots[i]``: RoPE uses that position, and the
     attention mask over the padded keys hides the positions row i has not filled yet.
     """
-    pos = torch.tensor([c.length for c in caches])
+    rows, pos = torch.tensor(slots), torch.tensor(positions)
     if int(pos.max()) >= net.cfg.max_seq_len:
         raise ValueError(f"a row exceeds max_seq_len={net.cfg.max_seq_len}")
     width = int(pos.max()) + 1  # keys of the longest row, the new one included
@@ -56,47 +86,43 @@ def decode_step(net: Llama, tokens: list[int], caches: list[KVCache]) -> torch.T
     x = net.model.embed_tokens(torch.tensor(tokens)[:, None])
     for block in net.model.layers:
         h = block.input_layernorm(x)
-        x = x + _attend(block.self_attn, h, cos, sin, caches, width, mask)
+        x = x + _attend(block.self_attn, h, cos, sin, pool, rows, pos, width, mask)
         x = x + block.mlp(block.post_attention_layernorm(x))
-    for cache in caches:
-        cache.advance(1)
     return net.lm_head(net.model.norm(x))[:, 0]
 
 
-def _attend(attn, x, cos, sin, caches, width, mask) -> torch.Tensor:
-    """The model's attention for one query per row, over each row's own cache (padded)."""
-    cfg, rows = attn.cfg, x.shape[0]
-    q = attn.q_proj(x).view(rows, 1, cfg.n_heads, cfg.head_dim).transpose(1, 2)
-    k = attn.k_proj(x).view(rows, 1, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
-    v = attn.v_proj(x).view(rows, 1, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+def _attend(attn, x, cos, sin, pool, rows, pos, width, mask) -> torch.Tensor:
+    """The model's attention for one query per row, over each row's slot of the pool."""
+    cfg, n = attn.cfg, x.shape[0]
+    q = attn.q_proj(x).view(n, 1, cfg.n_heads, cfg.head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(n, 1, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+    v = attn.v_proj(x).view(n, 1, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    keys, values = [], []
-    for i, cache in enumerate(caches):
-        ki, vi = cache.update(attn.layer, k[i : i + 1], v[i : i + 1])
-        pad = (0, 0, 0, width - ki.shape[2])  # zeros after this row's end; the mask hides them
-        keys.append(F.pad(ki, pad))
-        values.append(F.pad(vi, pad))
-    groups = cfg.n_heads // cfg.n_kv_heads
-    keys = torch.cat(keys).repeat_interleave(groups, dim=1)
-    values = torch.cat(values).repeat_interleave(groups, dim=1)
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-    return attn.o_proj(out.transpose(1, 2).reshape(rows, 1, -1))
+    keys, values = pool.keys[attn.layer], pool.values[attn.layer]
+    keys[rows, :, pos], values[rows, :, pos] = k[:, :, 0], v[:, :, 0]  # one write per row
+    # every row's keys up to the longest row; the mask hides what a shorter row has not written
+    out = F.scaled_dot_product_attention(
+        q, keys[rows, :, :width], values[rows, :, :width], attn_mask=mask, enable_gqa=True
+    )
+    return attn.o_proj(out.transpose(1, 2).reshape(n, 1, -1))
 
 
 @dataclass(eq=False)
 class Sequence:
-    """One request: its prompt, the tokens generated so far, its cache and its timestamps."""
+    """One request: its prompt, the tokens generated so far, its slot and its timestamps."""
 
     id: int
     prompt: list[int]
     max_tokens: int
     temperature: float = 0.0
     seed: int = 0
+    deadline: float | None = None  # time.perf_counter() after which the engine drops it
     on_token: Callable[[Sequence, int | None], None] | None = None
     generated: list[int] = field(default_factory=list)
+    slot: int | None = None
     cache: KVCache | None = None
     cancelled: bool = False
-    finish_reason: str | None = None  # "length", "stop", "cancelled" or "error" once done
+    finish_reason: str | None = None  # "length", "stop", "cancelled", "timeout" or "error"
     submitted: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     finished_at: float | None = None
@@ -117,6 +143,7 @@ class Stats:
     tokens: int = 0
     finished: int = 0
     cancelled: int = 0
+    timed_out: int = 0
     busy_since: float | None = None
 
 
@@ -139,6 +166,7 @@ class Engine:
         self.net, self.batching, self.eos_id = net.eval(), batching, eos_id
         self.max_running, self.max_waiting = max_running, max_waiting
         self.max_tokens_in_flight = max_tokens_in_flight or max_running * net.cfg.max_seq_len
+        self.pool = SlotPool(net.cfg, max_running)
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
         self.steps = 0
@@ -168,7 +196,7 @@ class Engine:
         return seq
 
     def cancel(self, seq: Sequence) -> None:
-        """Mark ``seq`` cancelled; the next step frees its slot and cache."""
+        """Mark ``seq`` cancelled; the next step frees its slot."""
         with self._cond:
             seq.cancelled = True
             self._cond.notify()
@@ -177,40 +205,54 @@ class Engine:
     def tokens_in_flight(self) -> int:
         return sum(s.need for s in self.running)
 
+    @property
+    def alive(self) -> bool:
+        """Whether the worker thread runs (liveness: a dead worker serves nobody)."""
+        return self._thread is not None and self._thread.is_alive()
+
     # ---- the scheduler ----
 
     @torch.no_grad()
     def step(self) -> bool:
         """One scheduler iteration; False if there was nothing to do."""
-        self._drop_cancelled()
+        self._drop_gone()
         joined = self._admit()
         decoding = [s for s in self.running if s not in joined]
         if not joined and not decoding:
             return False
-        for seq in joined:
+        for seq in joined:  # prefill: the model's own forward, writing into the slot's cache
             logits = self.net(torch.tensor([seq.prompt]), seq.cache)[0, -1]
             self._emit(seq, logits)
         if decoding:
-            logits = decode_step(
-                self.net, [s.generated[-1] for s in decoding], [s.cache for s in decoding]
-            )
+            tokens = [s.generated[-1] for s in decoding]
+            slots, positions = [s.slot for s in decoding], [s.cache.length for s in decoding]
+            logits = decode_step(self.net, tokens, self.pool, slots, positions)
             for seq, row in zip(decoding, logits, strict=True):
+                seq.cache.advance(1)
                 self._emit(seq, row)
         self.steps += 1
         self.step_log.append([s.id for s in self.running])
         self.running = [s for s in self.running if s.finish_reason is None]
         return True
 
-    def _drop_cancelled(self) -> None:
+    def _drop_gone(self) -> None:
+        """Finish cancelled sequences and those past their deadline, waiting or running."""
+        now = time.perf_counter()
         with self._cond:
-            gone = [s for s in itertools.chain(self.waiting, self.running) if s.cancelled]
-            self.waiting = collections.deque(s for s in self.waiting if not s.cancelled)
-            self.running = [s for s in self.running if not s.cancelled]
-        for seq in gone:
-            self._finish(seq, "cancelled")
+            gone = {
+                s
+                for s in itertools.chain(self.waiting, self.running)
+                if s.cancelled or (s.deadline is not None and now > s.deadline)
+            }
+            if not gone:
+                return
+            self.waiting = collections.deque(s for s in self.waiting if s not in gone)
+            self.running = [s for s in self.running if s not in gone]
+        for seq in sorted(gone, key=lambda s: s.id):
+            self._finish(seq, "cancelled" if seq.cancelled else "timeout")
 
     def _admit(self) -> list[Sequence]:
-        """Move waiting sequences into the batch, as the policy allows; allocate their caches."""
+        """Move waiting sequences into the batch, as the policy allows; give each a slot."""
         if self.batching == "static" and self.running:
             return []  # a static batch runs until every sequence in it has finished
         joined = []
@@ -219,7 +261,7 @@ class Engine:
                 if self.tokens_in_flight + self.waiting[0].need > self.max_tokens_in_flight:
                     break
                 seq = self.waiting.popleft()
-                seq.cache = KVCache.for_model(self.net.cfg, max_len=seq.need)
+                seq.slot, seq.cache = self.pool.acquire()
                 if seq.temperature > 0:
                     seq.generator = torch.Generator().manual_seed(seq.seed)
                 self.running.append(seq)
@@ -250,8 +292,12 @@ class Engine:
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.finish_reason, seq.finished_at, seq.cache = reason, time.perf_counter(), None
-        if reason in ("cancelled", "error"):
+        if seq.slot is not None:
+            self.pool.release(seq.slot)
+            seq.slot = None
+        if reason in ("cancelled", "timeout", "error"):
             self.stats.cancelled += reason == "cancelled"
+            self.stats.timed_out += reason == "timeout"
         else:
             self.stats.finished += 1
             if len(seq.generated) > 1:
@@ -288,7 +334,8 @@ class Engine:
         while True:
             with self._cond:
                 while not self._stopping and not self.waiting and not self.running:
-                    self._cond.wait()
+                    # wake up now and then: a waiting request's deadline passes without a notify
+                    self._cond.wait(timeout=1.0)
                 if self._stopping:
                     return
             try:
@@ -312,6 +359,8 @@ class Engine:
             "tokens_generated": s.tokens,
             "requests_finished": s.finished,
             "requests_cancelled": s.cancelled,
+            "requests_timed_out": s.timed_out,
+            "free_slots": len(self.pool.free),
             "tokens_per_s": round(s.tokens / busy, 1) if busy > 0 else 0.0,
             "ttft_ms_p50": _ms(_quantile(s.ttft, 0.5)),
             "ttft_ms_p99": _ms(_quantile(s.ttft, 0.99)),
