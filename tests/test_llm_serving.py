@@ -343,3 +343,23 @@ def test_sigterm_drains_running_streams_and_refuses_new_ones(net):
         assert not srv._thread.is_alive() and not app.state.engine.alive
     finally:
         srv.stop()
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(net):
+    broken = copy.deepcopy(net)
+    calls = {"n": 0}
+
+    def fail_once(*_):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected fault")
+
+    broken.lm_head.register_forward_pre_hook(fail_once)
+    with BackgroundServer(create_app(broken, CharTokenizer())) as srv:
+        with httpx.Client(base_url=srv.url, timeout=30) as client:
+            body = {"model": "tiny-llama", "prompt": "abc", "max_tokens": 3}
+            failed = client.post("/v1/completions", json=body)
+            assert failed.status_code == 500 and "engine failed" in failed.text
+            assert client.post("/v1/completions", json=body).status_code == 200
+            assert client.get("/health").status_code == 200
+        assert len(srv.app.state.engine.pool.free) == srv.app.state.engine.max_running

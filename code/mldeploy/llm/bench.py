@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import statistics
 
 import httpx
 import torch
@@ -195,6 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--per-stream", type=int, default=3)
     parser.add_argument("--max-running", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=3, help="load runs per policy (medians)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     from mldeploy.llm.training import train_or_load
@@ -203,11 +205,15 @@ def main(argv: list[str] | None = None) -> None:
     net, tok = trained.model, trained.tokenizer
     jobs = loadgen.workload(args.streams, args.per_stream, seed=args.seed)
     steps = {p: count_steps(net, tok, jobs, p, args.max_running) for p in POLICIES}
-    results = {p: measure(net, tok, jobs, p, args.max_running) for p in POLICIES}
+    runs: dict[str, list[dict]] = {p: [] for p in POLICIES}
+    for _ in range(args.repeats):  # alternate the policies: a busy spell hits both
+        for p in POLICIES:
+            runs[p].append(measure(net, tok, jobs, p, args.max_running))
+    results = {p: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for p, rs in runs.items()}
     n_tokens = sum(j.max_tokens for j in jobs)
     print(
         f"{len(jobs)} requests from {args.streams} streams, {n_tokens} tokens to generate, "
-        f"at most {args.max_running} running"
+        f"at most {args.max_running} running; timings: medians of {args.repeats} runs"
     )
     print(table(steps, results))
     print("\nour server (continuous batching) beside llama.cpp's server, same workload:")

@@ -13,6 +13,7 @@ drain on SIGTERM (``LLMService`` plugs into 5.2's ``serve``/``BackgroundServer``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -162,7 +163,8 @@ def create_app(
         loop = asyncio.get_running_loop()
 
         def on_token(seq: Sequence, token: int | None) -> None:  # runs in the engine thread
-            loop.call_soon_threadsafe(tokens.put_nowait, token)
+            with contextlib.suppress(RuntimeError):  # the loop closed at shutdown: nobody listens
+                loop.call_soon_threadsafe(tokens.put_nowait, token)
 
         try:
             seq = engine.submit(
@@ -218,6 +220,8 @@ async def _complete(engine, seq, tokens, tokenizer, meta, request: Request) -> J
     finally:
         if seq.finish_reason is None:
             engine.cancel(seq)
+    if seq.finish_reason == "error":
+        return _error(500, "the engine failed on this request; see the server log")
     if seq.finish_reason == "timeout":
         return _error(504, f"no complete answer within the deadline ({len(seq.generated)} tokens)")
     n_prompt, n_out = len(seq.prompt), len(seq.generated)
