@@ -124,13 +124,17 @@ def vocabulary(path: Path):
         return Llama(model_path=str(path), vocab_only=True, verbose=False)
 
 
-def load(path: Path):
-    """A llama.cpp model on one thread, keeping the logits of every position (for perplexity)."""
-    from llama_cpp import Llama
+def load(path: Path, f32_cache: bool = False):
+    """A llama.cpp model on one thread, keeping the logits of every position (for perplexity).
 
+    llama.cpp stores the KV cache at F16 unless told otherwise: ``f32_cache`` keeps it at F32.
+    """
+    from llama_cpp import GGML_TYPE_F32, Llama
+
+    cache = {"type_k": GGML_TYPE_F32, "type_v": GGML_TYPE_F32} if f32_cache else {}
     return Llama(
         model_path=str(path), n_ctx=N_CTX, n_batch=N_CTX, n_threads=1, n_threads_batch=1,
-        logits_all=True, verbose=False,
+        logits_all=True, verbose=False, **cache,
     )  # fmt: skip
 
 
