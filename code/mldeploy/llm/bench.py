@@ -25,7 +25,7 @@ import torch
 from mldeploy.llm.serving import loadgen
 from mldeploy.llm.serving.api import create_app
 from mldeploy.llm.serving.engine import Engine
-from mldeploy.serving.server import BackgroundServer
+from mldeploy.loadtest.background import BackgroundServer
 
 POLICIES = ("continuous", "static")
 

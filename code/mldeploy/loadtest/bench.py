@@ -7,21 +7,24 @@ when the absolute numbers do not. ``python -m mldeploy.loadtest.bench --seconds 
 from __future__ import annotations
 
 import argparse
+import ast
 import asyncio
 import json
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import numpy as np
 
+from mldeploy import serving
 from mldeploy.loadtest import loadgen
+from mldeploy.loadtest.background import BackgroundServer
 from mldeploy.loadtest.models import WIDE, two_moons_onnx, wide_onnx
 from mldeploy.paths import artifacts_dir
 from mldeploy.runtime import make_session, median_seconds, run_session
 from mldeploy.serving.metrics import metric
-from mldeploy.serving.server import BackgroundServer
 
 BODY = json.dumps({"features": [0.5, -0.3]})
 
@@ -169,7 +172,10 @@ def batching_rows(seconds: float) -> tuple[list[Row], dict]:
             batched.url + "/health", connections=1, seconds=(seconds - 1) / 2, method="GET"
         )
         measured["health_load"] = loadgen.finish_wrk(load)
+        capacity = _median(at64[True], "throughput")
         measured["overload"], measured["probe"] = _overload(batched.url, seconds)
+        measured["polite"] = _overload(batched.url, seconds, retry_after=True)[0]
+        measured["open"] = _overload(batched.url, seconds, rate=2 * capacity)
         measured["flood"] = _batch_flood(batched.url, seconds)
     measured.update(at64=at64, at1=at1)
     speedup = _median_ratio(at64[True], at64[False])
@@ -215,8 +221,8 @@ def batching_rows(seconds: float) -> tuple[list[Row], dict]:
         Row(
             "/health p50 / p99 (admin port) while /predict is saturated (64 clients)",
             f"{measured['health'].p50_ms:.2f} ms / {measured['health'].p99_ms:.2f} ms",
-            "≤ 5 ms",
-            measured["health"].p99_ms <= 5,
+            "p99 ≤ 250 ms (¼ of the 1 s probe timeout)",
+            measured["health"].p99_ms <= 250,
         ),
         Row(
             "/health p50 / p99 on the API port, same load (for comparison)",
@@ -226,6 +232,8 @@ def batching_rows(seconds: float) -> tuple[list[Row], dict]:
         ),
     ]
     rows += _overload_rows(measured["overload"], measured["probe"], p99[True])
+    rows += _polite_rows(measured["polite"], capacity)
+    rows += _open_loop_rows(*measured["open"], capacity, _median(at1[True], "p99_ms"))
     rows += _flood_rows(*measured["flood"])
     return rows, measured
 
@@ -311,9 +319,19 @@ def hygiene_rows() -> list[Row]:
     ]
 
 
-def _overload(url: str, seconds: float) -> tuple[loadgen.WrkResult, loadgen.ProbeResult]:
-    """512 wrk clients plus 16 probe clients that record each answer's status and latency."""
-    load = loadgen.start_wrk(url + "/predict", connections=512, seconds=seconds, body=BODY)
+def _overload(
+    url: str, seconds: float, *, rate: float | None = None, retry_after: bool = False
+) -> tuple[loadgen.WrkResult, loadgen.ProbeResult]:
+    """512 wrk clients (closed loop, or paced to ``rate`` in all: an open loop) plus 16 probe
+    clients that record each answer's status and latency."""
+    load = loadgen.start_wrk(
+        url + "/predict",
+        connections=512,
+        seconds=seconds,
+        body=BODY,
+        rate=rate,
+        retry_after=retry_after,
+    )
     time.sleep(0.5)
     probe = loadgen.probe(url + "/predict", BODY.encode(), connections=16, seconds=seconds - 1)
     return loadgen.finish_wrk(load), probe
@@ -381,6 +399,85 @@ def _overload_rows(
     return rows
 
 
+def _polite_rows(wrk: loadgen.WrkResult, capacity: float) -> list[Row]:
+    accepted = wrk.ok / wrk.seconds
+    return [
+        Row(
+            "512 clients honoring Retry-After (with jitter): answers 200 / 503 / other",
+            f"{wrk.ok:,} / {wrk.codes.get(503, 0):,} / "
+            f"{sum(n for c, n in wrk.codes.items() if c not in (200, 503)) + wrk.errors}",
+            "",
+            None,
+        ),
+        Row(
+            "512 clients honoring Retry-After: accepted ÷ 64-client throughput",
+            f"{accepted:,.0f} ÷ {capacity:,.0f} req/s = {accepted / capacity:.2f}",
+            "≥ 0.5",
+            accepted / capacity >= 0.5,
+        ),
+    ]
+
+
+def _open_loop_rows(
+    wrk: loadgen.WrkResult, probe: loadgen.ProbeResult, capacity: float, p99_unloaded: float
+) -> list[Row]:
+    offered, accepted = wrk.requests / wrk.seconds, wrk.ok / wrk.seconds
+    ok = probe.latencies(200) * 1e3
+    p99 = float(np.percentile(ok, 99)) if len(ok) else float("inf")
+    return [
+        Row(
+            f"open loop at 2× capacity ({2 * capacity:,.0f} req/s asked): offered / accepted",
+            f"{offered:,.0f} / {accepted:,.0f} req/s ({wrk.codes.get(503, 0):,} answered 503)",
+            "",
+            None,
+        ),
+        Row(
+            "open loop at 2× capacity: accepted ÷ capacity (64-client throughput)",
+            f"{accepted / capacity:.2f}",
+            "≥ 0.8",
+            accepted / capacity >= 0.8,
+        ),
+        Row(
+            "open loop at 2× capacity: accepted p99 (probe) vs 1-client p99",
+            f"{p99:.2f} ms vs {p99_unloaded:.2f} ms ({p99 / p99_unloaded:.1f}×)",
+            "≤ 10×",
+            p99 <= 10 * p99_unloaded,
+        ),
+    ]
+
+
+def library_lines() -> Row:
+    """Lines of ``mldeploy/serving`` (the library, tests not included), and of them the lines of
+    code (no blank line, comment or docstring)."""
+    folder = Path(serving.__file__).parent
+    sources = {p.name: p.read_text() for p in sorted(folder.glob("*.py"))}
+    total = sum(len(text.splitlines()) for text in sources.values())
+    code = sum(_code_lines(text) for text in sources.values())
+    return Row(
+        f"serving/ lines ({len(sources)} files): all / code only",
+        f"{total:,} / {code:,}",
+        "≤ 1,200 (all lines)",
+        total <= 1200,
+    )
+
+
+def _code_lines(text: str) -> int:
+    tree = ast.parse(text)
+    docstrings = set()
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr):
+            value = body[0].value
+            if isinstance(value, ast.Constant) and isinstance(value.value, str):
+                docstrings.update(range(body[0].lineno, body[0].end_lineno + 1))
+    lines = enumerate(text.splitlines(), 1)
+    return sum(
+        1
+        for i, ln in lines
+        if ln.strip() and not ln.lstrip().startswith("#") and i not in docstrings
+    )
+
+
 def format_table(rows: list[Row]) -> str:
     """Markdown table: measurement, value, target, met."""
     mark = {True: "yes", False: "**no**", None: ""}
@@ -411,6 +508,7 @@ def main(argv: list[str] | None = None) -> int:
         more, _ = batching_rows(args.seconds)
         rows += more
         rows += hygiene_rows()
+        rows.append(library_lines())
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -26,15 +26,47 @@ WRK_INSTALL_HINT = (
     " or `brew install wrk`"
 )
 
-# Counts responses by status in every wrk thread and prints one JSON line at the end.
+# Counts responses by status in every wrk thread and prints one JSON line at the end. Two optional
+# behaviors, set by the environment:
+# - WRK_INTERVAL_MS: pace each wrk thread to one request per interval (an open loop: the offered
+#   rate stays fixed whatever the answers, as long as enough connections are free to send);
+# - WRK_RETRY_AFTER=1: after a 503 with Retry-After, a connection waits that many seconds, scaled
+#   by a random factor in [0.5, 1.5) (jitter, so refused clients do not all come back together).
 _WRK_SCRIPT = r"""
+local ffi = require("ffi")
+ffi.cdef[[
+  typedef struct { long s; long ns; } mldeploy_ts;
+  int clock_gettime(int, mldeploy_ts *);
+]]
+local ts = ffi.new("mldeploy_ts")
+local function now_ms()  -- CLOCK_MONOTONIC, in milliseconds
+  ffi.C.clock_gettime(1, ts)
+  return tonumber(ts.s) * 1e3 + tonumber(ts.ns) / 1e6
+end
 wrk.method = os.getenv("WRK_METHOD")
 wrk.body = os.getenv("WRK_BODY")
 if wrk.body ~= "" then wrk.headers["Content-Type"] = "application/json" else wrk.body = nil end
+local interval = tonumber(os.getenv("WRK_INTERVAL_MS") or "") or 0
+local honor = os.getenv("WRK_RETRY_AFTER") == "1"
 local threads = {}
 function setup(thread) table.insert(threads, thread) end
-function init(args) codes = {} end
-function response(status, headers, body) codes[status] = (codes[status] or 0) + 1 end
+function init(args) codes = {}; owed = {}; slot = nil; math.randomseed(math.floor(now_ms())) end
+function delay()
+  if #owed > 0 then return table.remove(owed) end
+  if interval <= 0 then return 0 end
+  local t = now_ms()
+  if slot == nil or slot < t then slot = t end
+  local wait = slot - t
+  slot = slot + interval
+  return math.floor(wait)
+end
+function response(status, headers, body)
+  codes[status] = (codes[status] or 0) + 1
+  local after = tonumber(headers["retry-after"] or headers["Retry-After"] or "")
+  if honor and status == 503 and after then
+    table.insert(owed, math.floor(1e3 * after * (0.5 + math.random())))
+  end
+end
 function done(summary, latency, requests)
   local parts = {}
   for _, t in ipairs(threads) do
@@ -86,9 +118,19 @@ def have_wrk() -> bool:
 
 
 def start_wrk(
-    url: str, *, connections: int, seconds: float, method: str = "POST", body: str = ""
+    url: str,
+    *,
+    connections: int,
+    seconds: float,
+    method: str = "POST",
+    body: str = "",
+    rate: float | None = None,
+    retry_after: bool = False,
 ) -> subprocess.Popen:
-    """Start wrk against ``url`` in the background; finish it with :func:`finish_wrk`."""
+    """Start wrk against ``url`` in the background; finish it with :func:`finish_wrk`.
+
+    ``rate``: offer this many requests per second in all (an open loop) instead of sending again
+    as soon as an answer arrives; ``retry_after``: clients honor ``Retry-After`` on a 503."""
     require_loopback(url)
     if not have_wrk():
         raise RuntimeError(WRK_INSTALL_HINT)
@@ -107,6 +149,8 @@ def start_wrk(
         url,
     ]
     env = {**os.environ, "WRK_METHOD": method, "WRK_BODY": body}
+    env["WRK_INTERVAL_MS"] = f"{1e3 * threads / rate:.4f}" if rate else "0"
+    env["WRK_RETRY_AFTER"] = "1" if retry_after else "0"
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
@@ -127,13 +171,10 @@ def finish_wrk(proc: subprocess.Popen) -> WrkResult:
     )
 
 
-def run_wrk(
-    url: str, *, connections: int, seconds: float, method: str = "POST", body: str = ""
-) -> WrkResult:
-    """Run wrk for ``seconds`` with ``connections`` keep-alive clients; return its measurements."""
-    return finish_wrk(
-        start_wrk(url, connections=connections, seconds=seconds, method=method, body=body)
-    )
+def run_wrk(url: str, *, connections: int, seconds: float, **options: object) -> WrkResult:
+    """Run wrk for ``seconds`` with ``connections`` keep-alive clients; return its measurements
+    (``options``: those of :func:`start_wrk`)."""
+    return finish_wrk(start_wrk(url, connections=connections, seconds=seconds, **options))
 
 
 @dataclass
@@ -242,6 +283,32 @@ async def async_load(
     ready.set()
     await asyncio.gather(*tasks)
     return LoadResult(concurrency, np.array(latencies), time.perf_counter() - start, failures)
+
+
+async def post_with_retries(
+    client: httpx.AsyncClient,
+    path: str,
+    body: dict,
+    *,
+    tries: int = 5,
+    rng: random.Random | None = None,
+) -> httpx.Response:
+    """POST ``body``; after a 503, wait and try again, at most ``tries`` times in all.
+
+    The wait is the server's ``Retry-After`` (1 s if it sends none), doubled after each refusal
+    (exponential backoff), times a random factor in [0.5, 1.5) (jitter: clients refused together
+    come back spread out, not as one wave that is refused together again)."""
+    rng = rng or random.Random()
+    for attempt in range(tries):
+        response = await client.post(path, json=body)
+        if response.status_code != 503 or attempt == tries - 1:
+            break
+        try:
+            retry_after = float(response.headers.get("retry-after", "1"))
+        except ValueError:  # an HTTP date instead of seconds: wait the default
+            retry_after = 1.0
+        await asyncio.sleep(retry_after * 2**attempt * rng.uniform(0.5, 1.5))
+    return response
 
 
 async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:

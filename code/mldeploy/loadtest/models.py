@@ -1,8 +1,10 @@
-"""The two models the serving section measures: the course's two-moons MLP (cheap: HTTP overhead
-dominates) and a wide MLP whose single-sample call is costly enough for batching to matter."""
+"""The models the serving section measures: the course's two-moons MLP (cheap: HTTP overhead
+dominates), a wide MLP whose single-sample call is costly enough for batching to matter, and
+``DelayedPredictor``, any model made slower by a fixed delay."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from mldeploy.paths import artifacts_dir
+from mldeploy.serving.predictors import Predictor
 
 WIDE = {"hidden": 1024, "layers": 5}
 
@@ -81,3 +84,16 @@ def build_wide_mlp(
     path = Path(path)
     onnx.save(model, path)
     return path
+
+
+class DelayedPredictor:
+    """Wraps a predictor and adds a fixed delay to every call: a stand-in for a heavier model in
+    demos and tests (``time.sleep`` releases the GIL, as ONNX Runtime does while it computes)."""
+
+    def __init__(self, inner: Predictor, delay_s: float):
+        self.inner, self.delay_s = inner, delay_s
+        self.model_format, self.n_features = inner.model_format, inner.n_features
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        time.sleep(self.delay_s)
+        return self.inner.predict_proba(x)

@@ -15,7 +15,6 @@ import threading
 
 from mldeploy import settings as settings_module
 from mldeploy.serving import server
-from mldeploy.serving.probes import ProbeProcess
 
 
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -40,13 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         sock = server.listen(settings.host, settings.port)
         admin = server.listen(settings.host, settings.admin_port)
-    probes = None
-    if admin is not None:  # forked now, while this process has one thread
-        probes = ProbeProcess(admin, server.local_url(sock) + "/metrics", settings.header_timeout_s)
-        probes.start(close_in_child=(sock,))
     from mldeploy.serving.app import create_app_from_env  # FastAPI only once settings are good
 
     app = create_app_from_env(settings)
+    # probes answer from now on: /health 200 and /ready 503 while the model loads
+    probes = server.admin_server(app, admin) if admin is not None else None
+    if probes is not None:
+        probes.start()
     try:
         app.state.service.load()  # a bad model is one line, not a traceback
     except RuntimeError as exc:

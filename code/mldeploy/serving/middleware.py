@@ -1,7 +1,8 @@
-"""Pure ASGI middleware: a request-body size limit and structured (JSON lines) access logging.
+"""Structured access logging (JSON lines) as pure ASGI middleware.
 
 Pure ASGI rather than ``@app.middleware("http")``: Starlette's BaseHTTPMiddleware wraps every
-request and response in extra tasks and streams, which costs a large share of throughput.
+request and response in extra tasks and streams. The defenses (body limit, load shedding, ...)
+live in ``hardening``; ``BodySizeLimit`` is importable from here too.
 """
 
 from __future__ import annotations
@@ -10,85 +11,21 @@ import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Collection, MutableMapping
+from collections.abc import Callable, Collection
 from typing import Any
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+from mldeploy.serving.hardening import (  # noqa: F401 (BodySizeLimit, ASGIApp: re-exported)
+    ASGIApp,
+    BodySizeLimit,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    send_json,
+)
 
 access_logger = logging.getLogger("mldeploy.access")
 errors_logger = logging.getLogger("mldeploy.errors")
-
-
-async def send_json(
-    send: Send, status: int, body: dict, headers: list[tuple[bytes, bytes]] = ()
-) -> None:
-    """Send a complete JSON response straight from middleware."""
-    payload = json.dumps(body).encode()
-    head = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(payload)).encode()),
-        *headers,
-    ]
-    await send({"type": "http.response.start", "status": status, "headers": head})
-    await send({"type": "http.response.body", "body": payload})
-
-
-class _BodyTooLarge(Exception):
-    pass
-
-
-class BodySizeLimit:
-    """Answer 413 to a request body over ``max_bytes`` (FastAPI has no limit of its own).
-
-    A declared ``Content-Length`` is checked before reading anything; a chunked body is counted
-    as it streams in, so a client cannot get around the limit by not declaring a length.
-    """
-
-    def __init__(self, app: ASGIApp, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        for name, value in scope["headers"]:
-            if name == b"content-length":
-                if not value.isdigit():
-                    await send_json(send, 400, {"detail": "invalid Content-Length header"})
-                    return
-                if int(value) > self.max_bytes:
-                    await self._reject(send)
-                    return
-        received = 0
-        rejected = False
-
-        async def counting_receive() -> Message:
-            nonlocal received, rejected
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    # answer now: the framework would turn an error raised while reading into a 400
-                    rejected = True
-                    await self._reject(send)
-                    raise _BodyTooLarge
-            return message
-
-        async def guarded_send(message: Message) -> None:
-            if not rejected:  # after our 413, drop whatever the app still tries to send
-                await send(message)
-
-        try:
-            await self.app(scope, counting_receive, guarded_send)
-        except _BodyTooLarge:
-            pass
-
-    async def _reject(self, send: Send) -> None:
-        await send_json(send, 413, {"detail": f"request body larger than {self.max_bytes} bytes"})
 
 
 class AccessLog:
@@ -172,37 +109,3 @@ def _request_id(headers: list[tuple[bytes, bytes]]) -> str:
             if text.replace("-", "").replace("_", "").isalnum():
                 return text
     return os.urandom(8).hex()
-
-
-class FastPaths:
-    """Answer cheap requests before the framework runs: probes and load shedding.
-
-    ``probes`` maps a GET path to a function returning ``(status, body)``: health checks stay
-    cheap however busy the app is. ``shed(path)`` returning True answers 503 with ``Retry-After``
-    before the body is even parsed: under overload, every microsecond spent on a request that
-    will be refused is stolen from the ones that will be served.
-    """
-
-    def __init__(
-        self,
-        app: ASGIApp,
-        probes: dict[str, Callable[[], tuple[int, dict]]],
-        shed: Callable[[str], bool] = lambda path: False,
-        retry_after_s: int = 1,
-    ):
-        self.app, self.probes, self.shed = app, probes, shed
-        self.retry = [(b"retry-after", str(retry_after_s).encode())]
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            probe = self.probes.get(scope["path"]) if scope["method"] == "GET" else None
-            if probe is not None:
-                status, body = probe()
-                await send_json(send, status, body, self.retry if status == 503 else [])
-                return
-            if scope["method"] == "POST" and self.shed(scope["path"]):
-                await send_json(
-                    send, 503, {"detail": "server overloaded (queue full); retry later"}, self.retry
-                )
-                return
-        await self.app(scope, receive, send)

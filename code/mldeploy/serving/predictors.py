@@ -6,7 +6,6 @@ only when constructed, so this module (and the slim serving image) works without
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Protocol
 
@@ -67,16 +66,3 @@ class TorchScriptPredictor:
         with self._torch.inference_mode():
             logits = self._module(self._torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
         return softmax(logits.numpy())
-
-
-class DelayedPredictor:
-    """Wraps a predictor and adds a fixed delay to every call: a stand-in for a heavier model in
-    demos and tests (``time.sleep`` releases the GIL, as ONNX Runtime does while it computes)."""
-
-    def __init__(self, inner: Predictor, delay_s: float):
-        self.inner, self.delay_s = inner, delay_s
-        self.model_format, self.n_features = inner.model_format, inner.n_features
-
-    def predict_proba(self, x: np.ndarray) -> np.ndarray:
-        time.sleep(self.delay_s)
-        return self.inner.predict_proba(x)

@@ -1,0 +1,106 @@
+"""The course's load generator: wrk paced to a fixed rate (open loop) and honoring Retry-After,
+and the Python client with backoff and jitter, against tiny stand-in servers."""
+
+from __future__ import annotations
+
+import asyncio
+import http.server
+import random
+import threading
+import time
+
+import httpx
+import pytest
+
+from mldeploy.loadtest import loadgen
+
+needs_wrk = pytest.mark.skipif(not loadgen.have_wrk(), reason="wrk is not installed")
+
+
+class _Refusing(http.server.BaseHTTPRequestHandler):
+    """Answers every POST with 503 and ``Retry-After: 1``, or 200 once ``refusals`` are spent."""
+
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # head and body are two writes: no 40 ms delayed-ACK wait
+    refusals = 10**9
+    lock = threading.Lock()
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        with self.lock:
+            type(self).refusals -= 1
+            refused = type(self).refusals >= 0
+        self.send_response(503 if refused else 200)
+        if refused:
+            self.send_header("Retry-After", "1")
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    request_queue_size = 128  # the default 5 would leave wrk's connections waiting on SYN retries
+
+
+@pytest.fixture()
+def refusing():
+    handler = type("Handler", (_Refusing,), {"refusals": 10**9})
+    server = _Server(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", handler
+    server.shutdown()
+    server.server_close()
+
+
+@needs_wrk
+@pytest.mark.parametrize("rate", [50, 200])
+def test_paced_wrk_offers_the_rate_asked(refusing, rate):
+    url, _ = refusing
+    result = loadgen.run_wrk(url + "/x", connections=8, seconds=3, body="{}", rate=rate)
+    assert 0.9 * rate <= result.requests / result.seconds <= 1.1 * rate
+
+
+@needs_wrk
+def test_wrk_honors_retry_after_and_plain_wrk_does_not(refusing):
+    url, _ = refusing
+    polite = loadgen.run_wrk(url + "/x", connections=4, seconds=3, body="{}", retry_after=True)
+    rude = loadgen.run_wrk(url + "/x", connections=4, seconds=3, body="{}")
+    # each connection waits 0.5–1.5 s after every refusal: at most 1 + 3 / 0.5 requests in 3 s
+    assert polite.codes == {503: polite.requests} and polite.requests <= 4 * 7
+    assert rude.requests > 20 * polite.requests
+
+
+def test_post_with_retries_backs_off_with_jitter_then_succeeds(refusing, monkeypatch):
+    url, handler = refusing
+    handler.refusals = 2
+    waits: list[float] = []
+
+    async def fake_sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    async def run() -> httpx.Response:
+        async with httpx.AsyncClient(base_url=url) as client:
+            monkeypatch.setattr(loadgen.asyncio, "sleep", fake_sleep)
+            return await loadgen.post_with_retries(client, "/x", {}, rng=random.Random(0))
+
+    answer = asyncio.run(run())
+    assert answer.status_code == 200
+    assert len(waits) == 2 and 0.5 <= waits[0] < 1.5 and 1.0 <= waits[1] < 3.0  # doubled
+    assert waits[1] / waits[0] != 2.0  # jittered, not a fixed schedule
+
+
+def test_post_with_retries_gives_up_after_its_tries(refusing):
+    url, _ = refusing
+
+    async def run() -> tuple[httpx.Response, float]:
+        async with httpx.AsyncClient(base_url=url) as client:
+            start = time.perf_counter()
+            answer = await loadgen.post_with_retries(client, "/x", {}, tries=1)
+            return answer, time.perf_counter() - start
+
+    answer, seconds = asyncio.run(run())
+    assert answer.status_code == 503 and seconds < 0.5  # no wait after the last try
