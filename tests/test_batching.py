@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from mldeploy.serving.batching import (
+    ClientGone,
     Hooks,
     MicroBatcher,
     ModelError,
@@ -244,3 +245,19 @@ def test_every_model_call_runs_in_the_model_thread():
     asyncio.run(_with_batcher(model, body))
     assert len(model.batch_sizes) == 2
     assert model.threads == {"model_0"}
+
+
+def test_a_sample_whose_client_left_is_never_computed_and_fails_with_client_gone():
+    model = RecordingModel(delay=0.05)
+
+    async def body(batcher):
+        first = asyncio.ensure_future(batcher.submit(_sample(0)))  # keeps the model busy
+        await asyncio.sleep(0.01)
+        left = asyncio.ensure_future(batcher.submit(_sample(1), gone=lambda: True))
+        await first
+        # an exception of its own, not a cancelled task (uvicorn logs that as a server fault)
+        with pytest.raises(ClientGone):
+            await left
+
+    asyncio.run(_with_batcher(model, body))
+    assert model.batch_sizes == [1]  # only the first sample was ever computed

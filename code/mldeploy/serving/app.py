@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import Field, create_model
 
 from mldeploy.serving.batching import (
+    ClientGone,
     DeadlineExceeded,
     MicroBatcher,
     ModelError,
@@ -155,6 +156,7 @@ ERRORS: dict[type[Exception], tuple[int, str]] = {
     NotReady: (503, "model not loaded yet"),
     QueueFull: (503, "server overloaded (queue full); retry later"),
     Unavailable: (503, "service unavailable (shutting down); retry later"),
+    ClientGone: (503, "client disconnected"),  # nobody reads it; the access log records it
     DeadlineExceeded: (504, "request timed out in the server; retry later"),
     ModelError: (500, "internal server error (the model failed)"),
 }

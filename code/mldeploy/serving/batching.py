@@ -32,6 +32,10 @@ class Unavailable(Exception):
     """The batcher is stopped or its worker died: answer 503."""
 
 
+class ClientGone(Exception):
+    """The client disconnected before its sample was computed: it never will be."""
+
+
 class ModelError(Exception):
     """The model failed or returned something unusable: a server fault (500)."""
 
@@ -198,8 +202,8 @@ class MicroBatcher:
             if item.future.done():  # past its deadline
                 continue
             if item.gone is not None and item.gone():  # the client left: never compute it
-                item.future.cancel()
-                self.hooks.skipped()
+                item.future.set_exception(ClientGone())  # not cancel(): that would end the
+                self.hooks.skipped()  # request's task with a CancelledError, logged as a fault
                 continue
             self.hooks.queue_wait(now - item.enqueued_at)
             batch.append(item)
