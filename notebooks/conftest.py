@@ -4,9 +4,9 @@ Where no engine answers they are skipped with one line (a student's laptop); wit
 run anyway, so a CI without an engine fails instead of passing silently.
 """
 
-import os
-
 import pytest
+
+from mldeploy import settings
 
 TAG = "container-engine"
 
@@ -17,7 +17,7 @@ def pytest_collection_modifyitems(config, items):
         for item in items
         if TAG in getattr(getattr(item, "cell", None), "metadata", {}).get("tags", [])
     ]
-    if not cells or os.environ.get("CI", "").lower() == "true":
+    if not cells or settings.tools().ci:
         return
     from mldeploy.image.engine import available
 

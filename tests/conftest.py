@@ -1,15 +1,23 @@
-"""Shared fixtures: one trained two-moons model and its exports, built once per test session."""
+"""Shared fixtures: one trained two-moons model and its exports, built once per test session.
+
+The session pins its compute path (and that of the processes tests start) before anything is
+computed, as the notebooks' first cells do.
+"""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
-from mldeploy import data, export, models, training
+from mldeploy import data, export, models, reproducibility, settings, training
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    tool_settings()  # a bad MLDEPLOY_* value stops the session here, with its one line
+    reproducibility.pin_compute_path()
 
 
 @pytest.fixture(scope="session")
@@ -30,16 +38,17 @@ def exported(
     return export.export_all(trained_model, torch.from_numpy(split.x_train[:8]), out)
 
 
+def tool_settings() -> settings.ToolSettings:
+    """``mldeploy.settings.ToolSettings``; a bad value stops the session with its one line."""
+    try:
+        return settings.tools()
+    except settings.SettingsError as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
 def timeout_factor() -> float:
     """``MLDEPLOY_TIMEOUT_FACTOR`` (default 1): stretches every test timeout on a loaded machine."""
-    text = os.environ.get("MLDEPLOY_TIMEOUT_FACTOR", "1")
-    try:
-        factor = float(text)
-    except ValueError:
-        raise pytest.UsageError(f"MLDEPLOY_TIMEOUT_FACTOR={text!r} is not a number") from None
-    if not 0 < factor <= 100:
-        raise pytest.UsageError(f"MLDEPLOY_TIMEOUT_FACTOR={text!r} must be in (0, 100]")
-    return factor
+    return tool_settings().timeout_factor
 
 
 @pytest.fixture(scope="session")

@@ -32,7 +32,7 @@ import nbformat
 import pytest
 import yaml
 
-from mldeploy import timeouts
+from mldeploy import settings, timeouts
 from mldeploy.book import notebooks
 from mldeploy.paths import REPO_ROOT
 
@@ -57,7 +57,7 @@ def _require_chromium() -> None:
     if CHROMIUM.exists():
         return
     message = f"{CHROMIUM} is missing: apt-get install -y chromium (.ci/run does it)"
-    if os.environ.get("CI", "").lower() == "true":
+    if settings.tools().ci:
         pytest.fail(message)
     pytest.skip(message)
 
@@ -477,7 +477,7 @@ def _axe_missing() -> str | None:
     if AXE.exists():
         return None
     message = f"{AXE.relative_to(REPO_ROOT)} is missing: run `make axe` (npm install axe-core)"
-    if os.environ.get("CI", "").lower() == "true":
+    if settings.tools().ci:
         pytest.fail(message)
     return message
 

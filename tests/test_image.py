@@ -7,13 +7,13 @@ Every container and pod is published on 127.0.0.1 only and removed afterwards, a
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import numpy as np
 import pytest
 import yaml
 
+from mldeploy import settings
 from mldeploy.image import build, footprint, run
 from mldeploy.image import engine as engines
 from mldeploy.paths import REPO_ROOT
@@ -37,7 +37,7 @@ def engine() -> engines.Engine:
     try:
         return engines.find(install=False)
     except engines.EngineUnavailable as exc:
-        if os.environ.get("CI", "").lower() == "true":
+        if settings.tools().ci:
             pytest.fail(
                 f"CI=true needs a container engine for the image tests: {exc}", pytrace=False
             )

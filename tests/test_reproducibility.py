@@ -17,7 +17,8 @@ from mldeploy.book.nbval_tolerance import Tolerance, ToleranceError, reconcile, 
 # Trains a small character LM for a few steps and prints the torch capability and a weight hash.
 PROBE = """
 import hashlib, torch
-import mldeploy
+from mldeploy import reproducibility
+reproducibility.pin_compute_path()
 from mldeploy.quant import charlm
 from mldeploy.training import set_seed
 corpus = charlm.load_corpus()
@@ -50,7 +51,7 @@ def pinned_run() -> tuple[str, str]:
     return _probe()
 
 
-def test_importing_the_library_pins_avx2_kernels(pinned_run):
+def test_the_pin_selects_avx2_kernels_after_import_torch(pinned_run):
     capability, _ = pinned_run
     assert capability == "AVX2"
 

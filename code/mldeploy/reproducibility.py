@@ -5,7 +5,7 @@ kernels for AVX2 and AVX-512 round floating-point sums differently. A single eva
 moves, but training amplifies the last bits: the chapter's character LM ended at held-out
 perplexity 10.204 / 10.159 / 10.186 with PyTorch's ``default`` / ``avx2`` / AVX-512 kernels.
 Every machine this course runs on has AVX2, so the library pins that path (measured in
-``tests/test_reproducibility.py``):
+``tests/test_reproducibility.py``) with ``pin_compute_path()``:
 
 - ``ATEN_CPU_CAPABILITY=avx2`` — PyTorch's own kernels; changes the trained weights on AVX-512.
 - ``MKL_CBWR=AVX2`` — MKL's conditional numerical reproducibility: the same BLAS code path on
@@ -19,38 +19,80 @@ ONNX Runtime has no such switch: its MLAS kernels dispatch on the CPU (AVX-512, 
 INT8), so numbers it computes may differ in the last digits between machines. The notebooks
 declare a tolerance for those cells (``mldeploy.book.nbval_tolerance``).
 
-The variables are read when each library first computes, so ``pin_environment`` (run when
-``mldeploy`` is imported) works even after ``import torch``, as long as nothing has been computed
-yet. ``MLDEPLOY_NATIVE_CPU=1`` turns the pin off, e.g. to time the fastest kernels.
+Nothing is pinned by importing ``mldeploy``: the process that computes numbers to be stored asks
+for it, before it computes anything, with ``pin_compute_path()`` (the notebooks' first cell, the
+demo's ``main``, ``tests/conftest.py``, the nbval plugin for the kernels it starts). The variables
+are read when each library first computes, so the pin works after ``import torch`` as long as
+nothing has been computed yet; when PyTorch has already chosen other kernels, the call says so
+instead of pinning in name only. Code that writes a cache of trained weights calls
+``require_pinned()`` first, so a cache never holds numbers from an unpinned process.
+``MLDEPLOY_NATIVE_CPU=1`` turns the pin off, e.g. to time the fastest kernels.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, MutableMapping
+import sys
+from collections.abc import Iterator
+
+from mldeploy import settings
 
 PINNED_ENV = {
     "ATEN_CPU_CAPABILITY": "avx2",
     "MKL_CBWR": "AVX2",
     "ONEDNN_MAX_CPU_ISA": "AVX2",
 }
-OPT_OUT = "MLDEPLOY_NATIVE_CPU"
+PINNED_TORCH = "AVX2"  # what torch.backends.cpu.get_cpu_capability() reports once pinned
+OPT_OUT = settings.env_name(settings.ToolSettings, "native_cpu")
+HOW = (
+    "call mldeploy.reproducibility.pin_compute_path() before torch computes anything "
+    f"(in a notebook: restart the kernel), or set {OPT_OUT}=1 to use the CPU's own kernels"
+)
 
 
-def pinned(env: MutableMapping[str, str] | None = None) -> bool:
+class NotPinned(RuntimeError):
+    """Numbers that will be stored would come from another compute path than the pinned one."""
+
+
+def pinned() -> bool:
     """Whether the pin applies (it does unless ``MLDEPLOY_NATIVE_CPU`` is set to a true value)."""
-    env = os.environ if env is None else env
-    return env.get(OPT_OUT, "").strip().lower() not in ("1", "true", "yes", "on")
+    return not settings.tools().native_cpu
 
 
-def pin_environment(env: MutableMapping[str, str] | None = None) -> dict[str, str]:
-    """Set the pinned variables in ``env`` (default ``os.environ``); return what was set."""
-    env = os.environ if env is None else env
-    if not pinned(env):
-        return {}
-    env.update(PINNED_ENV)
-    return dict(PINNED_ENV)
+def pin_compute_path() -> None:
+    """Pin PyTorch, MKL and oneDNN to their AVX2 path in this process and the ones it starts.
+
+    Raises ``NotPinned`` if PyTorch has already computed here on other kernels (MKL and oneDNN
+    cannot be asked: call it first). Does nothing with ``MLDEPLOY_NATIVE_CPU=1``. Safe to call
+    more than once.
+    """
+    if not pinned():
+        return
+    os.environ.update(PINNED_ENV)
+    if "torch" in sys.modules:  # imported: it may have chosen its kernels already
+        capability = torch_capability()
+        if capability != PINNED_TORCH:
+            raise NotPinned(
+                f"PyTorch already computed with {capability} kernels, before the pin to "
+                f"{PINNED_TORCH}: {HOW}"
+            )
+
+
+def require_pinned() -> None:
+    """Raise ``NotPinned`` unless this process computes on the pinned path (or opted out)."""
+    if not pinned():
+        return
+    wrong = [
+        f"{k}={os.environ.get(k, '(unset)')}"
+        for k, v in PINNED_ENV.items()
+        if os.environ.get(k) != v
+    ]
+    if wrong:
+        raise NotPinned(f"the compute path is not pinned ({', '.join(wrong)}): {HOW}")
+    capability = torch_capability()
+    if capability != PINNED_TORCH:
+        raise NotPinned(f"PyTorch computes with {capability} kernels, not {PINNED_TORCH}: {HOW}")
 
 
 def torch_capability() -> str:
@@ -62,7 +104,7 @@ def torch_capability() -> str:
 
 def describe() -> str:
     """One line for notebooks and reports: the compute path in use."""
-    mode = "pinned" if pinned() else "native (MLDEPLOY_NATIVE_CPU set)"
+    mode = "pinned" if pinned() else f"native ({OPT_OUT} set)"
     knobs = ", ".join(f"{k}={os.environ.get(k, '-')}" for k in PINNED_ENV)
     return f"compute path {mode}: torch kernels {torch_capability()}; {knobs}"
 

@@ -1,7 +1,9 @@
-"""Every environment variable the library and the service read, in one typed, validated object.
+"""The project's settings: every ``MLDEPLOY_*`` variable, and ``CI``, in typed, validated objects.
 
 ``MLDEPLOY_<FIELD>`` sets a field (``MLDEPLOY_MAX_QUEUE=128``); keyword arguments override the
-environment. Imports only pydantic: the container's health check reads it without FastAPI.
+environment. ``ServiceSettings`` configures the inference service, ``ToolSettings`` everything
+around it (time limits, the compute-path pin, the container engine, nbval's drift report, ``CI``).
+Imports only pydantic: the container's health check reads it without FastAPI.
 """
 
 from __future__ import annotations
@@ -82,12 +84,77 @@ class ServiceSettings(PathSettings):
         return self.artifacts / "demo" / name
 
 
+class ToolSettings(PathSettings):
+    """Everything around the service: what tests, notebooks, the demo and the image build read.
+
+    Read afresh by each call of ``tools()`` (cheap), so a changed environment takes effect.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="MLDEPLOY_",
+        frozen=True,
+        extra="forbid",
+        env_ignore_empty=True,
+        populate_by_name=True,
+    )
+
+    # every wait in tests, the demo and notebooks is multiplied by this (3 on a busy runner)
+    timeout_factor: Annotated[float, Field(gt=0, le=100, allow_inf_nan=False)] = 1.0
+    # 1: leave PyTorch, MKL and oneDNN on the CPU's fastest kernels (mldeploy.reproducibility)
+    native_cpu: bool = False
+    # docker or podman; unset: Docker where its daemon answers, else Podman
+    engine: Literal["docker", "podman"] | None = None
+    # 1: pull the Dockerfile's FROM image from a registry instead of building a stand-in
+    pull_base: bool = False
+    # nbval writes the largest drift per notebook to this JSON file
+    drift_report: Path | None = None
+    # CI=true (set by CI services): missing tools fail their tests instead of skipping them
+    ci: bool = Field(False, validation_alias="CI")
+
+    @field_validator("engine", mode="before")
+    @classmethod
+    def _engine(cls, value: object) -> object:
+        return (value.strip().lower() or None) if isinstance(value, str) else value
+
+    @field_validator("ci", mode="before")
+    @classmethod
+    def _ci(cls, value: object) -> object:
+        # CI belongs to the CI service, not to us: only "true" counts, nothing is refused
+        return value.strip().lower() == "true" if isinstance(value, str) else bool(value)
+
+
+class SettingsError(ValueError):
+    """Bad settings; the message has one ``bad setting: MLDEPLOY_X=value: reason`` line each."""
+
+
+def tools(**overrides: object) -> ToolSettings:
+    """The tool settings from the environment; ``SettingsError`` (one line per bad value) if any
+    is invalid. Every reader of these variables goes through here, so all give the same error."""
+    try:
+        return ToolSettings(**overrides)
+    except ValidationError as exc:
+        raise SettingsError(_lines(exc, ToolSettings)) from None
+
+
+def env_name(cls: type[BaseSettings], field: str) -> str:
+    """The environment variable that sets ``field`` (``MLDEPLOY_TIMEOUT_FACTOR``, ``CI``)."""
+    info = cls.model_fields.get(field)
+    if info is not None and isinstance(info.validation_alias, str):
+        return info.validation_alias
+    return f"{cls.model_config.get('env_prefix', '')}{field.upper()}"
+
+
 def describe(error: ValidationError, cls: type[BaseSettings] = ServiceSettings) -> list[str]:
     """One line per bad setting, naming its environment variable: ``MLDEPLOY_PORT=99999: ...``."""
-    prefix = cls.model_config.get("env_prefix", "")
+    aliases = {
+        info.validation_alias: name
+        for name, info in cls.model_fields.items()
+        if isinstance(info.validation_alias, str)
+    }
     lines = []
     for e in error.errors():
         field = str(e["loc"][0]) if e["loc"] else ""
+        field = aliases.get(field, field)
         value = e.get("input")
         shown = repr(value) if isinstance(value, (str, int, float)) else ""
         if isinstance(value, float) and not math.isfinite(value):
@@ -96,8 +163,12 @@ def describe(error: ValidationError, cls: type[BaseSettings] = ServiceSettings) 
         if not field:  # a rule across fields: its message names the variables
             lines.append(message)
             continue
-        lines.append(f"{prefix}{field.upper()}{'=' + shown if shown else ''}: {message}")
+        lines.append(f"{env_name(cls, field)}{'=' + shown if shown else ''}: {message}")
     return lines
+
+
+def _lines(error: ValidationError, cls: type[BaseSettings]) -> str:
+    return "bad setting: " + "\nbad setting: ".join(describe(error, cls))
 
 
 def load(cls: type[ServiceSettings] = ServiceSettings, **overrides: object) -> ServiceSettings:
@@ -105,4 +176,4 @@ def load(cls: type[ServiceSettings] = ServiceSettings, **overrides: object) -> S
     try:
         return cls(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
-        raise SystemExit("bad setting: " + "\nbad setting: ".join(describe(exc, cls))) from None
+        raise SystemExit(_lines(exc, cls)) from None

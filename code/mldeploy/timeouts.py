@@ -2,28 +2,21 @@
 
 Every limit a test, the demo or a notebook waits for is a generous base multiplied by
 ``MLDEPLOY_TIMEOUT_FACTOR`` (default 1). On a runner that is also doing other work, set it to 3
-(or more): nothing gets faster, but a slow machine is no longer reported as a failure.
+(or more), at most 100: nothing gets faster, but a slow machine is no longer reported as a failure.
+The value is read and checked by ``mldeploy.settings.ToolSettings``.
 """
 
 from __future__ import annotations
 
-import os
+from mldeploy import settings
 
-ENV = "MLDEPLOY_TIMEOUT_FACTOR"
+ENV = settings.env_name(settings.ToolSettings, "timeout_factor")
 
 
 def factor() -> float:
-    """The multiplier from the environment; a clear error for anything but a positive number."""
-    raw = os.environ.get(ENV, "").strip()
-    if not raw:
-        return 1.0
-    try:
-        value = float(raw)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value < 1000:
-        raise ValueError(f"{ENV} must be a positive number such as 3, got {raw!r}")
-    return value
+    """The multiplier from the environment; ``settings.SettingsError`` (a ``ValueError`` with one
+    line) for anything but a number in (0, 100]."""
+    return settings.tools().timeout_factor
 
 
 def scaled(seconds: float) -> float:

@@ -18,8 +18,10 @@ spaces are compared as one space (a wider number shifts table padding).
 declared tolerance lets move by more than 5 %.
 
 Registered as a pytest plugin (entry point ``mldeploy_nbval``); it changes nothing unless nbval
-runs. With ``MLDEPLOY_DRIFT_REPORT=path.json`` it also writes, per notebook, the largest relative
-difference seen between stored and fresh numbers — the measured drift between two machines.
+runs. Then it pins the compute path (``reproducibility.pin_compute_path``) for the kernels nbval
+starts, and with ``MLDEPLOY_DRIFT_REPORT=path.json`` it also writes, per notebook, the largest
+relative difference seen between stored and fresh numbers — the measured drift between two
+machines.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,8 +37,8 @@ from typing import Any
 import nbformat
 import pytest
 
-from mldeploy import timeouts
-from mldeploy.reproducibility import pin_environment
+from mldeploy import settings, timeouts
+from mldeploy.reproducibility import pin_compute_path
 
 NUMBER = re.compile(r"(?<![\w.])[-+]?(?:\d+(?:,\d{3})*(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?(?![\w])")
 TEXT_KEYS = ("text/plain", "text/html", "text/markdown", "text/latex")
@@ -274,11 +275,15 @@ _LOG = DriftLog(None)
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # Kernels that nbval starts inherit this process's environment: pin their compute path too.
-    pin_environment()
     if getattr(config.option, "nbval", False) or getattr(config.option, "nbval_lax", False):
-        report = os.environ.get("MLDEPLOY_DRIFT_REPORT")
-        _LOG.path = Path(report) if report else None
+        try:
+            report = settings.tools().drift_report
+        except settings.SettingsError as exc:
+            raise pytest.UsageError(str(exc)) from None
+        # Kernels that nbval starts inherit this process's environment: pin their compute path,
+        # also for a notebook that does not pin it itself.
+        pin_compute_path()
+        _LOG.path = report
         install(_LOG)
 
 

@@ -27,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from mldeploy import timeouts
+from mldeploy import reproducibility, timeouts
 from mldeploy.paths import REPO_ROOT
 
 OUT = REPO_ROOT / "_build" / "second-machine"
@@ -165,6 +165,7 @@ def run_ort() -> int:
         print("error: qemu-x86_64 not found (apt-get install -y qemu-user)", file=sys.stderr)
         return 2
     OUT.mkdir(parents=True, exist_ok=True)
+    reproducibility.pin_compute_path()  # the reference models train as the notebooks' do
     with tempfile.TemporaryDirectory() as tmp:
         jobs = _ort_jobs(Path(tmp))
         native = _worker(jobs, [])

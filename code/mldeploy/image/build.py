@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from mldeploy import settings
 from mldeploy.image import dockerfile
 from mldeploy.image.engine import CACHE, Engine, EngineError, EngineUnavailable, find, last_line
 from mldeploy.paths import REPO_ROOT
@@ -62,7 +63,11 @@ def base_image() -> str:
 
 
 def ca_bundle() -> Path | None:
-    """The CA bundle this machine's pip and requests trust, if any (proxies that re-sign HTTPS)."""
+    """The CA bundle this machine's pip and requests trust, if any (proxies that re-sign HTTPS).
+
+    These variables are pip's, requests' and OpenSSL's own, read here as those tools read them
+    (the first that names a file wins); ``mldeploy.settings`` holds only the project's settings.
+    """
     for name in ("PIP_CERT", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE"):
         value = os.environ.get(name)
         if value and Path(value).is_file():
@@ -170,7 +175,7 @@ def ensure_base(engine: Engine, say: Say = say_stdout) -> str:
     if engine.run("image", "exists", name, check=False).returncode == 0:
         labels = engine.run("image", "inspect", "--format", "{{json .Labels}}", name).stdout
         return "stand-in (cached)" if STAND_IN_LABEL in labels else "registry image (cached)"
-    if os.environ.get("MLDEPLOY_PULL_BASE") == "1":  # where a registry is reachable and wanted
+    if settings.tools().pull_base:  # MLDEPLOY_PULL_BASE=1: where a registry is reachable and wanted
         engine.run("pull", name, timeout=900)
         return "registry image (pulled)"
     stand_in_base(engine, name, say)
@@ -352,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         for line in report_lines(inspect(engine, args.tag)):
             print(line)
         print(f"make image took {time.monotonic() - start:.0f} s")
-    except (EngineUnavailable, EngineError) as exc:
+    except (EngineUnavailable, EngineError, settings.SettingsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -3,7 +3,7 @@
 Docker where a daemon answers (an instructor's CI runner, a laptop with Docker Desktop); otherwise
 Podman, configured by ``deploy/podman/containers.conf`` with its storage under ``artifacts/cache/``,
 so the machine's own container configuration is left as it is. ``MLDEPLOY_ENGINE=docker|podman``
-forces one.
+forces one (read by ``mldeploy.settings.ToolSettings``).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mldeploy import settings
 from mldeploy.paths import REPO_ROOT
 
 CACHE = REPO_ROOT / "artifacts" / "cache"
@@ -160,9 +161,10 @@ def install_packages(packages: list[str], say=print) -> None:
 
 def find(install: bool = False, say=print) -> Engine:
     """The engine to use; with ``install``, install Podman's Debian packages if there is none."""
-    forced = os.environ.get("MLDEPLOY_ENGINE", "").strip().lower()
-    if forced not in ("", "docker", "podman"):
-        raise EngineUnavailable(f"MLDEPLOY_ENGINE must be 'docker' or 'podman', got {forced!r}")
+    try:
+        forced = settings.tools().engine or ""
+    except settings.SettingsError as exc:  # e.g. MLDEPLOY_ENGINE=dokcer: say so, in one line
+        raise EngineUnavailable(str(exc)) from None
     docker = shutil.which("docker")
     if forced in ("", "docker") and docker and _docker_answers(docker):
         return Engine("docker", (docker,), {"DOCKER_BUILDKIT": "1"})

@@ -134,6 +134,7 @@ def train_or_load(cfg: TrainConfig = TrainConfig()) -> Trained:
         return Trained(
             net.eval(), Tokenizer(folder / "tokenizer.model"), folder, cached=True, **info
         )
+    reproducibility.require_pinned()  # a cache holds only numbers from the pinned path
     folder.mkdir(parents=True, exist_ok=True)
     train_text, valid_text = corpus
     tok = Tokenizer(train_tokenizer(train_text, folder / "tokenizer.model", cfg.model.vocab_size))

@@ -236,6 +236,7 @@ def cached_charlm(
         model = CharMLP(cfg.context, cfg.embed, cfg.hidden)
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return model.eval(), True
+    reproducibility.require_pinned()  # a cache holds only numbers from the pinned path
     model = train_charlm(cfg, corpus if corpus is not None else load_corpus())
     with cache.atomic_output(path) as tmp:  # a half-written cache file is never read
         torch.save(model.state_dict(), tmp)
