@@ -24,6 +24,7 @@ import httpx
 import pytest
 import requests
 
+from mldeploy import settings
 from mldeploy.loadtest import loadgen
 from mldeploy.serving import BackgroundServer, OnnxPredictor, create_app
 from mldeploy.serving.server import listen
@@ -151,3 +152,37 @@ def test_the_benchmark_measures_every_keep_alive_client(server):
     expected = {"httpx.Client", "requests.Session", "http.client"}
     assert expected | ({"curl"} if shutil.which("curl") else set()) == set(medians)
     assert all(ms < BOUND_MS for ms in medians.values()), medians
+
+
+def test_chromium_fetch_reusing_one_connection(server):
+    chromium = "/usr/bin/chromium"
+    if not os.path.exists(chromium):
+        message = f"{chromium} is missing: apt-get install -y chromium (.ci/run does it)"
+        if settings.tools().ci:
+            pytest.fail(message)
+        pytest.skip(message)
+    from playwright.sync_api import sync_playwright
+
+    timing = """async ([n, body]) => {
+        const post = () => fetch("/predict", {method: "POST", body,
+            headers: {"Content-Type": "application/json"}}).then(r => r.json());
+        await post();  // the connection opens here; the timed requests reuse it
+        const times = [];
+        for (let i = 0; i < n; i++) {
+            const start = performance.now();
+            await post();
+            times.push(performance.now() - start);
+        }
+        return times.sort((a, b) => a - b)[Math.floor(n / 2)];
+    }"""
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=chromium, headless=True, args=["--no-sandbox", "--disable-gpu"]
+        )
+        try:
+            page = browser.new_page()
+            page.goto(server.url + "/health")  # a page of the service's origin: same-origin fetch
+            median = page.evaluate(timing, [N, BODY])
+        finally:
+            browser.close()
+    assert median < BOUND_MS, f"chromium fetch median {median:.1f} ms"
