@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Annotated
 
 import numpy as np
-from fastapi import Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import Field, create_model
@@ -201,8 +201,10 @@ async def on_invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
     return JSONResponse({"detail": errors}, status_code=422)
 
 
-def add_routes(app: FastAPI, max_batch_items: int) -> None:
-    post, get = app.post, app.get
+def routes(max_batch_items: int) -> APIRouter:
+    """Every endpoint of the service, in one router (``/predict_batch``'s bound is per app)."""
+    router = APIRouter()
+    post, get = router.post, router.get
     post("/predict", response_model=PredictResponse, responses=ERROR_RESPONSES)(predict)
     post("/predict_batch", response_model=BatchResponse, responses=ERROR_RESPONSES)(
         batch_route(max_batch_items)
@@ -212,6 +214,7 @@ def add_routes(app: FastAPI, max_batch_items: int) -> None:
     get("/health", response_model=HealthResponse)(health)
     get("/ready", response_model=ReadyResponse, responses={503: {"model": ReadyResponse}})(ready)
     get("/metrics", include_in_schema=False)(prometheus_metrics)
+    return router
 
 
 # --- the app -------------------------------------------------------------------------------------
@@ -240,14 +243,15 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.service = service
-    add_routes(app, settings.max_batch_items)
+    router = routes(settings.max_batch_items)
+    app.include_router(router)
     app.add_exception_handler(RequestValidationError, on_invalid)
     for exc in ERRORS:
         app.add_exception_handler(exc, on_error)
     # innermost first: the body limit, then the access log around it all (load shedding sits
     # outside the app, in front of everything: ``server.build``)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    known = {route.path for route in app.routes}
+    known = {route.path for route in router.routes} | {app.docs_url, app.openapi_url}
     app.add_middleware(
         AccessLog, observe=service.metrics.observe_request, known_paths=known, service=service
     )
