@@ -503,3 +503,17 @@ def test_every_glossary_entry_is_linked_from_the_book() -> None:
         if f"glossary.md#{t.anchor})" not in text
     }
     assert unlinked <= UNLINKED_FOR_NOW, f"never linked: {sorted(unlinked - UNLINKED_FOR_NOW)}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids(NOTEBOOKS))
+def test_summary_and_exercises_headings_are_the_same_in_every_notebook(path: Path) -> None:
+    # one convention: numbered subsections, then "## 小结 · Summary" and "## 练习 · Exercises"
+    cells = json.loads(path.read_text())["cells"]
+    headings = [
+        line.strip()
+        for cell in cells
+        if cell["cell_type"] == "markdown"
+        for line in "".join(cell["source"]).splitlines()
+        if line.startswith("## ") and ("Summary" in line or "Exercises" in line)
+    ]
+    assert headings == ["## 小结 · Summary", "## 练习 · Exercises"]
