@@ -988,7 +988,9 @@ def test_student_view_in_jupyterlab_shows_no_raw_markup(browser, jupyterlab) -> 
                 "|| !c.querySelector('.jp-OutputArea-output'))).length"
             )
             try:  # the previous notebook's panel may still be visible for a moment
-                tab.wait_for_function(f"n => ({count})() === n", arg=hidden, timeout=10_000)
+                tab.wait_for_function(
+                    f"n => ({count})() === n", arg=hidden, timeout=timeouts.scaled(60_000)
+                )
             except PlaywrightTimeout:
                 pass  # the assertion below reports the count
             folded = tab.evaluate(count)
