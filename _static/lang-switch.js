@@ -225,6 +225,19 @@
       document.body.appendChild(group);
     }
     apply(root.getAttribute("data-lang-mode"));
+    // search result snippets: the text of the reader's language only (Sphinx cuts them from the
+    // whole fetched page, which begins with the Chinese block)
+    if (typeof Search !== "undefined" && Search.htmlToText) {
+      var pageText = Search.htmlToText;
+      Search.htmlToText = function (html, anchor) {
+        var other = { zh: "en", en: "zh" }[root.getAttribute("data-lang-mode")];
+        if (!other) return pageText(html, anchor);
+        var doc = new DOMParser().parseFromString(html, "text/html");
+        splitPairs(doc.body);
+        Array.prototype.forEach.call(doc.querySelectorAll('body [lang="' + other + '"]'), function (el) { el.remove(); });
+        return pageText(doc.documentElement.outerHTML, anchor);
+      };
+    }
     // search results arrive after the page loads: their `中文 · English` titles are cut as they come
     var results = document.getElementById("search-results");
     if (results && window.MutationObserver) {

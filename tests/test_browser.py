@@ -313,6 +313,9 @@ def test_search_finds_chinese_and_english_words(page) -> None:
         assert expected in page.locator("#search-results").inner_html(), query
         titles = page.locator("#search-results li > a").all_inner_texts()
         assert titles and not any(CJK.search(t) for t in titles), titles  # English mode
+        page.wait_for_selector("#search-results li p.context", timeout=timeouts.scaled(60_000))
+        snippets = page.locator("#search-results li p.context").all_inner_texts()
+        assert not any(CJK.search(s) for s in snippets), snippets  # the page's English text only
     page.goto(page.base + "search.html?q=服务推理")  # the pairs of a word that is not in the book
     page.wait_for_function(  # the search is finished when its summary says how it went
         "() => /did not match|found/.test("
