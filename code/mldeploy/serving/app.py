@@ -236,22 +236,22 @@ def create_app(
     """Build the app; ``load_predictor`` runs once, at start-up, never per request."""
     settings = settings or ServiceSettings()
     service = Service(load_predictor, settings)
+    router = routes(settings.max_batch_items)
     app = FastAPI(
         title="Two-moons classifier",
         version="0.4.0",
         description="Inference service of the course chapter 5.2 (micro-batched ONNX Runtime).",
         lifespan=lifespan,
+        routes=router.routes,  # the router's own routes, so that app.routes lists every endpoint
     )
     app.state.service = service
-    router = routes(settings.max_batch_items)
-    app.include_router(router)
     app.add_exception_handler(RequestValidationError, on_invalid)
     for exc in ERRORS:
         app.add_exception_handler(exc, on_error)
     # innermost first: the body limit, then the access log around it all (load shedding sits
     # outside the app, in front of everything: ``server.build``)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    known = {route.path for route in router.routes} | {app.docs_url, app.openapi_url}
+    known = {route.path for route in app.routes}
     app.add_middleware(
         AccessLog, observe=service.metrics.observe_request, known_paths=known, service=service
     )

@@ -1,0 +1,30 @@
+"""The figure of section 5.2.7: batched against unbatched serving of the wide MLP."""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from mldeploy.loadtest.loadgen import LoadResult
+
+
+def batching_figure(results: dict[tuple[bool, int], LoadResult], clients: int = 16) -> plt.Figure:
+    """Left: the latency CDF at ``clients`` concurrent clients; right: throughput against the
+    number of clients. ``results`` maps (batched, clients) to a load test's result. Axes carry
+    units and symbols only: the caption says what they measure, in both languages."""
+    fig, (cdf, rate) = plt.subplots(1, 2, figsize=(11, 4))
+    concurrency = sorted({c for _, c in results})
+    for batched, style in ((True, "-"), (False, "--")):
+        label = f"MLDEPLOY_BATCHING={int(batched)}"
+        latencies = np.sort(results[batched, clients].latencies) * 1e3
+        cdf.plot(latencies, np.linspace(0, 1, len(latencies)), style, label=label)
+        throughput = [results[batched, c].throughput for c in concurrency]
+        rate.plot(concurrency, throughput, style + "o", label=label)
+    cdf.set(xscale="log", xlabel="ms", ylabel="CDF")
+    rate.set(xscale="log", xlabel="c", ylabel="req/s")
+    rate.set_xticks(concurrency, [str(c) for c in concurrency])
+    for ax in (cdf, rate):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    return fig
