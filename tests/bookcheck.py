@@ -730,7 +730,7 @@ def number_problems(path: Path) -> list[str]:
     unless its line cites a source; each comparison stands next to a printed verdict."""
     cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
     outputs = _numbers_in_outputs(cells)
-    problems = comparison_problems(path)
+    problems = comparison_problems(path) + word_number_problems(path)
     for source, text in _prose(path):
         text = "\n".join(line for line in text.split("\n") if not HEADING.match(line))
         # a cited result (a paper's own numbers) is sourced, not measured here
@@ -763,7 +763,9 @@ COMPARISON = re.compile(
     r"keeps? (?:falling|rising|growing|dropping|improving)|about the same|roughly the same"
     r"|far (?:below|above|smaller|larger|better|worse)|an order of magnitude"
     r"|barely (?:moves|shrinks)|nearly enough|持续(?:下降|上升)|继续(?:下降|上升)|差不多"
-    r"|远低于|远高于|一个数量级|几乎不再变化|(?:better|worse) than|[略更远](?:好|差)于",
+    r"|远低于|远高于|一个数量级|几乎不再变化|(?:better|worse) than|[略更远](?:好|差)于"
+    r"|several times|(?:much|far) (?:faster|slower)|no (?:faster|slower)|好几倍|快得多|慢得多"
+    r"|并不更[快慢]|远不及|falls? well short",
     re.IGNORECASE,
 )
 # What a printed verdict looks like: a named winner or none, a trend, a yes/no test, a ratio.
@@ -1019,3 +1021,87 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
+
+
+# --- numbers written as words -------------------------------------------------------------------
+
+EN_WORDS = {
+    "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9, "ten": 10,
+    "eleven": 11, "twelve": 12, "thirteen": 13, "fourteen": 14, "fifteen": 15, "sixteen": 16,
+    "twenty": 20,
+}  # fmt: skip
+ZH_DIGITS = {
+    "一": 1,
+    "二": 2,
+    "两": 2,
+    "三": 3,
+    "四": 4,
+    "五": 5,
+    "六": 6,
+    "七": 7,
+    "八": 8,
+    "九": 9,
+}
+# A number word that carries a unit or a ratio is a measurement: write it in digits, which the
+# check above compares with the outputs ("five times", "a dozen KiB", "五倍", "约大一成").
+MEASURE_IN_WORDS = re.compile(
+    r"\b(?:one|two|three|four|five|six|seven|eight|nine|ten|twenty|a dozen|a hundred|a thousand"
+    r"|half)(?:\s+and\s+a\s+half)?\s+(?:times|percent|KiB|MiB|GiB|KB|MB|GB|bytes|bits"
+    r"|milliseconds?|seconds?|minutes?|hours?|GPU hours)\b"
+    r"|\bparts? in a (?:hundred|thousand|million)\b"
+    r"|\babout (?:a|one) (?:tenth|quarter|third|fifth|seventh|millisecond|second|minute)\b"
+    r"|\ba (?:tenth|quarter|third) (?:more|less|smaller|larger)\b"
+    r"|(?<!翻)[一二两三四五六七八九十百千]+(?:倍|成(?![为本功立员])|个百分点|毫秒|秒钟|分钟)"
+    r"|[一二两三四五六七八九十]位半|[十百千]几\s*(?:KiB|MiB|GiB|KB|MB|GB|倍|毫秒|秒)|好几倍"
+    r"|[二三四五六七八九十百千万]+分之[一二三四五六七八九]",
+    re.IGNORECASE,
+)
+EN_COUNT = re.compile(r"\b(" + "|".join(EN_WORDS) + r")\s+[a-zA-Z][\w-]*", re.IGNORECASE)
+ZH_COUNT = re.compile(
+    r"(?<![一二两三四五六七八九十百千第])([三四五六七八九]|十[一二三四五六七八九]?)\s*[个种条项份行步层块组类]"
+)
+
+
+def _zh_number(word: str) -> int:
+    if word.startswith("十"):
+        return 10 + (ZH_DIGITS[word[1]] if len(word) > 1 else 0)
+    return ZH_DIGITS[word]
+
+
+def _integers(cells: list[dict]) -> set[int]:
+    """Every integer the notebook's code or outputs write in digits."""
+    found: set[int] = set()
+    for cell in cells:
+        if cell["cell_type"] != "code":
+            continue
+        texts = ["".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]]
+        for out in cell.get("outputs", []):
+            for t in [out.get("text", "")] + [out.get("data", {}).get("text/plain", "")]:
+                texts.append("".join(t) if isinstance(t, list) else t)
+        for t in texts:
+            found.update(int(m) for m in re.findall(r"(?<![\d.])\d{1,3}(?![\d.]\d)", t))
+    return found
+
+
+def word_number_problems(path: Path) -> list[str]:
+    """A measurement is written in digits (so the outputs can check it); a count written as a
+    word (three to twenty) names a number the notebook's code or outputs also write."""
+    cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+    integers = _integers(cells)
+    problems = []
+    for source, text in _prose(path):
+        text = "\n".join(line for line in text.split("\n") if not CITATION.search(line))
+        for m in MEASURE_IN_WORDS.finditer(text):
+            problems.append(
+                f"{path.name}, {source.where}: {m.group(0)!r} is a measurement in words; "
+                "write the digits the outputs print"
+            )
+        counts = [(m.group(0), EN_WORDS[m.group(1).lower()]) for m in EN_COUNT.finditer(text)]
+        counts += [(m.group(0), _zh_number(m.group(1))) for m in ZH_COUNT.finditer(text)]
+        for shown, value in counts:
+            if value not in integers:
+                problems.append(
+                    f"{path.name}, {source.where}: {shown!r} counts {value}, a number neither "
+                    "the code nor the outputs write"
+                )
+    return problems

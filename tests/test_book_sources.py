@@ -481,6 +481,36 @@ def test_comparison_check_wants_a_printed_verdict_or_a_citation(tmp_path: Path) 
     assert bookcheck.number_problems(write_notebook(tmp_path, code, prose)) == []
 
 
+def test_number_check_reads_numbers_written_as_words(tmp_path: Path) -> None:
+    prose = nbformat.v4.new_markdown_cell(
+        '<div lang="zh">\n\n固定了六个版本，模型只有十几 KiB，镜像大了约三成。\n\n</div>\n'
+        '<div lang="en">\n\n'
+        "Six exact versions are pinned; the model is a dozen KiB, the image about a third more."
+        "\n\n</div>"
+    )
+    code = nbformat.v4.new_code_cell("print(...)")
+    code.outputs = [nbformat.v4.new_output("stream", name="stdout", text="8/8 pinned\n")]
+    problems = bookcheck.number_problems(write_notebook(tmp_path, code, prose))
+    assert problems == [
+        "5.9-bad.ipynb, cell 1: '十几 KiB' is a measurement in words; write the digits the "
+        "outputs print",
+        "5.9-bad.ipynb, cell 1: '三成' is a measurement in words; write the digits the outputs "
+        "print",
+        "5.9-bad.ipynb, cell 1: 'a dozen KiB' is a measurement in words; write the digits the "
+        "outputs print",
+        "5.9-bad.ipynb, cell 1: 'about a third' is a measurement in words; write the digits the "
+        "outputs print",
+        "5.9-bad.ipynb, cell 1: 'Six exact' counts 6, a number neither the code nor the outputs "
+        "write",
+        "5.9-bad.ipynb, cell 1: '六个' counts 6, a number neither the code nor the outputs write",
+    ], problems
+    code.outputs = [nbformat.v4.new_output("stream", name="stdout", text="6/6 pinned\n")]
+    prose.source = prose.source.replace("十几 KiB", "10.6 KiB").replace("a dozen KiB", "10.6 KiB")
+    prose.source = prose.source.replace("约三成", "1.3 倍").replace("about a third more", "1.3×")
+    code.outputs[0].text += "10.6 KiB, 1.3x\n"
+    assert bookcheck.number_problems(write_notebook(tmp_path, code, prose)) == []
+
+
 def test_terminology_check_wants_american_spelling(tmp_path: Path) -> None:
     cell = nbformat.v4.new_markdown_cell(
         '<div lang="zh">\n\n留出集与保留集。\n\n</div>\n'
