@@ -292,6 +292,23 @@ def inspect(engine: Engine, tag: str = TAG) -> ImageReport:
     )
 
 
+def summary(engine: Engine, image: ImageReport) -> list[str]:
+    """Which engine, base and Python built ``image``, then the build steps that did the work."""
+    where = engine.run(
+        "run", "--rm", image.tag, "python", "-c",
+        "import os, sys; print(sys.version.split()[0], os.path.realpath(sys.executable))",
+    ).stdout.split()  # fmt: skip
+    base = "stand-in (Debian bookworm, mmdebstrap)" if image.stand_in_base else base_image()
+    steps = log_excerpt()
+    worked = [s for s in steps[3:] if "STEP 4/4" in s or "COPY" in s or "COMMIT" in s]
+    return [
+        f"engine: {engine.name}; base: {base}; Python {where[0]} at {where[1]}",
+        *steps[:3],
+        "...",
+        *worked,
+    ]
+
+
 def describe_layer(created_by: str) -> str:
     """A short name for a layer: its Dockerfile instruction without the shell prefix."""
     text = re.sub(r"^/bin/sh -c (#\(nop\) )?", "", created_by.strip())

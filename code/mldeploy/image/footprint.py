@@ -111,3 +111,55 @@ def measure(requirements_file: str | Path, paths: list[str] | None = None) -> Fo
     """Footprint of ``requirements_file``'s closure, in the environment on ``paths`` or this one."""
     dists = closure(read_requirements(requirements_file), paths)
     return Footprint({name: installed_bytes(dist) for name, dist in dists.items()})
+
+
+MB = 1e6
+
+
+def comparison(
+    small: Footprint, large: Footprint, pinned: set[str], titles: tuple[str, str]
+) -> list[str]:
+    """Two footprints side by side in MB: each pinned package (largest first), the unpinned rest
+    and the totals. Pinned packages are the same bytes on every machine; the rest may vary."""
+
+    def cell(fp: Footprint, names: set[str]) -> str:
+        sizes = [fp.sizes[n] for n in names if n in fp.sizes]
+        return f"{sum(sizes) / MB:.1f} MB" if sizes else "—"
+
+    rows = [f"{'package':<30}{titles[0]:>12}{titles[1]:>19}"]
+    for name, _ in large.top(len(large.sizes)):
+        if name in pinned:
+            rows.append(f"{name:<30}{cell(small, {name}):>12}{cell(large, {name}):>19}")
+    others = set(large.sizes) - pinned
+    rows.append(
+        f"{'others, pulled in (unpinned)':<30}{cell(small, others):>12}{cell(large, others):>19}"
+    )
+    rows.append(f"{'total':<30}{small.total / MB:>9.0f} MB{large.total / MB:>16.0f} MB")
+    return rows
+
+
+def figure(small: Footprint, large: Footprint, models: dict[str, int]):
+    """Left: both footprints stacked by package (MB). Right: models and environments, log scale."""
+    import matplotlib.pyplot as plt
+
+    groups = ["torch", "onnxruntime", "numpy", "sympy", "other"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.2))
+    for row, fp in enumerate([small, large]):
+        start = 0.0
+        for i, name in enumerate(groups):
+            size = (
+                fp.sizes.get(name, 0)
+                if name != "other"
+                else (sum(v for k, v in fp.sizes.items() if k not in groups))
+            )
+            left.barh(row, size / MB, left=start, color=f"C{i}", label=name if row else None)
+            start += size / MB
+    left.set_yticks([0, 1], ["ONNX Runtime", "TorchScript"])
+    left.set_xlabel("MB")
+    left.legend(fontsize=8, loc="lower right")
+    items = {**models, "venv: ONNX Runtime": small.total, "venv: + torch": large.total}
+    right.barh(list(items), list(items.values()), color=["C5"] * len(models) + ["C1", "C0"])
+    right.set_xscale("log")
+    right.set_xlabel("B (log)")
+    fig.tight_layout()
+    return fig

@@ -51,6 +51,11 @@ class Container:
         proc = self.exec("python", "-m", "mldeploy.serving.healthcheck")
         return proc.returncode, proc.stdout.strip()
 
+    def uids(self) -> str:
+        """The ``Uid:`` line of process 1: real, effective, saved and file-system UID."""
+        status = self.exec("cat", "/proc/1/status").stdout.splitlines()
+        return " ".join(next(line for line in status if line.startswith("Uid")).split())
+
     def logs(self) -> str:
         proc = self.engine.run("logs", self.name, check=False, timeout=60)
         return proc.stdout + proc.stderr
