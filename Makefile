@@ -72,7 +72,7 @@ $(AXE): package.json package-lock.json
 axe: $(AXE)  ## install axe-core (npm) for the accessibility audit in the browser tests
 
 test-browser: $(STAMP) $(AXE)  ## the built book in headless chromium; screenshots go to _build/screenshots/
-	$(PY) -m pytest tests/test_browser.py
+	MLDEPLOY_SCREENSHOTS=1 $(PY) -m pytest tests/test_browser.py
 
 page-weight: $(STAMP)  ## bytes a first visit to each page of the book transfers
 	$(PY) -m pytest tests/test_browser.py -q -k page_weight && cat _build/page-weight.txt

@@ -50,6 +50,7 @@ CHROMIUM_FLAGS = [
 ]
 SAMPLE = Path(__file__).parent / "fixtures" / "5.0-sample.ipynb"
 SCREENSHOTS = REPO_ROOT / "_build" / "screenshots"
+SAVE_SCREENSHOTS = settings.tools().screenshots  # pictures for people; every check runs anyway
 BOOK_FILES = ["_config.yml", "_static", "_ext", "chapters", "notebooks"]
 
 
@@ -559,7 +560,8 @@ def _check_mode(tab, render: Render, name: str, mode: str, size: str, width: int
             ],
         )
     stem = f"{name.replace('/', '_')[:-5]}-{mode}-{size}"
-    tab.screenshot(path=str(SCREENSHOTS / f"{stem}.jpg"), **SHOT)
+    if SAVE_SCREENSHOTS:
+        tab.screenshot(path=str(SCREENSHOTS / f"{stem}.jpg"), **SHOT)
     if folded["answers"] or folded["toggles"]:
         tab.evaluate(
             "() => document.querySelectorAll('article details').forEach(d => d.open = true)"
@@ -569,7 +571,8 @@ def _check_mode(tab, render: Render, name: str, mode: str, size: str, width: int
         should_show = mode in ("both", lang)
         if not shown or (should_show and not all(shown)) or (not should_show and any(shown)):
             switch.append(f"{where}: {lang} prose {'hidden' if should_show else 'visible'}")
-    if (folded["answers"] or folded["toggles"]) and size == "desktop" and mode == "en":
+    answers_shown = folded["answers"] or folded["toggles"]
+    if SAVE_SCREENSHOTS and answers_shown and size == "desktop" and mode == "en":
         tab.screenshot(path=str(SCREENSHOTS / f"{stem}-answers.jpg"), **SHOT)
     render.add("switch", switch)
     # each language whole on its own (answers included)
@@ -1017,7 +1020,8 @@ def test_student_view_in_jupyterlab_shows_no_raw_markup(browser, jupyterlab) -> 
             assert answers == expected and shown == 0, (
                 f"{notebook.name}: {expected} answers, {answers} closed, {shown} paragraphs shown"
             )
-            tab.screenshot(path=str(SCREENSHOTS / f"jupyterlab-{notebook.stem}.png"))
+            if SAVE_SCREENSHOTS:
+                tab.screenshot(path=str(SCREENSHOTS / f"jupyterlab-{notebook.stem}.png"))
     finally:
         context.close()
 

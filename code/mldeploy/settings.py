@@ -108,6 +108,9 @@ class ToolSettings(PathSettings):
     pull_base: bool = False
     # nbval writes the largest drift per notebook to this JSON file
     drift_report: Path | None = None
+    # 1: the browser tests save a screenshot of every page they render (_build/screenshots/);
+    # `make test-browser` and the book workflow set it, `make test` skips the pictures, not a check
+    screenshots: bool = False
     # CI=true (set by CI services): missing tools fail their tests instead of skipping them
     ci: bool = Field(False, validation_alias="CI")
 
