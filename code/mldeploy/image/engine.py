@@ -82,7 +82,8 @@ def podman_engine(program: str) -> Engine:
         if os.geteuid() == 0 and os.access("/run", os.W_OK)
         else Path(tempfile.gettempdir())
     )
-    run_dir = base / f"mldeploy-podman-{os.geteuid()}-{_short_hash(str(REPO_ROOT))}"
+    # one run directory per storage (a copy of the repository may link to this one's storage)
+    run_dir = base / f"mldeploy-podman-{os.geteuid()}-{_short_hash(str(state.resolve()))}"
     storage_conf = state / "storage.conf"
     text = (
         "# written by mldeploy.image.engine: image storage of this repository only\n[storage]\n"
