@@ -99,7 +99,7 @@ second-machine: $(STAMP)  ## re-run every notebook as another CPU would; ONNX Ru
 	else echo "qemu-x86_64 not found (apt-get install -y qemu-user): ONNX Runtime's kernels not checked on an AVX2-only CPU"; fi
 
 mutation-check: $(STAMP)  ## apply each deliberate bug of code/mldeploy/book/mutations.toml to a temporary copy; its check must go red (ONLY="id ..." for some)
-	@if $(PY) -m mldeploy.image.build --check >/dev/null 2>&1; then $(MAKE) --no-print-directory image; \
+	@if [ "$$CI" = true ] || $(PY) -m mldeploy.image.build --check >/dev/null 2>&1; then $(MAKE) --no-print-directory image; \
 	else echo "no container engine: 5.4's image cells cannot pass, so its mutations count as missed"; fi
 	$(PY) -m mldeploy.book.mutations $(if $(ONLY),--only $(ONLY)) --out _build/mutations
 

@@ -61,6 +61,10 @@ def copy_repository(dest: Path) -> None:
         if src.is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
+    # `pip install -e` writes this metadata into every checkout (git ignores it); 5.4's exercise 2
+    # lists it among the files a too-wide allow-list would send to the builder
+    for info in (ROOT / "code").glob("*.egg-info"):
+        shutil.copytree(info, dest / "code" / info.name)
     if (ROOT / "artifacts").is_dir():
         shutil.copytree(
             ROOT / "artifacts", dest / "artifacts", ignore=shutil.ignore_patterns("cache")
