@@ -437,34 +437,36 @@ def test_terminology_check_names_variants_british_ipa_and_drafts(tmp_path: Path)
     assert "/ˈkwɑːntaɪz/" not in joined
 
 
-def test_number_check_compares_prose_with_outputs(tmp_path: Path) -> None:
-    prose = nbformat.v4.new_markdown_cell(
-        '<div lang="zh">\n\n文件约 10.6 KiB，准确率 0.9975，比 5.1 节小 3.9 倍。\n\n</div>\n'
-        '<div lang="en">\n\n'
-        "The file is about 10.6 KiB, accuracy 0.9975, 2.5× smaller than in section 5.1.\n\n</div>"
-    )
+def prose_number_problems(folder: Path, zh: str, en: str, printed: str) -> list[str]:
+    """``bookcheck.number_problems`` of a notebook: a code cell that printed ``printed``, then a
+    bilingual prose cell (cell 1)."""
     code = nbformat.v4.new_code_cell("print(...)")
-    code.outputs = [
-        nbformat.v4.new_output(
-            "stream", name="stdout", text="ONNX 10.56 KiB\naccuracy 0.9975\nratio 3.91x\n"
-        )
-    ]
-    problems = bookcheck.number_problems(write_notebook(tmp_path, code, prose))
+    code.outputs = [nbformat.v4.new_output("stream", name="stdout", text=printed)]
+    prose = nbformat.v4.new_markdown_cell(
+        f'<div lang="zh">\n\n{zh}\n\n</div>\n<div lang="en">\n\n{en}\n\n</div>'
+    )
+    return bookcheck.number_problems(write_notebook(folder, code, prose))
+
+
+def test_number_check_compares_prose_with_outputs(tmp_path: Path) -> None:
+    problems = prose_number_problems(
+        tmp_path,
+        "文件约 10.6 KiB，准确率 0.9975，比 5.1 节小 3.9 倍。",
+        "The file is about 10.6 KiB, accuracy 0.9975, 2.5× smaller than in section 5.1.",
+        "ONNX 10.56 KiB\naccuracy 0.9975\nratio 3.91x\n",
+    )
     assert problems == [
         "5.9-bad.ipynb, cell 1: '2.5×' in the prose matches no number in the outputs"
     ], problems
 
 
 def test_comparison_check_wants_a_printed_verdict_or_a_citation(tmp_path: Path) -> None:
-    prose = nbformat.v4.new_markdown_cell(
-        '<div lang="zh">\n\n误差持续下降，延迟约 44 ms。\n\n</div>\n'
-        '<div lang="en">\n\nThe error keeps falling; one request takes 44 ms.\n\n'
+    zh = "误差持续下降，延迟约 44 ms。"
+    en = (
+        "The error keeps falling; one request takes 44 ms.\n\n"
         "Published: 3.25× faster on an A100 (arXiv:2210.17323), about the same in PR #1684."
-        "\n\n</div>"
     )
-    code = nbformat.v4.new_code_cell("print(...)")
-    code.outputs = [nbformat.v4.new_output("stream", name="stdout", text="error 5.6e-03 2.7e-03\n")]
-    problems = bookcheck.number_problems(write_notebook(tmp_path, code, prose))
+    problems = prose_number_problems(tmp_path, zh, en, "error 5.6e-03 2.7e-03\n")
     assert problems == [
         "5.9-bad.ipynb, cell 1: the comparison '持续下降' has no computed verdict printed next to "
         "it (print one, or cite the source)",
@@ -473,24 +475,14 @@ def test_comparison_check_wants_a_printed_verdict_or_a_citation(tmp_path: Path) 
         "5.9-bad.ipynb, cell 1: '44 ms' in the prose matches no number in the outputs",
         "5.9-bad.ipynb, cell 1: '44 ms' in the prose matches no number in the outputs",
     ], problems
-    code.outputs = [
-        nbformat.v4.new_output(
-            "stream", name="stdout", text="fc1: falls overall (0.0056 → 0.0027)\nlatency 44 ms\n"
-        )
-    ]
-    assert bookcheck.number_problems(write_notebook(tmp_path, code, prose)) == []
+    verdict = "fc1: falls overall (0.0056 → 0.0027)\nlatency 44 ms\n"
+    assert prose_number_problems(tmp_path, zh, en, verdict) == []
 
 
 def test_number_check_reads_numbers_written_as_words(tmp_path: Path) -> None:
-    prose = nbformat.v4.new_markdown_cell(
-        '<div lang="zh">\n\n固定了六个版本，模型只有十几 KiB，镜像大了约三成。\n\n</div>\n'
-        '<div lang="en">\n\n'
-        "Six exact versions are pinned; the model is a dozen KiB, the image about a third more."
-        "\n\n</div>"
-    )
-    code = nbformat.v4.new_code_cell("print(...)")
-    code.outputs = [nbformat.v4.new_output("stream", name="stdout", text="8/8 pinned\n")]
-    problems = bookcheck.number_problems(write_notebook(tmp_path, code, prose))
+    zh = "固定了六个版本，模型只有十几 KiB，镜像大了约三成。"
+    en = "Six exact versions are pinned; the model is a dozen KiB, the image about a third more."
+    problems = prose_number_problems(tmp_path, zh, en, "8/8 pinned\n")
     assert problems == [
         "5.9-bad.ipynb, cell 1: '十几 KiB' is a measurement in words; write the digits the "
         "outputs print",
@@ -504,11 +496,9 @@ def test_number_check_reads_numbers_written_as_words(tmp_path: Path) -> None:
         "write",
         "5.9-bad.ipynb, cell 1: '六个' counts 6, a number neither the code nor the outputs write",
     ], problems
-    code.outputs = [nbformat.v4.new_output("stream", name="stdout", text="6/6 pinned\n")]
-    prose.source = prose.source.replace("十几 KiB", "10.6 KiB").replace("a dozen KiB", "10.6 KiB")
-    prose.source = prose.source.replace("约三成", "1.3 倍").replace("about a third more", "1.3×")
-    code.outputs[0].text += "10.6 KiB, 1.3x\n"
-    assert bookcheck.number_problems(write_notebook(tmp_path, code, prose)) == []
+    zh = zh.replace("十几 KiB", "10.6 KiB").replace("约三成", "1.3 倍")
+    en = en.replace("a dozen KiB", "10.6 KiB").replace("about a third more", "1.3×")
+    assert prose_number_problems(tmp_path, zh, en, "6/6 pinned\n10.6 KiB, 1.3x\n") == []
 
 
 def test_terminology_check_wants_american_spelling(tmp_path: Path) -> None:

@@ -142,16 +142,13 @@ def figure(small: Footprint, large: Footprint, models: dict[str, int]):
     """Left: both footprints stacked by package (MB). Right: models and environments, log scale."""
     import matplotlib.pyplot as plt
 
-    groups = ["torch", "onnxruntime", "numpy", "sympy", "other"]
+    named = ["torch", "onnxruntime", "numpy", "sympy"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.2))
     for row, fp in enumerate([small, large]):
+        sizes = {name: fp.sizes.get(name, 0) for name in named}
+        sizes["other"] = fp.total - sum(sizes.values())
         start = 0.0
-        for i, name in enumerate(groups):
-            size = (
-                fp.sizes.get(name, 0)
-                if name != "other"
-                else (sum(v for k, v in fp.sizes.items() if k not in groups))
-            )
+        for i, (name, size) in enumerate(sizes.items()):
             left.barh(row, size / MB, left=start, color=f"C{i}", label=name if row else None)
             start += size / MB
     left.set_yticks([0, 1], ["ONNX Runtime", "TorchScript"])
