@@ -13,6 +13,11 @@ QUIET_INDEX = 2>&1 | { grep -v 'is ignored: it is neither a file nor a directory
 PORT ?= 8000
 ADMIN_PORT ?= 8081
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
+# pytest worker processes (pytest-xdist); each test file or notebook runs whole on one worker.
+# Most work is single-threaded (torch pinned to one thread), so 2 workers use both cores.
+# TEST_WORKERS=0 runs everything in one process, in file order.
+TEST_WORKERS ?= 2
+PARALLEL = -n $(TEST_WORKERS) --dist loadfile
 # llama.cpp built for any x86-64 CPU (no -march=native), without the multimodal part the course never uses
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
 
@@ -56,10 +61,10 @@ refresh: $(STAMP)  ## re-execute every notebook in place (updates stored outputs
 	$(PY) -m mldeploy.book.notebooks refresh $(NOTEBOOKS)
 
 test-lib: $(STAMP)
-	$(PY) -m pytest tests -m "not book and not image"
+	$(PY) -m pytest tests -m "not book and not image" $(PARALLEL)
 
 test-notebooks: $(STAMP)
-	$(PY) -m pytest --nbval --nbval-sanitize-with tests/sanitize.cfg -p no:cacheprovider $(NOTEBOOKS)
+	$(PY) -m pytest --nbval --nbval-sanitize-with tests/sanitize.cfg -p no:cacheprovider $(PARALLEL) $(NOTEBOOKS)
 
 test-book: $(STAMP)
 	$(PY) -m pytest tests -m book
@@ -81,7 +86,7 @@ test: $(STAMP) $(AXE) lint  ## lint, image tests (where an engine answers), unit
 	@if [ "$$CI" = true ] || $(PY) -m mldeploy.image.build --check >/dev/null 2>&1; then \
 	  $(MAKE) --no-print-directory image-test; \
 	else echo "image tests not run: $$($(PY) -m mldeploy.image.build --check 2>&1 | sed 's/^error: //')"; fi
-	$(PY) -m pytest tests -m "not image" --nbval --nbval-sanitize-with tests/sanitize.cfg $(NOTEBOOKS)
+	$(PY) -m pytest tests -m "not image" --nbval --nbval-sanitize-with tests/sanitize.cfg $(PARALLEL) $(NOTEBOOKS)
 
 LINT_PATHS := code tests _ext notebooks
 

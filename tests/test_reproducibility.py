@@ -112,7 +112,8 @@ def _notebook(path, printed: str, stored: str, tolerance: dict | None) -> None:
     nbformat.write(nb, path)
 
 
-def test_nbval_passes_within_the_declared_tolerance_and_fails_outside(tmp_path):
+@pytest.mark.parametrize("workers", ["0", "2"])  # make test runs nbval on 2 pytest-xdist workers
+def test_nbval_passes_within_the_declared_tolerance_and_fails_outside(tmp_path, workers):
     reason = {"rel": 1e-3, "reason": "kernels differ between CPUs"}
     cases = {
         "within": ("perplexity 10.1867", "perplexity 10.1860", reason),
@@ -126,6 +127,7 @@ def test_nbval_passes_within_the_declared_tolerance_and_fails_outside(tmp_path):
     drift = tmp_path / "drift.json"
     subprocess.run(
         [sys.executable, "-m", "pytest", "--nbval", "-p", "no:cacheprovider", "-q",
+         "-n", workers, "--dist", "loadfile",
          f"--junitxml={report}", *sorted(str(p) for p in tmp_path.glob("*.ipynb"))],
         cwd=tmp_path,
         capture_output=True,
@@ -140,6 +142,7 @@ def test_nbval_passes_within_the_declared_tolerance_and_fails_outside(tmp_path):
     failed = {name for name in cases if any(name in key and bad for key, bad in outcome.items())}
     assert failed == {"outside", "text", "undeclared"}, outcome
     measured = json.loads(drift.read_text())["largest_relative_drift"]
+    assert set(measured) == {"within.ipynb", "outside.ipynb", "undeclared.ipynb"}  # every worker's
     assert measured["within.ipynb"] == pytest.approx(0.7e-3 / 10.186, rel=1e-3)
 
 

@@ -21,14 +21,16 @@ Registered as a pytest plugin (entry point ``mldeploy_nbval``); it changes nothi
 runs. Then it pins the compute path (``reproducibility.pin_compute_path``) for the kernels nbval
 starts, and with ``MLDEPLOY_DRIFT_REPORT=path.json`` it also writes, per notebook, the largest
 relative difference seen between stored and fresh numbers — the measured drift between two
-machines.
+machines. Under pytest-xdist each worker merges what its notebooks measured into that one file.
 """
 
 from __future__ import annotations
 
 import copy
+import fcntl
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,11 +131,18 @@ class DriftLog:
             self.tolerated.setdefault(notebook, []).append(cell)
 
     def write(self) -> None:
+        """Merge this process's notebooks into the report (workers of one session share it)."""
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        report = {"largest_relative_drift": self.drift, "cells_within_tolerance": self.tolerated}
-        self.path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            old = json.loads(self.path.read_text()) if self.path.exists() else {}
+            report = {
+                "largest_relative_drift": old.get("largest_relative_drift", {}) | self.drift,
+                "cells_within_tolerance": old.get("cells_within_tolerance", {}) | self.tolerated,
+            }
+            self.path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
 
 
 def _texts(output: dict) -> list[tuple[tuple[str, ...], str]]:
@@ -284,6 +293,8 @@ def pytest_configure(config: pytest.Config) -> None:
         # also for a notebook that does not pin it itself.
         pin_compute_path()
         _LOG.path = report
+        if report is not None and "PYTEST_XDIST_WORKER" not in os.environ:
+            report.unlink(missing_ok=True)  # a new session: workers merge into an empty report
         install(_LOG)
 
 

@@ -12,6 +12,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from mldeploy.paths import artifacts_dir
+from mldeploy.quant.cache import atomic_output
 from mldeploy.serving.predictors import Predictor
 
 WIDE = {"hidden": 1024, "layers": 5}
@@ -28,7 +29,9 @@ def two_moons_onnx(out_dir: Path | None = None, *, seed: int = 0) -> Path:
     from mldeploy import export, training
 
     trained = training.train_two_moons(seed=seed)
-    return export.export_onnx(trained.model, torch.from_numpy(trained.split.x_train[:8]), path)
+    with atomic_output(path) as tmp:  # a notebook and a test may build it at the same time
+        export.export_onnx(trained.model, torch.from_numpy(trained.split.x_train[:8]), tmp)
+    return path
 
 
 def wide_onnx(
@@ -82,7 +85,8 @@ def build_wide_mlp(
     )
     onnx.checker.check_model(model)
     path = Path(path)
-    onnx.save(model, path)
+    with atomic_output(path) as tmp:
+        onnx.save(model, tmp)
     return path
 
 
