@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from mldeploy import data, models
+from mldeploy.reproducibility import single_thread
 
 TWO_MOONS_EPOCHS = 60  # enough for the two-moons MLP to reach its plateau (test accuracy ≈ 0.99)
 
@@ -35,6 +36,8 @@ def train_classifier(
     """Train with Adam and cross-entropy; return the mean loss of every epoch.
 
     ``on_epoch(epoch, loss)`` is called after each epoch (1-based) so callers can show progress.
+    It runs on one thread: the batches are tiny, and two threads of one process waiting on each
+    other at every step are many times slower whenever another process holds a core.
     """
     if epochs < 1 or batch_size < 1:
         raise ValueError("epochs and batch_size must be positive")
@@ -45,19 +48,20 @@ def train_classifier(
     loss_fn = nn.CrossEntropyLoss()
     history: list[float] = []
     model.train()
-    for epoch in range(1, epochs + 1):
-        order = torch.randperm(len(xs), generator=generator)
-        total = 0.0
-        for start in range(0, len(xs), batch_size):
-            idx = order[start : start + batch_size]
-            optimizer.zero_grad()
-            loss = loss_fn(model(xs[idx]), ys[idx])
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(idx)
-        history.append(total / len(xs))
-        if on_epoch is not None:
-            on_epoch(epoch, history[-1])
+    with single_thread():
+        for epoch in range(1, epochs + 1):
+            order = torch.randperm(len(xs), generator=generator)
+            total = 0.0
+            for start in range(0, len(xs), batch_size):
+                idx = order[start : start + batch_size]
+                optimizer.zero_grad()
+                loss = loss_fn(model(xs[idx]), ys[idx])
+                loss.backward()
+                optimizer.step()
+                total += loss.item() * len(idx)
+            history.append(total / len(xs))
+            if on_epoch is not None:
+                on_epoch(epoch, history[-1])
     model.eval()
     return history
 
