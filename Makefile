@@ -77,16 +77,17 @@ $(AXE): package.json package-lock.json
 axe: $(AXE)  ## install axe-core (npm) for the accessibility audit in the browser tests
 
 test-browser: $(STAMP) $(AXE)  ## the built book in headless chromium; screenshots go to _build/screenshots/
-	MLDEPLOY_SCREENSHOTS=1 $(PY) -m pytest tests/test_browser.py
+	MLDEPLOY_SCREENSHOTS=1 $(PY) -m pytest tests/test_browser.py tests/test_notebook_views.py $(PARALLEL)
 
 page-weight: $(STAMP)  ## bytes a first visit to each page of the book transfers
 	$(PY) -m pytest tests/test_browser.py -q -k page_weight && cat _build/page-weight.txt
 
 test: $(STAMP) $(AXE) lint  ## lint, image tests (where an engine answers), unit + service tests, nbval over every notebook, book build
 	@if [ "$$CI" = true ] || $(PY) -m mldeploy.image.build --check >/dev/null 2>&1; then \
-	  $(MAKE) --no-print-directory image-test; \
-	else echo "image tests not run: $$($(PY) -m mldeploy.image.build --check 2>&1 | sed 's/^error: //')"; fi
-	$(PY) -m pytest tests -m "not image" --nbval --nbval-sanitize-with tests/sanitize.cfg $(PARALLEL) $(NOTEBOOKS)
+	  $(MAKE) --no-print-directory image && marks=""; \
+	else echo "image tests not run: $$($(PY) -m mldeploy.image.build --check 2>&1 | sed 's/^error: //')"; \
+	  marks="not image"; fi; \
+	set -x; $(PY) -m pytest tests -m "$$marks" --nbval --nbval-sanitize-with tests/sanitize.cfg $(PARALLEL) $(NOTEBOOKS)
 
 LINT_PATHS := code tests _ext notebooks
 

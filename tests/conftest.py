@@ -56,3 +56,12 @@ def scaled() -> Callable[[float], float]:
     """``scaled(seconds)``: a timeout stretched by ``MLDEPLOY_TIMEOUT_FACTOR``."""
     factor = timeout_factor()
     return lambda seconds: seconds * factor
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless chromium for the browser tests (tests/browsing.py)."""
+    import browsing
+
+    with browsing.chromium() as chromium:
+        yield chromium
