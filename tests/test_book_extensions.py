@@ -77,16 +77,15 @@ def test_stamp_line_names_versions_and_date() -> None:
 
 
 def test_a_missing_browser_fails_in_ci_and_skips_elsewhere(monkeypatch, tmp_path) -> None:
-    sys.path.insert(0, str(REPO_ROOT / "tests"))
-    import test_browser
+    import browsing
 
-    monkeypatch.setattr(test_browser, "CHROMIUM", tmp_path / "no-chromium")
+    monkeypatch.setattr(browsing, "CHROMIUM", tmp_path / "no-chromium")
     monkeypatch.setenv("CI", "true")
     with pytest.raises(pytest.fail.Exception):
-        test_browser._require_chromium()
+        browsing.require_chromium()
     monkeypatch.delenv("CI")
     with pytest.raises(pytest.skip.Exception):
-        test_browser._require_chromium()
+        browsing.require_chromium()
 
 
 def test_search_cuts_pages_and_queries_into_the_same_terms() -> None:
