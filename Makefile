@@ -13,7 +13,8 @@ QUIET_INDEX = 2>&1 | { grep -v 'is ignored: it is neither a file nor a directory
 PORT ?= 8000
 ADMIN_PORT ?= 8081
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
-# pytest worker processes (pytest-xdist); each test file or notebook runs whole on one worker.
+# pytest worker processes (pytest-xdist); each test file or notebook runs whole on one worker, and
+# the browser and container tests share one (tests/conftest.py says why).
 # Most work is single-threaded (torch pinned to one thread), so 2 workers use both cores.
 # TEST_WORKERS=0 runs everything in one process, in file order.
 TEST_WORKERS ?= 2
@@ -64,7 +65,7 @@ test-lib: $(STAMP)
 	$(PY) -m pytest tests -m "not book and not image" $(PARALLEL)
 
 test-notebooks: $(STAMP)
-	$(PY) -m pytest --nbval --nbval-sanitize-with tests/sanitize.cfg -p no:cacheprovider $(PARALLEL) $(NOTEBOOKS)
+	$(PY) -m pytest --nbval --nbval-sanitize-with tests/sanitize.cfg -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile $(NOTEBOOKS)
 
 test-book: $(STAMP)
 	$(PY) -m pytest tests -m book

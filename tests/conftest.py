@@ -20,6 +20,27 @@ def pytest_configure(config: pytest.Config) -> None:
     reproducibility.pin_compute_path()
 
 
+# Chromium aborts its open requests (net::ERR_NETWORK_CHANGED) whenever a container engine adds or
+# removes a network interface, so the files that drive chromium and the files that start containers
+# run one after another on one pytest-xdist worker. Every other file runs whole on one worker
+# (module fixtures built once, notebook cells in order), as with --dist loadfile.
+ONE_WORKER = {"test_browser.py", "test_notebook_views.py", "test_image.py", "5.4-docker.ipynb"}
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook (make test: -n 2 --dist loadfile)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class FilesChromiumApartFromContainers(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = nodeid.split("::", 1)[0]
+            return "chromium-and-containers" if Path(file).name in ONE_WORKER else file
+
+    return FilesChromiumApartFromContainers(config, log)
+
+
 @pytest.fixture(scope="session")
 def split() -> data.Split:
     return data.load_moons()

@@ -127,6 +127,33 @@ def test_atomic_output_replaces_in_one_step_and_cleans_up(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
 
 
+def test_one_builder_lets_one_process_build_and_the_others_wait(tmp_path):
+    import threading
+    import time
+
+    from mldeploy.quant import cache
+
+    target, events = tmp_path / "model.pt", []
+
+    def need(name: str) -> None:  # what cached_charlm and train_or_load do
+        with cache.one_builder(target):
+            if target.is_file():
+                events.append(f"{name} loads {target.read_text()}")
+                return
+            time.sleep(0.3)  # training
+            target.write_text(name)
+            events.append(f"{name} trains")
+
+    workers = [threading.Thread(target=need, args=(name,)) for name in ("a", "b", "c")]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    trainer = events[0].split()[0]
+    assert events[0] == f"{trainer} trains", events  # one trains, while the others wait
+    assert sorted(events[1:]) == [f"{n} loads {trainer}" for n in "abc" if n != trainer], events
+
+
 def test_large_model_is_big_enough_and_learned_something(bench, fp32):
     assert sum(p.numel() for p in bench.model.parameters()) >= 500_000
     assert fp32.perplexity < 0.2 * charlm.VOCAB_SIZE  # far better than guessing uniformly

@@ -25,6 +25,7 @@ from mldeploy.llm import evaluation, kv_cache, model, tokenizer
 from mldeploy.llm.model import Llama, LlamaConfig
 from mldeploy.llm.tokenizer import Tokenizer, corpus_text, train_tokenizer
 from mldeploy.paths import artifacts_dir
+from mldeploy.quant import cache
 from mldeploy.reproducibility import single_thread
 from mldeploy.training import set_seed
 
@@ -126,6 +127,11 @@ def train_or_load(cfg: TrainConfig = TrainConfig()) -> Trained:
     """The trained tokenizer and model for ``cfg``: from the cache, or trained now and cached."""
     corpus = corpus_text()
     folder = artifacts_dir("5.6") / f"llama-{cache_key(cfg, corpus)}"
+    with cache.one_builder(folder):  # another process training it: wait, then load its files
+        return _load_or_train(cfg, corpus, folder)
+
+
+def _load_or_train(cfg: TrainConfig, corpus: tuple[str, str], folder: Path) -> Trained:
     weights, meta = folder / "model.pt", folder / "train.json"
     if meta.is_file():
         net = Llama(cfg.model)

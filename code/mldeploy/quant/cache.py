@@ -1,11 +1,13 @@
 """Cache keys that include the code producing a file, and writes that readers never see half-done.
 
-Notebooks 5.3a/b/c and the tests share ``artifacts/5.3/`` and may run at the same time.
+Notebooks 5.3a/b/c and the tests share ``artifacts/5.3/`` and may run at the same time (``make
+test`` runs test files and notebooks on two processes).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import inspect
 import os
@@ -37,3 +39,17 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def one_builder(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock named after the cache entry ``path`` while checking and building it.
+
+    A second process that needs the same entry waits here, then finds it built, instead of
+    training the same model again beside the first. The lock is released when the block ends,
+    also when the process dies."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield

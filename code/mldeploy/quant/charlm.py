@@ -232,15 +232,16 @@ def cached_charlm(
 ) -> tuple[CharMLP, bool]:
     """The trained model for ``cfg`` (from ``artifacts/5.3/`` if cached) and whether it was."""
     path = artifacts_dir("5.3") / f"charlm-{cfg.key()}.pt"
-    if path.is_file():
-        model = CharMLP(cfg.context, cfg.embed, cfg.hidden)
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        return model.eval(), True
-    reproducibility.require_pinned()  # a cache holds only numbers from the pinned path
-    model = train_charlm(cfg, corpus if corpus is not None else load_corpus())
-    with cache.atomic_output(path) as tmp:  # a half-written cache file is never read
-        torch.save(model.state_dict(), tmp)
-    return model, False
+    with cache.one_builder(path):  # another process training it: wait, then load its file
+        if path.is_file():
+            model = CharMLP(cfg.context, cfg.embed, cfg.hidden)
+            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            return model.eval(), True
+        reproducibility.require_pinned()  # a cache holds only numbers from the pinned path
+        model = train_charlm(cfg, corpus if corpus is not None else load_corpus())
+        with cache.atomic_output(path) as tmp:  # a half-written cache file is never read
+            torch.save(model.state_dict(), tmp)
+        return model, False
 
 
 @dataclass(frozen=True)
