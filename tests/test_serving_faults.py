@@ -176,22 +176,45 @@ def test_a_request_past_its_deadline_gets_504(onnx_path, scaled):
     assert metric(text, "mldeploy_timed_out_total") == 1
 
 
+def _wait_for(condition, what: str, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {seconds:.0f} s for {what}"
+        time.sleep(0.01)
+
+
 def test_work_for_a_client_that_left_is_not_computed(onnx_path):
-    model = FlakyPredictor(onnx_path, delay=0.4)
+    model, gate, entered = FlakyPredictor(onnx_path), threading.Event(), []
+    inner = model.predict_proba
+
+    def busy_until_the_gate_opens(x):
+        entered.append(len(x))
+        gate.wait(30)
+        return inner(x)
+
+    model.predict_proba = busy_until_the_gate_opens
     app = create_app(lambda: model, ServiceSettings(max_batch_size=1, max_wait_ms=0))
+    gate.set()  # warm-up calls pass
     with BackgroundServer(app) as server:
-        calls_before = model.calls  # warm-up calls
+        calls_before, entered_before = model.calls, len(entered)
+        gate.clear()
         busy = threading.Thread(
             target=httpx.post, args=(server.url + "/predict",), kwargs={"json": SAMPLE}
         )
         busy.start()
-        time.sleep(0.1)  # the model is busy with that one for 0.4 s
+        _wait_for(lambda: len(entered) > entered_before, "the model to take the first request")
+
+        def queued() -> float:
+            return metric(httpx.get(server.admin_url + "/metrics").text, "mldeploy_queue_depth")
+
         body = b'{"features": [1.0, 2.0]}'
         with socket.create_connection((server.host, server.port)) as gone:
             gone.sendall(loadgen.http_request(server.url + "/predict", body))
-            time.sleep(0.1)  # queued behind the busy call
+            _wait_for(lambda: queued() == 1, "the second request to wait behind the first")
+        time.sleep(0.3)  # the client has left; the server sees the closed connection
+        gate.set()
         busy.join()
-        time.sleep(0.3)
+        _wait_for(lambda: queued() == 0, "the queue to empty")
         text = httpx.get(server.admin_url + "/metrics").text
     assert model.calls - calls_before == 1
     assert metric(text, "mldeploy_abandoned_total") == 1

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from importlib import metadata
 from pathlib import Path
 
@@ -36,8 +37,19 @@ def hf_folder(trained) -> Path:
     if (out / "config.json").is_file():
         return out
     tmp = Path(tempfile.mkdtemp(prefix=".hf-", dir=trained.folder))
-    model.to_transformers(trained.model).save_pretrained(tmp)
-    tokenizer.to_transformers(trained.tokenizer.path).save_pretrained(tmp)
+    # quiet: a notebook cell that happens to build the folder prints only its own output
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm in a notebook
+        from transformers.utils import logging as hf_logging
+
+        shown = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            model.to_transformers(trained.model).save_pretrained(tmp)
+            tokenizer.to_transformers(trained.tokenizer.path).save_pretrained(tmp)
+        finally:
+            if shown:
+                hf_logging.enable_progress_bar()
     shutil.copy(trained.tokenizer.path, tmp / "tokenizer.model")
     return _publish(tmp, out)
 
