@@ -25,6 +25,7 @@ def pytest_configure(config: pytest.Config) -> None:
 # run one after another on one pytest-xdist worker. Every other file runs whole on one worker
 # (module fixtures built once, notebook cells in order), as with --dist loadfile.
 ONE_WORKER = {"test_browser.py", "test_notebook_views.py", "test_image.py", "5.4-docker.ipynb"}
+ONE_WORKER_GROUP = "chromium-and-containers"
 
 
 @pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook (make test: -n 2 --dist loadfile)
@@ -36,7 +37,13 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
     class FilesChromiumApartFromContainers(LoadFileScheduling):
         def _split_scope(self, nodeid: str) -> str:
             file = nodeid.split("::", 1)[0]
-            return "chromium-and-containers" if Path(file).name in ONE_WORKER else file
+            return ONE_WORKER_GROUP if Path(file).name in ONE_WORKER else file
+
+        def _reschedule(self, node) -> None:
+            # the group is the longest unit: its worker takes nothing more until it is done
+            group = self.assigned_work.get(node, {}).get(ONE_WORKER_GROUP)
+            if group is None or all(group.values()):
+                super()._reschedule(node)
 
     return FilesChromiumApartFromContainers(config, log)
 

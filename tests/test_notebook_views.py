@@ -144,6 +144,11 @@ def test_student_view_in_jupyterlab_shows_no_raw_markup(browser, jupyterlab) -> 
                 c.cell_type == "markdown" for c in nbformat.read(notebook, as_version=4).cells
             )
             tab.goto(jupyterlab + "lab/tree/" + notebook.relative_to(REPO_ROOT).as_posix())
+            tab.wait_for_function(  # this notebook's tab is the current one (Lab restores others)
+                "name => [...document.querySelectorAll('.lm-TabBar-tab.lm-mod-current')]"
+                ".some(t => t.textContent.trim() === name)",
+                arg=notebook.name,
+            )
             tab.wait_for_function(  # every markdown cell rendered, with its text
                 "n => { const r = [...document.querySelectorAll("
                 "'.jp-MarkdownCell .jp-RenderedMarkdown')];"

@@ -308,20 +308,21 @@ def test_bad_settings_stop_start_up_with_one_line(onnx_path, tmp_path, env, args
 
 
 def test_probes_are_on_the_admin_port_and_ready_waits_for_the_warm_up(onnx_path):
-    started = threading.Event()
+    loading, loaded = threading.Event(), threading.Event()
 
-    def slow_load():
-        started.set()
-        time.sleep(0.5)
+    def slow_load():  # loading until the test has asked both probes
+        loading.set()
+        loaded.wait(30)
         return OnnxPredictor(onnx_path)
 
     server = BackgroundServer(create_app(slow_load))
     runner = threading.Thread(target=server.start)
     runner.start()
     try:
-        started.wait(10)
+        loading.wait(10)
         cold = httpx.get(server.admin_url + "/ready")
         health = httpx.get(server.admin_url + "/health")
+        loaded.set()
         runner.join()
         warm = httpx.get(server.admin_url + "/ready")
         # two listeners: inference on the API port only, probes on the admin port
