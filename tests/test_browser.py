@@ -12,6 +12,7 @@ themselves look in JupyterLab and nbconvert is tests/test_notebook_views.py.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import gzip
 import re
@@ -19,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from functools import partial
 from html.parser import HTMLParser
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -28,6 +30,7 @@ from urllib.parse import unquote, urlsplit
 import pytest
 import yaml
 
+import browsing
 from browsing import SAMPLE, SAVE_SCREENSHOTS, SCREENSHOTS, require_chromium
 from mldeploy import settings, timeouts
 from mldeploy.paths import REPO_ROOT
@@ -474,6 +477,7 @@ class Render:
         self.problems: dict[str, list[str]] = {}
         self.weight: list[str] = []
         self.over_budget: list[str] = []
+        self.weight_of: dict[str, str] = {}  # page -> its line of the weight table
         self.axe_ran = False
 
     def add(self, check: str, problems: list[str]) -> None:
@@ -580,6 +584,69 @@ def _figures(tab, name: str) -> list[str]:
     return problems
 
 
+RENDER_THREADS = 2  # pages rendered at once, each thread with a chromium of its own
+
+
+def _render_page(browser, base: str, name: str, render: Render, gzipped: Callable) -> None:
+    """One page at desktop and phone width, switched through the three modes; all checks."""
+    for size, (width, height) in WIDTHS.items():
+        context = browser.new_context(
+            viewport={"width": width, "height": height}, device_scale_factor=1
+        )
+        context.set_default_timeout(timeouts.scaled(60_000))
+        tab = context.new_page()
+        errors: list[str] = []
+        responses: list[tuple[str, int]] = []
+        tab.on(
+            "console",
+            lambda msg, into=errors: (
+                into.append(f"console {msg.type}: {msg.text}") if msg.type == "error" else None
+            ),
+        )
+        tab.on("pageerror", lambda exc, into=errors: into.append(f"page error: {exc}"))
+
+        def record(response, into=responses, errs=errors):  # bound now: new lists each time
+            into.append((response.url, int(response.headers.get("content-length", 0))))
+            if response.status >= 400:
+                errs.append(f"{response.status} {response.url}")
+
+        tab.on("response", record)
+        try:
+            if size == "desktop":
+                tab.goto(base + name, wait_until="networkidle")
+                first = "both"
+                raw = sum(n for _, n in responses)
+                packed = sum(gzipped(u) for u, _ in responses)
+                maths = sum(n for u, n in responses if MATHJAX in u)
+                note = f"  (MathJax {maths / 1e6:.2f} MB)" if maths else ""
+                line = f"{raw / 1e6:6.2f} MB {packed / 1e6:6.2f} MB  {len(responses):6d}    "
+                render.weight_of[name] = line + f"{name}{note}"
+                if raw - maths > PAGE_BUDGET:
+                    render.over_budget.append(render.weight_of[name])
+                render.add("figures", _figures(tab, name))
+            else:
+                tab.goto(base + name + "?lang=zh")
+                first = "zh"
+                if "lang=zh" not in tab.url:
+                    render.add("entry", [f"{name}: ?lang=zh dropped ({tab.url})"])
+            order = [first] + [m for m in ("en", "zh", "both") if m != first]
+            for mode in order:
+                if mode != first:
+                    tab.get_by_role("button", name=MODE_BUTTONS[mode], exact=True).click()
+                    tab.mouse.move(0, height - 1)  # the button at rest, not hovered
+                    tab.wait_for_function(  # colour transitions finished
+                        "() => document.getAnimations().every(a => a.playState !== 'running')"
+                    )
+                _check_mode(tab, render, name, mode, size, width)
+                if size == "desktop" and mode == "zh":  # the choice survives a reload
+                    tab.reload()
+                    if tab.get_attribute("html", "data-lang-mode") != "zh":
+                        render.add("switch", [f"{name}: choice lost on reload"])
+        finally:
+            context.close()
+        render.add("errors", [f"{name} [{size}]: {e}" for e in errors])
+
+
 @pytest.fixture(scope="module")
 def rendered(browser, server, pages, site: Path) -> Render:
     """Each page at desktop and phone width, in a fresh browser (empty cache and storage): loaded
@@ -588,6 +655,8 @@ def rendered(browser, server, pages, site: Path) -> Render:
 
     The desktop visit comes with no ?lang= (the default mode, and the bytes of a first visit);
     the phone visit opens a shared ?lang=zh link, which must set and keep the mode.
+    Pages are shared among ``RENDER_THREADS`` threads: most of a render is chromium's work
+    (layout, axe), which runs in chromium's processes while Python waits for it.
     """
     base, failures = server
     render = Render()
@@ -599,66 +668,29 @@ def rendered(browser, server, pages, site: Path) -> Render:
         path = site / unquote(urlsplit(url).path).lstrip("/")
         return len(gzip.compress(path.read_bytes(), 6)) if path.is_file() else 0
 
-    render.weight.append("     raw   gzipped  requests  page (first visit, empty cache)")
-    for name in pages:
-        for size, (width, height) in WIDTHS.items():
-            context = browser.new_context(
-                viewport={"width": width, "height": height}, device_scale_factor=1
-            )
-            context.set_default_timeout(timeouts.scaled(60_000))
-            tab = context.new_page()
-            errors: list[str] = []
-            responses: list[tuple[str, int]] = []
-            tab.on(
-                "console",
-                lambda msg, into=errors: (
-                    into.append(f"console {msg.type}: {msg.text}") if msg.type == "error" else None
-                ),
-            )
-            tab.on("pageerror", lambda exc, into=errors: into.append(f"page error: {exc}"))
+    todo = list(pages)
+    claim = threading.Lock()
 
-            def record(response, into=responses, errs=errors):  # bound now: new lists each time
-                into.append((response.url, int(response.headers.get("content-length", 0))))
-                if response.status >= 400:
-                    errs.append(f"{response.status} {response.url}")
+    def render_some(own_browser) -> None:  # playwright's sync API: one instance per thread
+        while True:
+            with claim:
+                if not todo:
+                    return
+                name = todo.pop(0)
+            _render_page(own_browser, base, name, render, gzipped)
 
-            tab.on("response", record)
-            try:
-                if size == "desktop":
-                    tab.goto(base + name, wait_until="networkidle")
-                    first = "both"
-                    raw = sum(n for _, n in responses)
-                    packed = sum(gzipped(u) for u, _ in responses)
-                    maths = sum(n for u, n in responses if MATHJAX in u)
-                    note = f"  (MathJax {maths / 1e6:.2f} MB)" if maths else ""
-                    render.weight.append(
-                        f"{raw / 1e6:6.2f} MB {packed / 1e6:6.2f} MB  {len(responses):6d}    "
-                        f"{name}{note}"
-                    )
-                    if raw - maths > PAGE_BUDGET:
-                        render.over_budget.append(render.weight[-1])
-                    render.add("figures", _figures(tab, name))
-                else:
-                    tab.goto(base + name + "?lang=zh")
-                    first = "zh"
-                    if "lang=zh" not in tab.url:
-                        render.add("entry", [f"{name}: ?lang=zh dropped ({tab.url})"])
-                order = [first] + [m for m in ("en", "zh", "both") if m != first]
-                for mode in order:
-                    if mode != first:
-                        tab.get_by_role("button", name=MODE_BUTTONS[mode], exact=True).click()
-                        tab.mouse.move(0, height - 1)  # the button at rest, not hovered
-                        tab.wait_for_function(  # colour transitions finished
-                            "() => document.getAnimations().every(a => a.playState !== 'running')"
-                        )
-                    _check_mode(tab, render, name, mode, size, width)
-                    if size == "desktop" and mode == "zh":  # the choice survives a reload
-                        tab.reload()
-                        if tab.get_attribute("html", "data-lang-mode") != "zh":
-                            render.add("switch", [f"{name}: choice lost on reload"])
-            finally:
-                context.close()
-            render.add("errors", [f"{name} [{size}]: {e}" for e in errors])
+    def in_a_thread() -> None:
+        with browsing.chromium() as own:
+            render_some(own)
+
+    with concurrent.futures.ThreadPoolExecutor(RENDER_THREADS - 1) as pool:
+        helpers = [pool.submit(in_a_thread) for _ in range(RENDER_THREADS - 1)]
+        render_some(browser)
+        for helper in helpers:
+            helper.result()
+    render.weight = ["     raw   gzipped  requests  page (first visit, empty cache)"] + [
+        render.weight_of[name] for name in pages if name in render.weight_of
+    ]
     render.add("errors", list(failures))
     return render
 

@@ -143,7 +143,10 @@ def test_student_view_in_jupyterlab_shows_no_raw_markup(browser, jupyterlab) -> 
             markdown = sum(
                 c.cell_type == "markdown" for c in nbformat.read(notebook, as_version=4).cells
             )
-            tab.goto(jupyterlab + "lab/tree/" + notebook.relative_to(REPO_ROOT).as_posix())
+            # ?reset: a fresh workspace, as a student opening one notebook has. Without it Lab
+            # restores every notebook opened before, and renders them all again (twice the time)
+            path = notebook.relative_to(REPO_ROOT).as_posix()
+            tab.goto(jupyterlab + "lab/tree/" + path + "?reset")
             tab.wait_for_function(  # this notebook's tab is the current one (Lab restores others)
                 "name => [...document.querySelectorAll('.lm-TabBar-tab.lm-mod-current')]"
                 ".some(t => t.textContent.trim() === name)",
