@@ -26,6 +26,20 @@ def pytest_configure(config: pytest.Config) -> None:
 # (module fixtures built once, notebook cells in order), as with --dist loadfile.
 ONE_WORKER = {"test_browser.py", "test_notebook_views.py", "test_image.py", "5.4-docker.ipynb"}
 ONE_WORKER_GROUP = "chromium-and-containers"
+# The longest units start first (by --durations on 2 cores), so that no long file is the last to
+# start while the other workers sit idle. The rest follow, most tests first (pytest-xdist's order).
+# A stale list costs time, never a check: every file runs whatever its place.
+LONGEST_FIRST = [
+    ONE_WORKER_GROUP,  # about 300 s
+    "5.6b-llm-onnx-int4.ipynb",  # trains the Llama on a cold cache (about 250 s) or loads it
+    "5.3c-quantization-gguf-qat-curves.ipynb",  # about 120 s
+    "test_quantization.py",
+    "5.2-inference-service.ipynb",
+    "test_book.py",
+    "test_reproducibility.py",
+    "5.5-full-demo.ipynb",
+    "5.3b-quantization-int4-gptq-awq.ipynb",
+]
 
 
 @pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook (make test: -n 2 --dist loadfile)
@@ -38,6 +52,18 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
         def _split_scope(self, nodeid: str) -> str:
             file = nodeid.split("::", 1)[0]
             return ONE_WORKER_GROUP if Path(file).name in ONE_WORKER else file
+
+        def _assign_work_unit(self, node) -> None:
+            if not getattr(self, "ordered", False):  # once, before the first unit goes out
+                self.ordered = True
+                rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+                units = sorted(
+                    self.workqueue.items(),  # sorted() is stable: the rest keep their order
+                    key=lambda unit: rank.get(Path(unit[0]).name, len(rank)),
+                )
+                self.workqueue.clear()
+                self.workqueue.update(units)
+            super()._assign_work_unit(node)
 
         def _reschedule(self, node) -> None:
             # the group is the longest unit: its worker takes nothing more until it is done
