@@ -9,6 +9,7 @@ from mldeploy.export.formats import (
     export_onnx,
     export_program,
     export_torchscript,
+    quiet_export,
     save_state_dict,
     strip_onnx_metadata,
     strip_torchscript_debug,
@@ -25,4 +26,5 @@ __all__ = [
     "strip_onnx_metadata",
     "export_onnx",
     "export_all",
+    "quiet_export",
 ]

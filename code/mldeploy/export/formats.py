@@ -23,7 +23,7 @@ MAX_BATCH = 4096  # upper bound of the dynamic batch dimension in exported graph
 
 
 @contextlib.contextmanager
-def _quiet_export() -> Iterator[None]:
+def quiet_export() -> Iterator[None]:
     """Silence deprecation chatter and the ONNX exporter's 'torchvision is not installed' lines."""
     names = ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx.experimental.symbolic_shapes")
     loggers = [logging.getLogger(name) for name in names]
@@ -113,7 +113,7 @@ def export_torchscript(
         raise ValueError(f"method must be 'trace' or 'script', got {method!r}")
     path = Path(path)
     model.eval()
-    with _quiet_export():
+    with quiet_export():
         module = torch.jit.trace(model, example) if method == "trace" else torch.jit.script(model)
         module.save(str(path))
     if strip_debug:
@@ -135,7 +135,7 @@ def export_program(
     path = Path(path)
     model.eval()
     shapes = _dynamic_batch(model, example) if dynamic_batch else None
-    with _quiet_export():
+    with quiet_export():
         program = torch.export.export(model, (example,), dynamic_shapes=shapes)
         if strip_debug:
             for node in program.graph.nodes:
@@ -147,7 +147,7 @@ def export_program(
 def explain_export_failure(model: nn.Module, example: torch.Tensor) -> str | None:
     """Try ``torch.export`` quietly: a one-line reason if it fails, ``None`` if it succeeds."""
     with (
-        _quiet_export(),
+        quiet_export(),
         contextlib.redirect_stdout(io.StringIO()),
         contextlib.redirect_stderr(io.StringIO()),
     ):
@@ -203,7 +203,7 @@ def export_onnx(
     path = Path(path)
     model.eval()
     shapes = _dynamic_batch(model, example) if dynamic_batch else None
-    with _quiet_export():
+    with quiet_export():
         torch.onnx.export(
             model,
             (example,),

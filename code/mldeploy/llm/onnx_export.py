@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from mldeploy import runtime
-from mldeploy.export.formats import _quiet_export, strip_onnx_metadata
+from mldeploy.export.formats import quiet_export, strip_onnx_metadata
 from mldeploy.llm.model import Llama, apply_rope
 from mldeploy.quant import cache
 
@@ -105,7 +105,7 @@ def export(net: Llama, path: str | Path) -> Path:
     past = [torch.zeros(2, cfg.n_kv_heads, 2, cfg.head_dim) for _ in past_names]
     batch, seq, past_len = (torch.export.Dim(n) for n in ("batch", "seq", "past"))
     shapes = ({0: batch, 1: seq}, tuple({0: batch, 2: past_len} for _ in past))
-    with cache.atomic_output(path) as tmp, _quiet_export(), torch.no_grad():
+    with cache.atomic_output(path) as tmp, quiet_export(), torch.no_grad():
         torch.onnx.export(
             KVCacheWrapper(net.eval()),
             (ids, *past),
