@@ -14,10 +14,10 @@ PORT ?= 8000
 ADMIN_PORT ?= 8081
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
 # pytest worker processes (pytest-xdist); each test file or notebook runs whole on one worker, and
-# the browser and container tests share one (tests/conftest.py says why). 2 suit 2 cores: 3 were
-# faster still (the suite waits more than it computes) but stretched timing-bound tests under load.
+# the browser and container tests share one (tests/conftest.py says why). 3 on 2 cores: the suite
+# waits (sockets, child processes, chromium) more than it computes, so a third worker fills the gaps.
 # TEST_WORKERS=0 runs everything in one process, in file order.
-TEST_WORKERS ?= 2
+TEST_WORKERS ?= 3
 PARALLEL = -n $(TEST_WORKERS) --dist loadfile
 # llama.cpp built for any x86-64 CPU (no -march=native), without the multimodal part the course never uses
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
