@@ -42,7 +42,7 @@ LONGEST_FIRST = [
 ]
 
 
-@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook (make test: -n 2 --dist loadfile)
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook (make test: -n 3 --dist loadfile)
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
     if config.getvalue("dist") != "loadfile":
         return None

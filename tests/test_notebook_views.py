@@ -147,7 +147,7 @@ def test_student_view_in_jupyterlab_shows_no_raw_markup(browser, jupyterlab) -> 
             # restores every notebook opened before, and renders them all again (twice the time)
             path = notebook.relative_to(REPO_ROOT).as_posix()
             tab.goto(jupyterlab + "lab/tree/" + path + "?reset")
-            tab.wait_for_function(  # this notebook's tab is the current one (Lab restores others)
+            tab.wait_for_function(  # this notebook's tab is the current one
                 "name => [...document.querySelectorAll('.lm-TabBar-tab.lm-mod-current')]"
                 ".some(t => t.textContent.trim() === name)",
                 arg=notebook.name,
