@@ -917,6 +917,35 @@ def fix_structure(path: Path) -> list[str]:
     return changes
 
 
+# --- code cells ----------------------------------------------------------------------------------
+
+MAX_CODE_LINES = 15  # a cell a reader takes in at a glance; longer ones are split or shortened
+CUT_SOURCE = re.compile(r"inspect\.getsource\(")
+
+
+def code_cell_problems(path: Path) -> list[str]:
+    """Code cells of at most ``MAX_CODE_LINES`` lines (as ruff formats them), and library source
+    shown whole by ``mldeploy.book.source.show``, never printed or cut from ``inspect.getsource``
+    text (``show`` also refuses private names)."""
+    problems = []
+    for i, cell in enumerate(json.loads(path.read_text(encoding="utf-8"))["cells"]):
+        if cell["cell_type"] != "code":
+            continue
+        source = "".join(cell["source"])
+        lines = len(source.rstrip().splitlines())
+        if lines > MAX_CODE_LINES:
+            problems.append(
+                f"{path.name}, cell {i}: {lines} lines of code (at most {MAX_CODE_LINES}); split "
+                "the cell at a step the prose can name, or move the detail into the library"
+            )
+        if CUT_SOURCE.search(source):
+            problems.append(
+                f"{path.name}, cell {i}: library source through inspect.getsource; "
+                "show the whole function, method or class with show(...)"
+            )
+    return problems
+
+
 # --- exercises and stamps --------------------------------------------------------------------
 
 

@@ -158,6 +158,25 @@ def test_exercises_have_solution_cells_that_run(path: Path) -> None:
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS + [SAMPLE], ids=ids(NOTEBOOKS + [SAMPLE]))
+def test_code_cells_are_short_and_show_library_source_whole(path: Path) -> None:
+    problems = bookcheck.code_cell_problems(path)
+    assert not problems, "\n".join(problems)
+
+
+def test_code_cell_check_catches_a_long_cell_and_cut_source(tmp_path: Path) -> None:
+    at_limit = "\n".join(f"x{i} = {i}" for i in range(bookcheck.MAX_CODE_LINES)) + "\n\n"
+    cells = [
+        nbformat.v4.new_code_cell(at_limit),  # trailing blank lines are not counted
+        nbformat.v4.new_code_cell(at_limit + "x = 0"),
+        nbformat.v4.new_code_cell("source = inspect.getsource(f)\nprint(source[:10])"),
+        nbformat.v4.new_code_cell("show(f)"),
+    ]
+    problems = bookcheck.code_cell_problems(write_notebook(tmp_path, *cells))
+    assert [p.split(":")[0] for p in problems] == ["5.9-bad.ipynb, cell 1", "5.9-bad.ipynb, cell 2"]
+    assert f"{bookcheck.MAX_CODE_LINES + 1} lines" in problems[0]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS + [SAMPLE], ids=ids(NOTEBOOKS + [SAMPLE]))
 def test_outputs_carry_a_verified_with_stamp(path: Path) -> None:
     problems = bookcheck.stamp_problems(path, PINS)
     assert not problems, "\n".join(problems)

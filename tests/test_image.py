@@ -55,7 +55,7 @@ def image(engine: engines.Engine, request: pytest.FixtureRequest) -> build.Image
             request,
             f"base image: {build.ensure_base(engine, say=lambda line: _say(request, line))}",
         )
-        seconds = build.build(engine, say=lambda line: None)
+        seconds = build.build_image(engine, say=lambda line: None)
     except engines.EngineError as exc:
         pytest.fail(str(exc), pytrace=False)
     report = build.inspect(engine)

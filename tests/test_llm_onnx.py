@@ -180,7 +180,7 @@ def test_genai_perplexity_matches_the_onnx_file(trained: training.Trained) -> No
     # a mis-built lm_head gives perplexity several times higher (GUIDE §9); INT4 stays within 2 %
     assert genai.measure(trained, "int4")["perplexity"] == pytest.approx(fp32, rel=0.02)
     prompt = int4.held_out_rows(trained)[0, :16].tolist()
-    model = genai.load(genai.build(trained, "fp32"))
+    model = genai.load(genai.model_folder(trained, "fp32"))
     assert genai.greedy(model, prompt, 20) == generation.generate(trained.model, prompt, 20)
 
 

@@ -16,6 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from mldeploy.loadtest import loadgen
+from mldeploy.loadtest.scrape import metric, read_metrics
 from mldeploy.runtime import make_session, run_session, softmax
 from mldeploy.serving import (
     BackgroundServer,
@@ -25,7 +26,6 @@ from mldeploy.serving import (
     TorchScriptPredictor,
     create_app,
 )
-from mldeploy.serving.metrics import metric, read_metrics
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from mldeploy.loadtest import loadgen
+from mldeploy.loadtest.scrape import metric
 from mldeploy.serving import (
     BackgroundServer,
     DelayedPredictor,
@@ -24,7 +25,6 @@ from mldeploy.serving import (
     ServiceSettings,
     create_app,
 )
-from mldeploy.serving.metrics import metric
 
 SAMPLE = {"features": [0.5, -0.3]}
 

@@ -36,7 +36,7 @@ class ServeArtifacts:
         ]
 
 
-def build(out_dir: str | Path, *, epochs: int = 60, seed: int = 0) -> ServeArtifacts:
+def train_and_export(out_dir: str | Path, *, epochs: int = 60, seed: int = 0) -> ServeArtifacts:
     """Train the two-moons model, export ONNX and TorchScript, write and re-check the checksums."""
     import torch  # only the build needs torch; the image that serves the result does not
 
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.out} exists and is not a folder", file=sys.stderr)
         return 2
     try:
-        result = build(args.out, epochs=args.epochs, seed=args.seed)
+        result = train_and_export(args.out, epochs=args.epochs, seed=args.seed)
     except OSError as exc:
         print(f"error: cannot write the artifacts to {args.out}: {exc}", file=sys.stderr)
         return 2
@@ -107,5 +107,5 @@ def ensure(out_dir: str | Path, **kwargs: int) -> ServeArtifacts | None:
         for name in (ONNX_NAME, TORCHSCRIPT_NAME):
             verify_checksum(out / name)
     except ChecksumError:
-        return build(out, **kwargs)
+        return train_and_export(out, **kwargs)
     return None

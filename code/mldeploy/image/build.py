@@ -182,7 +182,9 @@ def ensure_base(engine: Engine, say: Say = say_stdout) -> str:
     return "stand-in (built now)"
 
 
-def build(engine: Engine, tag: str = TAG, target: str = TARGET, say: Say = say_stdout) -> float:
+def build_image(
+    engine: Engine, tag: str = TAG, target: str = TARGET, say: Say = say_stdout
+) -> float:
     """Build ``target`` of the Dockerfile as ``tag``; returns the seconds it took."""
     missing = [f for f in CONTEXT_FILES if not (REPO_ROOT / f).is_file()]
     if missing:
@@ -370,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"container engine: {engine.name}", flush=True)
         base = ensure_base(engine)
         print(f"base image {base_image()}: {base}", flush=True)
-        build(engine, args.tag)
+        build_image(engine, args.tag)
         for line in report_lines(inspect(engine, args.tag)):
             print(line)
         print(f"make image took {time.monotonic() - start:.0f} s")

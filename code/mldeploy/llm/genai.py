@@ -63,7 +63,7 @@ def _publish(tmp: Path, out: Path) -> Path:
     return out
 
 
-def build(trained, precision: str = "int4") -> Path:
+def model_folder(trained, precision: str = "int4") -> Path:
     """``python -m onnxruntime_genai.models.builder -p <precision> -e cpu``, once per model and
     code; the session is set to one intra-op thread."""
     if precision not in ("fp32", "int4"):
@@ -147,12 +147,12 @@ def rates(net, prompt: list[int], n_decode: int, repeats: int = 5) -> tuple[floa
 
 def measure(trained, precision: str = "int4") -> dict[str, float]:
     """Held-out perplexity, KL to the ONNX FP32 file, bytes and bits per weight; cached."""
-    folder = build(trained, precision)
+    folder = model_folder(trained, precision)
     record = folder / "measure.json"
     if record.is_file():
         return json.loads(record.read_text())
     rows = int4.held_out_rows(trained)
-    fp32 = int4.onnx_export.session(int4.build(trained, "fp32"))
+    fp32 = int4.onnx_export.session(int4.model_file(trained, "fp32"))
     reference = int4.log_probs(int4.onnx_export.window_logits(fp32), rows)
     logp = int4.log_probs(window_logits(load(folder)), rows)
     result = {
@@ -170,7 +170,9 @@ def format_row(trained, precision: str = "int4") -> evaluation.FormatRow:
     """The table row of the GenAI model (speeds measured now)."""
     m = measure(trained, precision)
     prompt = int4.held_out_rows(trained).reshape(-1)[: evaluation.PREFILL_TOKENS].tolist()
-    prefill, decode = rates(load(build(trained, precision)), prompt, evaluation.DECODE_TOKENS)
+    prefill, decode = rates(
+        load(model_folder(trained, precision)), prompt, evaluation.DECODE_TOKENS
+    )
     name = "INT4 (MatMulNBits, builder)" if precision == "int4" else "FP32 (builder)"
     return evaluation.FormatRow(
         "ONNX Runtime GenAI", name, m["bits_per_weight"], m["file_bytes"], m["perplexity"],

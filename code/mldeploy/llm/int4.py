@@ -188,7 +188,7 @@ def folder(trained) -> Path:
     return Path(trained.folder) / f"onnx-{cache.source_digest(*modules)}"
 
 
-def build(trained, method: str) -> Path:
+def model_file(trained, method: str) -> Path:
     """The ONNX file of one format (``fp32``, ``rtn``, ``gptq``, ``awq``), built once."""
     out = folder(trained)
     path = out / f"model_{method}.onnx"
@@ -200,7 +200,7 @@ def build(trained, method: str) -> Path:
     calibration = calibration_windows(trained.tokenizer.encode(train_text))
     q = quantize(trained.model, method, calibration)
     base = (
-        build(trained, "fp32")
+        model_file(trained, "fp32")
         if method != "awq"
         else onnx_export.export(q.base, out / "awq_folded_fp32.onnx")
     )
@@ -236,13 +236,13 @@ def perplexity_of(logp: np.ndarray, rows: np.ndarray) -> float:
 def measure(trained, method: str) -> dict[str, float]:
     """Held-out perplexity, KL to FP32, file bytes and bits per weight of one file; cached as
     JSON beside it (speeds are not cached: they are measured fresh)."""
-    path = build(trained, method)
+    path = model_file(trained, method)
     record = path.with_suffix(".json")
     if record.is_file():
         return json.loads(record.read_text())
     rows = held_out_rows(trained)
     reference = log_probs(
-        onnx_export.window_logits(onnx_export.session(build(trained, "fp32"))), rows
+        onnx_export.window_logits(onnx_export.session(model_file(trained, "fp32"))), rows
     )
     logp = log_probs(onnx_export.window_logits(onnx_export.session(path)), rows)
     result = {
@@ -264,7 +264,7 @@ def format_rows(trained) -> list[evaluation.FormatRow]:
     rows = []
     for method, name in FORMATS.items():
         m = measure(trained, method)
-        sess = onnx_export.session(build(trained, method))
+        sess = onnx_export.session(model_file(trained, method))
         prefill, decode = onnx_export.rates(sess, prompt, evaluation.DECODE_TOKENS)
         label = name if method == "fp32" else f"{name} (MatMulNBits)"
         rows.append(

@@ -14,7 +14,7 @@ import urllib.error
 import urllib.request
 
 from mldeploy.serving.hardening import AdminServer, ASGIApp
-from mldeploy.serving.server import DrainingServer, admin_server, build, listen
+from mldeploy.serving.server import DrainingServer, admin_server, draining_server, listen
 
 
 class BackgroundServer:
@@ -60,7 +60,7 @@ class BackgroundServer:
         return self
 
     def _start_thread(self) -> None:
-        self._server = build(self.app)
+        self._server = draining_server(self.app)
         self._admin = admin_server(self.app, self._admin_sock)
         if self._admin is not None:
             self._admin.last_tick = lambda: self._server.last_tick  # type: ignore[union-attr]

@@ -22,9 +22,9 @@ from mldeploy import serving
 from mldeploy.loadtest import loadgen
 from mldeploy.loadtest.background import BackgroundServer
 from mldeploy.loadtest.models import WIDE, two_moons_onnx, wide_onnx
+from mldeploy.loadtest.scrape import metric
 from mldeploy.paths import artifacts_dir
 from mldeploy.runtime import make_session, median_seconds, run_session
-from mldeploy.serving.metrics import metric
 
 BODY = json.dumps({"features": [0.5, -0.3]})
 

@@ -1,5 +1,4 @@
-"""Prometheus metrics for the service, in a registry of the app's own (so many apps can coexist),
-and a reader for the text format built on prometheus_client's own parser."""
+"""Prometheus metrics for the service, in a registry of the app's own (so many apps can coexist)."""
 
 from __future__ import annotations
 
@@ -13,7 +12,6 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.parser import text_string_to_metric_families
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -86,20 +84,3 @@ class ServiceMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
-
-
-def read_metrics(text: str) -> dict[str, float]:
-    """Every sample of a Prometheus text page, keyed ``name`` or ``name{label="value",...}``
-    (labels sorted), parsed by prometheus_client itself."""
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
-            out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-    return out
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """One sample's value (0.0 when absent), e.g. ``metric(text, "mldeploy_shed_total")``."""
-    key = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    return read_metrics(text).get(f"{name}{{{key}}}" if key else name, 0.0)

@@ -2,7 +2,7 @@
 
 Pure ASGI rather than ``@app.middleware("http")``: Starlette's BaseHTTPMiddleware wraps every
 request and response in extra tasks and streams. The defenses (body limit, load shedding, ...)
-live in ``hardening``; ``BodySizeLimit`` is importable from here too.
+live in ``hardening``.
 """
 
 from __future__ import annotations
@@ -14,15 +14,7 @@ import time
 from collections.abc import Callable, Collection
 from typing import Any
 
-from mldeploy.serving.hardening import (  # noqa: F401 (BodySizeLimit, ASGIApp: re-exported)
-    ASGIApp,
-    BodySizeLimit,
-    Message,
-    Receive,
-    Scope,
-    Send,
-    send_json,
-)
+from mldeploy.serving.hardening import ASGIApp, Message, Receive, Scope, Send, send_json
 
 access_logger = logging.getLogger("mldeploy.access")
 errors_logger = logging.getLogger("mldeploy.errors")

@@ -1,7 +1,7 @@
 """Model backends behind one small interface: ``predict_proba`` on an (n, features) float32 array.
 
-ONNX Runtime is the default. TorchScript is kept for the chapter's first draft; it imports torch
-only when constructed, so this module (and the slim serving image) works without PyTorch.
+ONNX Runtime is the default. TorchScript (``MLDEPLOY_BACKEND=torchscript``) imports torch only
+when constructed, so this module (and the slim serving image) works without PyTorch.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class OnnxPredictor:
 
 
 class TorchScriptPredictor:
-    """TorchScript backend, as in the first draft of the service (torch is imported lazily)."""
+    """TorchScript backend: the ``.pt`` file of section 5.1 (torch is imported lazily)."""
 
     model_format = "TorchScript"
     n_features = 2

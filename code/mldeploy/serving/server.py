@@ -66,7 +66,7 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def build(app: ASGIApp) -> DrainingServer:
+def draining_server(app: ASGIApp) -> DrainingServer:
     """The uvicorn server (not started) for ``app``, behind a ``ConnectionGuard`` and, for a
     service with a ``queue_full`` check, ``LoadShedding`` in front of the app: a refusal skips
     the whole app stack."""
@@ -104,7 +104,7 @@ def serve(app: ASGIApp, sock: socket.socket, admin: AdminServer | None = None) -
 
     ``admin``: the admin listener, already started (``python -m mldeploy.serving`` starts it
     before loading the model); it learns when the event loop turns, and stops at the end."""
-    server = build(app)
+    server = draining_server(app)
     if admin is not None:
         admin.last_tick = lambda: server.last_tick
     try:
@@ -113,11 +113,3 @@ def serve(app: ASGIApp, sock: socket.socket, admin: AdminServer | None = None) -
         if admin is not None:
             admin.stop()
     return server.started
-
-
-def __getattr__(name: str) -> object:
-    if name == "BackgroundServer":  # it lives with the load tests; importable from here too
-        from mldeploy.loadtest.background import BackgroundServer
-
-        return BackgroundServer
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mldeploy.llm.model import Llama
 from mldeploy.llm.serving.engine import Engine, QueueFull, Sequence
-from mldeploy.serving.middleware import BodySizeLimit
+from mldeploy.serving.hardening import BodySizeLimit
 from mldeploy.settings import ServiceSettings
 
 

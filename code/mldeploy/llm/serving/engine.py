@@ -86,12 +86,12 @@ def decode_step(
     x = net.model.embed_tokens(torch.tensor(tokens)[:, None])
     for block in net.model.layers:
         h = block.input_layernorm(x)
-        x = x + _attend(block.self_attn, h, cos, sin, pool, rows, pos, width, mask)
+        x = x + attend(block.self_attn, h, cos, sin, pool, rows, pos, width, mask)
         x = x + block.mlp(block.post_attention_layernorm(x))
     return net.lm_head(net.model.norm(x))[:, 0]
 
 
-def _attend(attn, x, cos, sin, pool, rows, pos, width, mask) -> torch.Tensor:
+def attend(attn, x, cos, sin, pool, rows, pos, width, mask) -> torch.Tensor:
     """The model's attention for one query per row, over each row's slot of the pool."""
     cfg, n = attn.cfg, x.shape[0]
     q = attn.q_proj(x).view(n, 1, cfg.n_heads, cfg.head_dim).transpose(1, 2)
@@ -216,7 +216,7 @@ class Engine:
     def step(self) -> bool:
         """One scheduler iteration; False if there was nothing to do."""
         self._drop_gone()
-        joined = self._admit()
+        joined = self.admit()
         decoding = [s for s in self.running if s not in joined]
         if not joined and not decoding:
             return False
@@ -251,7 +251,7 @@ class Engine:
         for seq in sorted(gone, key=lambda s: s.id):
             self._finish(seq, "cancelled" if seq.cancelled else "timeout")
 
-    def _admit(self) -> list[Sequence]:
+    def admit(self) -> list[Sequence]:
         """Move waiting sequences into the batch, as the policy allows; give each a slot."""
         if self.batching == "static" and self.running:
             return []  # a static batch runs until every sequence in it has finished
