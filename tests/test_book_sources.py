@@ -167,7 +167,7 @@ def test_code_cell_check_catches_a_long_cell_and_cut_source(tmp_path: Path) -> N
     at_limit = "\n".join(f"x{i} = {i}" for i in range(bookcheck.MAX_CODE_LINES)) + "\n\n"
     cells = [
         nbformat.v4.new_code_cell(at_limit),  # trailing blank lines are not counted
-        nbformat.v4.new_code_cell(at_limit + "x = 0"),
+        nbformat.v4.new_code_cell(at_limit.rstrip() + "\nx = 0"),
         nbformat.v4.new_code_cell("source = inspect.getsource(f)\nprint(source[:10])"),
         nbformat.v4.new_code_cell("show(f)"),
     ]
