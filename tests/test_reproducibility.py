@@ -56,6 +56,16 @@ def test_the_pin_selects_avx2_kernels_after_import_torch(pinned_run):
     assert capability == "AVX2"
 
 
+# The probe's weights under the pin, as trained on an Intel Sapphire Rapids host. QEMU's emulated
+# Haswell and EPYC agree with each other but not with it (MKL's vector sqrt rounds differently
+# there; see the README's Reproducibility section), so this holds for real CPUs only.
+PINNED_PROBE_DIGEST = "d7b5a039c12c5b1f"
+
+
+def test_pinned_training_gives_the_stored_weights(pinned_run):
+    assert pinned_run == ("AVX2", PINNED_PROBE_DIGEST)
+
+
 def test_pinned_weights_ignore_the_callers_cpu_settings(pinned_run):
     # What another machine or a caller's shell would change: kernel family, MKL's ISA, threads.
     hostile = _probe(
@@ -69,6 +79,46 @@ def test_the_kernel_family_changes_trained_weights(pinned_run):
     capability, digest = _probe(MLDEPLOY_NATIVE_CPU="1", ATEN_CPU_CAPABILITY="default")
     assert capability == "DEFAULT"
     assert digest != pinned_run[1]
+
+
+# What MKL computes under the pin, measured bit for bit alike on an Intel Sapphire Rapids host and
+# under qemu-x86_64 -cpu Haswell-v4 and -cpu EPYC-Rome (``make second-machine``'s ``blas`` check).
+PINNED_BLAS = {
+    "sgemm": "49142fafeb83",
+    "dgemm": "7e9b705e81de",
+    "inv": "8b80ed4d8fe5",
+    "cholesky": "aaea0858357c",
+    "exp": "30c8b6498949",
+}
+BLAS_PROBE = "import json; from mldeploy import reproducibility as r; {pin}; " + (
+    "print(json.dumps(r.blas_fingerprint()))"
+)
+
+
+def _blas(pin: bool, **env: str) -> dict[str, str]:
+    code = BLAS_PROBE.format(pin="r.pin_compute_path()" if pin else "pass")
+    full = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "MKL_CBWR")}
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**full, **env},
+        timeout=timeouts.scaled(120),
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout)
+
+
+def test_pinned_mkl_gives_the_same_bits_on_every_cpu():
+    # Stored outputs hold on Intel and AMD only if this does: MKL picks kernels per vendor.
+    assert _blas(pin=True) == PINNED_BLAS
+
+
+def test_mkl_avx2_branch_is_not_the_pinned_one():
+    # MKL_CBWR=AVX2 looks reproducible but keeps a vendor's own sgemm: Intel and AMD hosts
+    # trained different LMs with it. Both differ from the pinned branch here.
+    avx2 = _blas(pin=False, ATEN_CPU_CAPABILITY="avx2", MKL_CBWR="AVX2")
+    assert avx2["sgemm"] != PINNED_BLAS["sgemm"]
 
 
 def test_reconcile_accepts_numbers_within_tolerance_only():

@@ -8,8 +8,12 @@ Every machine this course runs on has AVX2, so the library pins that path (measu
 ``tests/test_reproducibility.py``) with ``pin_compute_path()``:
 
 - ``ATEN_CPU_CAPABILITY=avx2`` — PyTorch's own kernels; changes the trained weights on AVX-512.
-- ``MKL_CBWR=AVX2`` — MKL's conditional numerical reproducibility: the same BLAS code path on
-  Intel and AMD, AVX2 and AVX-512 hosts (MKL picks per vendor and ISA otherwise).
+- ``MKL_CBWR=COMPATIBLE`` — MKL's conditional numerical reproducibility on its SSE2 code path,
+  the one branch that gives the same bits on Intel and AMD. Measured on ``sgemm``, ``dgemm``,
+  ``inv``, ``cholesky`` and ``exp``: with ``AVX2`` an Intel host and an AMD host differ (MKL keeps
+  a vendor-specific ``sgemm`` there, and the trained LMs differ); with ``COMPATIBLE`` a Sapphire
+  Rapids host, an emulated Haswell and an emulated EPYC agree bit for bit
+  (``tests/test_reproducibility.py``). It is the slowest branch: training takes about twice as long.
 - ``ONEDNN_MAX_CPU_ISA=AVX2`` — oneDNN's cap; no effect measured on the chapter's models (they
   never reach oneDNN), set so a convolution added later cannot reintroduce the difference.
 - one thread for every computation whose result is stored (``single_thread``, ONNX Runtime
@@ -40,7 +44,7 @@ from mldeploy import settings
 
 PINNED_ENV = {
     "ATEN_CPU_CAPABILITY": "avx2",
-    "MKL_CBWR": "AVX2",
+    "MKL_CBWR": "COMPATIBLE",
     "ONEDNN_MAX_CPU_ISA": "AVX2",
 }
 PINNED_TORCH = "AVX2"  # what torch.backends.cpu.get_cpu_capability() reports once pinned
@@ -121,3 +125,29 @@ def single_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def blas_fingerprint() -> dict[str, str]:
+    """Short digests of what MKL computes for PyTorch (``sgemm``, ``dgemm``, LAPACK's ``inv`` and
+    ``cholesky``, VML's ``exp``) on fixed inputs, one thread: equal digests on two machines mean
+    the same bits. Call after ``pin_compute_path()`` to check the pin; ``make second-machine``
+    compares it across emulated Intel and AMD CPUs."""
+    import hashlib
+
+    import torch
+
+    def digest(t: torch.Tensor) -> str:
+        return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()[:12]
+
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(512, 256, generator=g), torch.randn(256, 384, generator=g)
+    x = torch.randn(64, 8, dtype=torch.float64, generator=g)
+    h = x.T @ x
+    return {
+        "sgemm": digest(a @ b),
+        "dgemm": digest(h),
+        "inv": digest(torch.linalg.inv(h)),
+        "cholesky": digest(torch.linalg.cholesky(h)),
+        "exp": digest(torch.exp(a)),
+    }

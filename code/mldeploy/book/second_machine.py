@@ -9,6 +9,10 @@ Two checks, each against the notebooks as committed (``make second-machine`` run
     shell that asks for PyTorch's scalar kernels (``ATEN_CPU_CAPABILITY=default``) and two OpenMP
     threads. The pin (``mldeploy.reproducibility``) must win; the largest drift per notebook is
     written to ``_build/second-machine/drift.json``.
+``blas``
+    MKL picks its kernels by vendor as well as by instruction set. This check computes
+    ``reproducibility.blas_fingerprint()`` under the pin natively and inside ``qemu-x86_64`` as an
+    Intel Haswell and as an AMD EPYC (Rome), and fails unless all three agree bit for bit.
 ``ort``
     ONNX Runtime picks its kernels from the CPU itself (AVX-512, AVX2, VNNI), with no switch. This
     check evaluates the chapter's ONNX models natively and inside ``qemu-x86_64 -cpu Haswell``
@@ -32,6 +36,11 @@ from mldeploy.paths import REPO_ROOT
 
 OUT = REPO_ROOT / "_build" / "second-machine"
 QEMU_CPU = "Haswell-v4"
+QEMU_VENDORS = ("Haswell-v4", "EPYC-Rome")  # an Intel and an AMD CPU with AVX2, no AVX-512
+BLAS_PROBE = (
+    "import json; from mldeploy import reproducibility as r; r.pin_compute_path(); "
+    "print(json.dumps(r.blas_fingerprint()))"
+)
 MACHINE_B_ENV = {
     "ATEN_CPU_CAPABILITY": "default",
     "OMP_NUM_THREADS": "2",
@@ -158,6 +167,36 @@ def _worker(jobs: dict, prefix: list[str]) -> dict[str, float]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def run_blas() -> int:
+    """MKL's pinned results natively and on an emulated Intel and AMD CPU; 1 if any differ."""
+    qemu = shutil.which("qemu-x86_64")
+    if qemu is None:
+        print("error: qemu-x86_64 not found (apt-get install -y qemu-user)", file=sys.stderr)
+        return 2
+    runs = {"native": _blas([])}
+    for cpu in QEMU_VENDORS:
+        runs[cpu] = _blas([qemu, "-cpu", cpu])
+    for name, digests in runs.items():
+        print(f"  {name:<11} " + "  ".join(f"{k} {v}" for k, v in digests.items()))
+    same = all(digests == runs["native"] for digests in runs.values())
+    print("MKL under the pin: " + ("the same bits on every CPU" if same else "CPUs DIFFER"))
+    return 0 if same else 1
+
+
+def _blas(prefix: list[str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in reproducibility.PINNED_ENV}
+    proc = subprocess.run(
+        [*prefix, sys.executable, "-c", BLAS_PROBE],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeouts.scaled(600),
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def run_ort() -> int:
     """ORT numbers natively and on an emulated Haswell; print the relative drift of each."""
     qemu = shutil.which("qemu-x86_64")
@@ -183,11 +222,13 @@ def run_ort() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("check", choices=["notebooks", "ort"])
+    parser.add_argument("check", choices=["notebooks", "blas", "ort"])
     parser.add_argument("notebooks", nargs="*", type=Path, help="default: notebooks/*.ipynb")
     args = parser.parse_args(argv)
     if args.check == "ort":
         return run_ort()
+    if args.check == "blas":
+        return run_blas()
     notebooks = args.notebooks or sorted((REPO_ROOT / "notebooks").glob("*.ipynb"))
     return run_notebooks(notebooks)
 

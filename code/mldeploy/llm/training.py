@@ -32,7 +32,7 @@ from mldeploy.training import set_seed
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Training budget in steps (not wall time): 3–5 minutes on one CPU core."""
+    """Training budget in steps (not wall time): about 10 minutes on one CPU core, pinned."""
 
     model: LlamaConfig = LlamaConfig()
     steps: int = 600
