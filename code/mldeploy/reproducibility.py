@@ -3,17 +3,19 @@
 PyTorch, MKL and oneDNN each pick their kernels by the instruction sets of the CPU they run on, and
 kernels for AVX2 and AVX-512 round floating-point sums differently. A single evaluation barely
 moves, but training amplifies the last bits: the chapter's character LM ended at held-out
-perplexity 10.204 / 10.159 / 10.186 with PyTorch's ``default`` / ``avx2`` / AVX-512 kernels.
+perplexity 10.204 / 10.159 / 10.186 with PyTorch's ``default`` / ``avx2`` / AVX-512 kernels
+(measured on an AMD host with MKL's AVX2 branch).
 Every machine this course runs on has AVX2, so the library pins that path (measured in
 ``tests/test_reproducibility.py``) with ``pin_compute_path()``:
 
 - ``ATEN_CPU_CAPABILITY=avx2`` — PyTorch's own kernels; changes the trained weights on AVX-512.
 - ``MKL_CBWR=COMPATIBLE`` — MKL's conditional numerical reproducibility on its SSE2 code path,
   the one branch that gives the same bits on Intel and AMD. Measured on ``sgemm``, ``dgemm``,
-  ``inv``, ``cholesky`` and ``exp``: with ``AVX2`` an Intel host and an AMD host differ (MKL keeps
-  a vendor-specific ``sgemm`` there, and the trained LMs differ); with ``COMPATIBLE`` a Sapphire
-  Rapids host, an emulated Haswell and an emulated EPYC agree bit for bit
-  (``tests/test_reproducibility.py``). It is the slowest branch: training takes about twice as long.
+  ``inv``, ``cholesky`` and ``exp``: with ``AVX2`` an Intel host and an AMD host differ (on AMD,
+  MKL falls back to its AUTO branch and its own ``sgemm``; the trained LMs differ); with
+  ``COMPATIBLE`` a Sapphire Rapids host, an emulated Haswell and an emulated EPYC agree bit for
+  bit (``tests/test_reproducibility.py``). It is MKL's slowest branch: 5.6a's Llama trains in about
+  10 minutes on one core of an Intel Xeon.
 - ``ONEDNN_MAX_CPU_ISA=AVX2`` — oneDNN's cap; no effect measured on the chapter's models (they
   never reach oneDNN), set so a convolution added later cannot reintroduce the difference.
 - one thread for every computation whose result is stored (``single_thread``, ONNX Runtime
