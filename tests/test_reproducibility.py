@@ -12,6 +12,7 @@ import nbformat
 import pytest
 
 from mldeploy import timeouts
+from mldeploy.book import second_machine
 from mldeploy.book.nbval_tolerance import Tolerance, ToleranceError, reconcile, relative_drift
 
 # Trains a small character LM for a few steps and prints the torch capability and a weight hash.
@@ -90,16 +91,13 @@ PINNED_BLAS = {
     "cholesky": "aaea0858357c",
     "exp": "30c8b6498949",
 }
-BLAS_PROBE = "import json; from mldeploy import reproducibility as r; {pin}; " + (
-    "print(json.dumps(r.blas_fingerprint()))"
-)
 
 
-def _blas(pin: bool, **env: str) -> dict[str, str]:
-    code = BLAS_PROBE.format(pin="r.pin_compute_path()" if pin else "pass")
+def _blas(**env: str) -> dict[str, str]:
+    # the probe ``make second-machine`` runs; MLDEPLOY_NATIVE_CPU=1 makes its pin a no-op
     full = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "MKL_CBWR")}
     proc = subprocess.run(
-        [sys.executable, "-c", code],
+        [sys.executable, "-c", second_machine.BLAS_PROBE],
         capture_output=True,
         text=True,
         env={**full, **env},
@@ -111,13 +109,13 @@ def _blas(pin: bool, **env: str) -> dict[str, str]:
 
 def test_pinned_mkl_gives_the_same_bits_on_every_cpu():
     # Stored outputs hold on Intel and AMD only if this does: MKL picks kernels per vendor.
-    assert _blas(pin=True) == PINNED_BLAS
+    assert _blas() == PINNED_BLAS
 
 
 def test_mkl_avx2_branch_is_not_the_pinned_one():
     # MKL_CBWR=AVX2 looks reproducible but keeps a vendor's own sgemm: Intel and AMD hosts
     # trained different LMs with it. Both differ from the pinned branch here.
-    avx2 = _blas(pin=False, ATEN_CPU_CAPABILITY="avx2", MKL_CBWR="AVX2")
+    avx2 = _blas(MLDEPLOY_NATIVE_CPU="1", ATEN_CPU_CAPABILITY="avx2", MKL_CBWR="AVX2")
     assert avx2["sgemm"] != PINNED_BLAS["sgemm"]
 
 
