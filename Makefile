@@ -100,9 +100,9 @@ format: $(STAMP)  ## apply ruff's fixes and formatting (then re-run `make lint`)
 	$(VENV)/bin/ruff check --fix $(LINT_PATHS)
 	$(VENV)/bin/ruff format $(LINT_PATHS)
 
-second-machine: $(STAMP)  ## re-run every notebook as another CPU would; MKL on an emulated Intel and AMD, ONNX Runtime on an emulated Haswell (qemu-user)
+second-machine: $(STAMP)  ## re-run every notebook as another CPU would; MKL and training on an emulated Intel and AMD, ONNX Runtime on an emulated Haswell (qemu-user)
 	$(PY) -m mldeploy.book.second_machine notebooks
-	@if command -v qemu-x86_64 >/dev/null; then $(PY) -m mldeploy.book.second_machine blas && $(PY) -m mldeploy.book.second_machine ort; \
+	@if command -v qemu-x86_64 >/dev/null; then $(PY) -m mldeploy.book.second_machine kernels && $(PY) -m mldeploy.book.second_machine ort; \
 	else echo "qemu-x86_64 not found (apt-get install -y qemu-user): ONNX Runtime's kernels not checked on an AVX2-only CPU"; fi
 
 mutation-check: $(STAMP)  ## apply each deliberate bug of code/mldeploy/book/mutations.toml to a temporary copy; its check must go red (ONLY="id ..." for some)

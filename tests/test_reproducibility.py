@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -15,56 +16,43 @@ from mldeploy import timeouts
 from mldeploy.book import second_machine
 from mldeploy.book.nbval_tolerance import Tolerance, ToleranceError, reconcile, relative_drift
 
-# Trains a small character LM for a few steps and prints the torch capability and a weight hash.
-PROBE = """
-import hashlib, torch
-from mldeploy import reproducibility
-reproducibility.pin_compute_path()
-from mldeploy.quant import charlm
-from mldeploy.training import set_seed
-corpus = charlm.load_corpus()
-set_seed(0)
-model = charlm.CharMLP(hidden=128)
-torch.set_num_threads(1)
-charlm.fit(model, corpus.train, steps=40, batch_size=64)
-digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters()))
-print(torch.backends.cpu.get_cpu_capability(), digest.hexdigest()[:16])
-"""
 
-
-def _probe(**env: str) -> tuple[str, str]:
+def _probe(**env: str) -> dict[str, str]:
+    # a few pinned training steps of each model (``make second-machine`` runs it under QEMU too)
     full = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "MKL_CBWR")}
     full.update(env)
     proc = subprocess.run(
-        [sys.executable, "-c", PROBE],
+        [sys.executable, "-c", second_machine.TRAINING_PROBE],
         capture_output=True,
         text=True,
         env=full,
         timeout=timeouts.scaled(300),
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    capability, digest = proc.stdout.split()
-    return capability, digest
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
-def pinned_run() -> tuple[str, str]:
+def pinned_run() -> dict[str, str]:
     return _probe()
 
 
 def test_the_pin_selects_avx2_kernels_after_import_torch(pinned_run):
-    capability, _ = pinned_run
-    assert capability == "AVX2"
+    assert pinned_run["capability"] == "AVX2"
 
 
-# The probe's weights under the pin, as trained on an Intel Sapphire Rapids host. QEMU's emulated
-# Haswell and EPYC agree with each other but not with it (MKL's vector sqrt rounds differently
-# there; see the README's Reproducibility section), so this holds for real CPUs only.
-PINNED_PROBE_DIGEST = "d7b5a039c12c5b1f"
+# The probe's weights under the pin, measured alike on an Intel Sapphire Rapids host and under
+# qemu-x86_64 -cpu Haswell-v4 and -cpu EPYC-Rome (``make second-machine``'s ``kernels`` check).
+PINNED_TRAINING = {
+    "capability": "AVX2",
+    "charlm": "4feb1abec2f49caa",
+    "two_moons": "57c14465f0c5283d",
+    "llama": "ff80bbd005e483ae",
+}
 
 
 def test_pinned_training_gives_the_stored_weights(pinned_run):
-    assert pinned_run == ("AVX2", PINNED_PROBE_DIGEST)
+    assert pinned_run == PINNED_TRAINING
 
 
 def test_pinned_weights_ignore_the_callers_cpu_settings(pinned_run):
@@ -77,27 +65,28 @@ def test_pinned_weights_ignore_the_callers_cpu_settings(pinned_run):
 
 def test_the_kernel_family_changes_trained_weights(pinned_run):
     # The pin matters: without it, PyTorch's scalar kernels round differently from AVX2's.
-    capability, digest = _probe(MLDEPLOY_NATIVE_CPU="1", ATEN_CPU_CAPABILITY="default")
-    assert capability == "DEFAULT"
-    assert digest != pinned_run[1]
+    native = _probe(MLDEPLOY_NATIVE_CPU="1", ATEN_CPU_CAPABILITY="default")
+    assert native["capability"] == "DEFAULT"
+    assert native["charlm"] != pinned_run["charlm"]
 
 
-# What MKL computes under the pin, measured bit for bit alike on an Intel Sapphire Rapids host and
-# under qemu-x86_64 -cpu Haswell-v4 and -cpu EPYC-Rome (``make second-machine``'s ``blas`` check).
-PINNED_BLAS = {
+# What training computes under the pin, measured bit for bit alike on an Intel Sapphire Rapids host
+# and under qemu-x86_64 -cpu Haswell-v4 and -cpu EPYC-Rome (``make second-machine``'s ``kernels``).
+PINNED_KERNELS = {
     "sgemm": "49142fafeb83",
     "dgemm": "7e9b705e81de",
     "inv": "8b80ed4d8fe5",
     "cholesky": "aaea0858357c",
     "exp": "30c8b6498949",
+    "adamw": "8402e773ce04",
 }
 
 
-def _blas(**env: str) -> dict[str, str]:
+def _kernels(**env: str) -> dict[str, str]:
     # the probe ``make second-machine`` runs; MLDEPLOY_NATIVE_CPU=1 makes its pin a no-op
     full = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "MKL_CBWR")}
     proc = subprocess.run(
-        [sys.executable, "-c", second_machine.BLAS_PROBE],
+        [sys.executable, "-c", second_machine.KERNEL_PROBE],
         capture_output=True,
         text=True,
         env={**full, **env},
@@ -107,16 +96,42 @@ def _blas(**env: str) -> dict[str, str]:
     return json.loads(proc.stdout)
 
 
-def test_pinned_mkl_gives_the_same_bits_on_every_cpu():
+def test_pinned_kernels_give_the_same_bits_on_every_cpu():
     # Stored outputs hold on Intel and AMD only if this does: MKL picks kernels per vendor.
-    assert _blas() == PINNED_BLAS
+    assert _kernels() == PINNED_KERNELS
 
 
 def test_mkl_avx2_branch_is_not_the_pinned_one():
     # MKL_CBWR=AVX2 looks reproducible but keeps a vendor's own sgemm: Intel and AMD hosts
     # trained different LMs with it. Both differ from the pinned branch here.
-    avx2 = _blas(MLDEPLOY_NATIVE_CPU="1", ATEN_CPU_CAPABILITY="avx2", MKL_CBWR="AVX2")
-    assert avx2["sgemm"] != PINNED_BLAS["sgemm"]
+    avx2 = _kernels(MLDEPLOY_NATIVE_CPU="1", ATEN_CPU_CAPABILITY="avx2", MKL_CBWR="AVX2")
+    assert avx2["sgemm"] != PINNED_KERNELS["sgemm"]
+
+
+def test_library_code_never_takes_mkls_sqrt():
+    # torch.sqrt, pow(0.5) and unfused Adam call MKL's vector sqrt, whose last bit depends on the
+    # CPU (see ``mldeploy.reproducibility``): training uses fused optimizers, other code rsqrt.
+    from mldeploy.paths import REPO_ROOT
+
+    offenders = []
+    for path in sorted((REPO_ROOT / "code" / "mldeploy").rglob("*.py")):
+        text = path.read_text()
+        for node in ast.walk(ast.parse(text)):
+            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+                continue
+            name, where = node.func.attr, f"{path.name}:{node.lineno}"
+            fused = any(
+                k.arg == "fused" and getattr(k.value, "value", None) is True for k in node.keywords
+            )
+            if name in ("Adam", "AdamW") and not fused:
+                offenders.append(f"{where}: {name} without fused=True")
+            receiver = ast.unparse(node.func.value)
+            if name == "sqrt" and receiver not in ("np", "math", "numpy"):
+                offenders.append(f"{where}: {receiver}.sqrt")
+            exponent = node.args[0] if name == "pow" and node.args else None
+            if isinstance(exponent, ast.Constant) and exponent.value == 0.5:
+                offenders.append(f"{where}: pow(0.5)")
+    assert offenders == []
 
 
 def test_reconcile_accepts_numbers_within_tolerance_only():

@@ -16,6 +16,15 @@ Every machine this course runs on has AVX2, so the library pins that path (measu
   ``COMPATIBLE`` a Sapphire Rapids host, an emulated Haswell and an emulated EPYC agree bit for
   bit (``tests/test_reproducibility.py``). It is MKL's slowest branch: 5.6a's Llama trains in about
   10 minutes on one core of an Intel Xeon.
+- fused Adam and AdamW (``fused=True``) wherever the library trains. ``torch.sqrt`` (and
+  ``pow(0.5)``) on CPU call MKL's vector ``sqrt``, which is not correctly rounded: even on the
+  COMPATIBLE branch its results differ between a Sapphire Rapids host and ``qemu-x86_64`` (whose
+  arithmetic is exact IEEE), so they most likely come from an approximate instruction, which
+  Intel and AMD implement differently. The default (``foreach``) Adam takes that ``sqrt``; the
+  fused one uses PyTorch's own vector ``sqrt``, which rounds alike there: with it, a few steps
+  of the chapter's three trainings give the same weights natively and emulated as a Haswell and
+  an EPYC (``make second-machine``). Library code that is not training avoids ``sqrt`` the same way
+  (``rsqrt`` and a tensor exponent in ``quant.awq``).
 - ``ONEDNN_MAX_CPU_ISA=AVX2`` — oneDNN's cap; no effect measured on the chapter's models (they
   never reach oneDNN), set so a convolution added later cannot reintroduce the difference.
 - one thread for every computation whose result is stored (``single_thread``, ONNX Runtime
@@ -129,27 +138,33 @@ def single_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def blas_fingerprint() -> dict[str, str]:
-    """Short digests of what MKL computes for PyTorch (``sgemm``, ``dgemm``, LAPACK's ``inv`` and
-    ``cholesky``, VML's ``exp``) on fixed inputs, one thread: equal digests on two machines mean
-    the same bits. Call after ``pin_compute_path()`` to check the pin; ``make second-machine``
-    compares it across emulated Intel and AMD CPUs."""
+def kernel_fingerprint() -> dict[str, str]:
+    """Short digests of what training computes on fixed inputs, one thread: MKL's ``sgemm``,
+    ``dgemm``, LAPACK's ``inv`` and ``cholesky``, VML's ``exp``, and ten steps of the fused AdamW
+    the library trains with. Equal digests on two machines mean the same bits. Call after
+    ``pin_compute_path()``; ``make second-machine`` compares it on emulated Intel and AMD CPUs."""
     import hashlib
 
     import torch
 
     def digest(t: torch.Tensor) -> str:
-        return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()[:12]
+        return hashlib.sha256(t.detach().contiguous().numpy().tobytes()).hexdigest()[:12]
 
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(512, 256, generator=g), torch.randn(256, 384, generator=g)
     x = torch.randn(64, 8, dtype=torch.float64, generator=g)
     h = x.T @ x
+    w = torch.nn.Parameter(torch.randn(4096, generator=g))
+    optimizer = torch.optim.AdamW([w], lr=1e-2, fused=True)
+    for _ in range(10):
+        w.grad = torch.randn(4096, generator=g)
+        optimizer.step()
     return {
         "sgemm": digest(a @ b),
         "dgemm": digest(h),
         "inv": digest(torch.linalg.inv(h)),
         "cholesky": digest(torch.linalg.cholesky(h)),
         "exp": digest(torch.exp(a)),
+        "adamw": digest(w),
     }

@@ -92,7 +92,10 @@ def batches(ids: torch.Tensor, cfg: TrainConfig, generator: torch.Generator) -> 
 def fit(net: Llama, ids: torch.Tensor, cfg: TrainConfig) -> float:
     """AdamW with linear warm-up and cosine decay; returns the mean loss of the last 20 steps."""
     generator = torch.Generator().manual_seed(cfg.seed)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=0.1, betas=(0.9, 0.95))
+    # fused: its sqrt rounds alike on every CPU, unlike MKL's (see mldeploy.reproducibility)
+    optimizer = torch.optim.AdamW(
+        net.parameters(), lr=cfg.lr, weight_decay=0.1, betas=(0.9, 0.95), fused=True
+    )
 
     def factor(step: int) -> float:
         if step < cfg.warmup:

@@ -46,8 +46,10 @@ def search_scale(
     best, history = (float("inf"), -1.0, None), []
     for i in range(N_GRID):
         ratio = i / N_GRID
-        s = x_max.pow(ratio).clamp(min=1e-4)
-        s = s / (s.max() * s.min()).sqrt()  # only the ratios matter: centre the scales around 1
+        # ``pow(0.5)`` and ``sqrt`` would call MKL's sqrt, whose last bit depends on the CPU
+        # (``mldeploy.reproducibility``): a tensor exponent and ``rsqrt`` round alike everywhere
+        s = x_max.pow(torch.tensor(ratio)).clamp(min=1e-4)
+        s = s * (s.max() * s.min()).rsqrt()  # only the ratios matter: centre the scales around 1
         w_hat = rtn(w * s, spec).dequantize() / s
         loss = (original - block(x, w_hat)).double().pow(2).mean().item()
         history.append(loss)

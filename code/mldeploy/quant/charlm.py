@@ -210,7 +210,8 @@ def fit(
     data = torch.from_numpy(ids.astype(np.int64))
     generator = torch.Generator().manual_seed(seed)
     offsets = torch.arange(model.context + 1)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    # fused: its sqrt rounds alike on every CPU, unlike MKL's (see mldeploy.reproducibility)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, fused=True)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     losses = []
     model.train()
