@@ -370,15 +370,35 @@ def test_write_nbits_runs_in_onnx_runtime_like_the_dequantized_model(bench, tmp_
     path = int4_onnx.write_nbits(bench.fp32_onnx, tmp_path / "mine.onnx", codes)
     got = charlm.session_logits(runtime.make_session(path), bench.x[:256])
     np.testing.assert_allclose(got, charlm.logits_of(model_q, bench.x[:256]), atol=1e-4)
-    if spec == QuantSpec(
-        4, 128
-    ):  # same asymmetric min-max rounding as ONNX Runtime's own quantizer
+    if spec.bits == 4:  # same asymmetric min-max rounding as ONNX Runtime's own quantizer
         theirs = int4_onnx.quantize_nbits_rtn(
-            bench.fp32_onnx, tmp_path / "ort.onnx", block_size=128
+            bench.fp32_onnx, tmp_path / "ort.onnx", block_size=spec.group_size
         )
-        np.testing.assert_allclose(
-            got, charlm.session_logits(runtime.make_session(theirs), bench.x[:256]), atol=1e-5
-        )
+        floats = {name: layer.weight for name, layer in bench.model.linears().items()}
+        total, ties, other = int4_onnx.compare_codes(theirs, codes, floats)
+        assert other == 0 and ties < 10 and total == sum(w.numel() for w in floats.values())
+
+
+def test_compare_codes_sees_a_changed_code_and_forgives_only_ties(bench, tmp_path):
+    _, codes = weight_only.quantize_model(bench.model, QuantSpec(4, 128), "rtn")
+    floats = {name: layer.weight for name, layer in bench.model.linears().items()}
+    path = int4_onnx.write_nbits(bench.fp32_onnx, tmp_path / "mine.onnx", codes)
+    total, ties, other = int4_onnx.compare_codes(path, codes, floats)
+    assert other == 0 and total > 0
+    tie = codes["fc2"].rounding_ties(floats["fc2"])
+    # a code moved by one step where no tie is counts
+    row, col = [int(i[0]) for i in torch.nonzero(~tie & (codes["fc2"].codes < 15), as_tuple=True)]
+    codes["fc2"].codes[row, col] += 1
+    assert int4_onnx.compare_codes(path, codes, floats)[2] == 1
+    # a weight put exactly half-way between two codes is forgiven
+    qw = codes["fc2"]
+    group = col // 128
+    floats["fc2"] = floats["fc2"].detach().clone()
+    floats["fc2"][row, col] = (
+        torch.floor(floats["fc2"][row, col] / qw.scale[row, group]) + 0.5
+    ) * qw.scale[row, group]
+    assert qw.rounding_ties(floats["fc2"])[row, col]
+    assert int4_onnx.compare_codes(path, codes, floats)[2] == 0
 
 
 def test_pack_codes_puts_the_first_value_in_the_low_bits():

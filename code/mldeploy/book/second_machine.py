@@ -82,6 +82,8 @@ MACHINE_B_ENV = {
     "OMP_NUM_THREADS": "2",
     "MKL_ENABLE_INSTRUCTIONS": "AVX2",
     "ONEDNN_MAX_CPU_ISA": "AVX2",
+    # NumPy's float64 exp and log take other code on AVX-512: run its AVX2 (x86-64-v3) code
+    "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR",
 }
 # What the ORT worker computes; it imports only numpy and onnxruntime, so it runs under QEMU.
 WORKER = """

@@ -4,6 +4,7 @@ dominates), a wide MLP whose single-sample call is costly enough for batching to
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 
@@ -18,10 +19,18 @@ from mldeploy.serving.predictors import Predictor
 WIDE = {"hidden": 1024, "layers": 5}
 
 
+# The source files the two-moons ONNX file depends on: an edit to any of them builds a new file.
+TWO_MOONS_SOURCES = ("training.py", "models.py", "data.py", "export/formats.py")
+
+
 def two_moons_onnx(out_dir: Path | None = None, *, seed: int = 0) -> Path:
-    """The chapter's two-moons model (``training.train_two_moons``) as ONNX; reuses the file."""
-    out_dir = out_dir or artifacts_dir("serving")
-    path = out_dir / "two_moons.onnx"
+    """The chapter's two-moons model (``training.train_two_moons``) as ONNX; reuses the file
+    while the code that trains and exports it is unchanged."""
+    digest = hashlib.sha256(f"seed={seed}".encode())
+    for name in TWO_MOONS_SOURCES:
+        digest.update((Path(__file__).parents[1] / name).read_bytes())
+    folder = (out_dir or artifacts_dir("serving")) / f"two-moons-{digest.hexdigest()[:12]}"
+    path = folder / "two_moons.onnx"
     if path.is_file():
         return path
     import torch  # only needed to build the file, never to serve it

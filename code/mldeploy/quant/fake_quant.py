@@ -85,6 +85,15 @@ class QuantizedWeight:
         q = self.codes.reshape(rows, g, cols // g)
         return dequantize(q, self.scale[..., None], self.zero[..., None]).reshape(rows, cols)
 
+    def rounding_ties(self, w: torch.Tensor, atol: float = 2e-6) -> torch.Tensor:
+        """Where ``w / s`` lies half-way between two integers (within ``atol``): there the code
+        depends on how the division and the rounding are done (``round(w / s) + z``, or
+        ``round(w · (1/s) + z)`` in float32 as ONNX Runtime does), and either code is right."""
+        rows, cols = self.codes.shape
+        g = self.scale.shape[1]
+        ratio = (w.detach().reshape(rows, g, cols // g) / self.scale[..., None]).reshape(rows, cols)
+        return (ratio - ratio.floor() - 0.5).abs() < atol
+
 
 def rtn(w: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
     """Round-to-nearest: min-max scale per group, then round every weight independently."""

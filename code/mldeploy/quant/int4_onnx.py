@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import torch
 from onnx import helper, numpy_helper
 
 from mldeploy.quant import cache
@@ -108,6 +109,46 @@ def pack_codes(codes: np.ndarray, bits: int, block_size: int) -> np.ndarray:
     for j in range(per_byte):
         packed |= c[:, :, j] << (bits * j)
     return packed.reshape(n, k // block_size, block_size * bits // 8)
+
+
+def unpack_codes(packed: np.ndarray, bits: int, k: int) -> np.ndarray:
+    """Inverse of :func:`pack_codes`: the (N, K) codes of a ``MatMulNBits`` weight."""
+    flat = packed.reshape(packed.shape[0], -1)
+    values = [(flat >> (bits * j)) & ((1 << bits) - 1) for j in range(8 // bits)]
+    return np.stack(values, axis=-1).reshape(packed.shape[0], -1)[:, :k]
+
+
+def read_codes(path: str | Path) -> dict[str, np.ndarray]:
+    """The integer codes of every ``MatMulNBits`` node in ``path``, (N, K) per layer name."""
+    proto = onnx.load(str(require_model(path)))
+    inits = {t.name: t for t in proto.graph.initializer}
+    codes = {}
+    for node in proto.graph.node:
+        if node.op_type == "MatMulNBits":
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            packed = numpy_helper.to_array(inits[node.input[1]])
+            layer = node.input[1].rsplit(".weight", 1)[0]
+            codes[layer] = unpack_codes(packed, attrs["bits"], attrs["K"])
+    return codes
+
+
+def compare_codes(
+    path: str | Path, weights: dict[str, QuantizedWeight], floats: dict[str, torch.Tensor]
+) -> tuple[int, int, int]:
+    """Compare the codes in ``path`` with ``weights`` (the float weights are ``floats``): the
+    number of codes, how many lie on a rounding tie (where either code is right), and how many
+    differ anywhere else."""
+    theirs = read_codes(path)
+    total = ties = other = 0
+    for layer, qw in weights.items():
+        tie = qw.rounding_ties(floats[layer]).numpy()
+        differ = theirs[layer] != qw.codes.numpy()
+        total, ties, other = (
+            total + differ.size,
+            ties + int(tie.sum()),
+            other + int((differ & ~tie).sum()),
+        )
+    return total, ties, other
 
 
 def write_nbits(
