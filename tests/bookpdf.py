@@ -86,6 +86,16 @@ class _Quiet(SimpleHTTPRequestHandler):
         pass
 
 
+class SiteServer(ThreadingHTTPServer):
+    """Serves the built site; a browser that drops a request it no longer needs is no error."""
+
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 def print_book(
     site: Path,
     out: Path,
@@ -101,7 +111,7 @@ def print_book(
 
     pages = pages or toc_pages()
     out.mkdir(parents=True, exist_ok=True)
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(_Quiet, directory=str(site)))
+    httpd = SiteServer(("127.0.0.1", 0), partial(_Quiet, directory=str(site)))
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{httpd.server_address[1]}/"
     try:

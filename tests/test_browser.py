@@ -23,13 +23,14 @@ import threading
 from collections.abc import Callable
 from functools import partial
 from html.parser import HTMLParser
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import SimpleHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import pytest
 import yaml
 
+import bookpdf
 import browsing
 from browsing import SAMPLE, SAVE_SCREENSHOTS, SCREENSHOTS, require_chromium
 from mldeploy import settings, timeouts
@@ -133,7 +134,7 @@ def server(site: Path):
     """A static HTTP server for the site on a free loopback port; yields (base URL, failures)."""
     failures: list[str] = []
     handler = type("Handler", (_Quiet,), {"failures": failures})
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(handler, directory=str(site)))
+    httpd = bookpdf.SiteServer(("127.0.0.1", 0), partial(handler, directory=str(site)))
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     try:
@@ -776,9 +777,6 @@ def test_every_entry_page_keeps_the_lang_query(page, pages, rendered: Render) ->
 
 def test_printed_book_gives_every_page_its_title_and_stamp(page) -> None:
     # what `make pdf` prints: every page appended to the first, in print media
-    sys.path.insert(0, str(REPO_ROOT / "tests"))
-    import bookpdf
-
     order = bookpdf.toc_pages()
     page.goto(page.base + order[0] + "?lang=en")
     page.emulate_media(media="print")
@@ -811,9 +809,6 @@ def test_pdfs_have_their_language_contents_and_an_outline(
 ) -> None:
     """What `make pdf` writes: each PDF's bookmarks name every page of the book in its language."""
     require_chromium()
-    sys.path.insert(0, str(REPO_ROOT / "tests"))
-    import bookpdf
-
     titles = {
         "zh": ["第5章", "5.1 模型导出", "5.2 推理服务", "术语表"],
         "en": ["Chapter 5", "5.1 Model Export", "5.2 Inference Service", "Glossary"],
