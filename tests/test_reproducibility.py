@@ -46,6 +46,9 @@ def test_the_pin_selects_avx2_kernels_after_import_torch(pinned_run):
 PINNED_TRAINING = {
     "capability": "AVX2",
     "charlm": "4feb1abec2f49caa",
+    "gptq": "c368716512a1d9f3",
+    "awq": "ed8ee7e5e622e80e",
+    "qat": "6d12af8e2ee095d1",
     "two_moons": "57c14465f0c5283d",
     "llama": "ff80bbd005e483ae",
 }

@@ -11,9 +11,10 @@ Two checks, each against the notebooks as committed (``make second-machine`` run
     written to ``_build/second-machine/drift.json``.
 ``kernels``
     MKL picks its kernels by vendor as well as by instruction set. This check computes
-    ``reproducibility.kernel_fingerprint()`` and a few training steps of each of the chapter's
-    models (``TRAINING_PROBE``) under the pin natively and inside ``qemu-x86_64`` as an Intel
-    Haswell and as an AMD EPYC (Rome), and fails unless all three agree bit for bit. It also
+    ``reproducibility.kernel_fingerprint()``, a few training steps of each of the chapter's
+    models and 5.3's GPTQ, AWQ and QAT on one of them (``TRAINING_PROBE``) under the pin,
+    natively and inside ``qemu-x86_64`` as an Intel Haswell and as an AMD EPYC (Rome), and fails
+    unless all three agree bit for bit. It also
     prints whether MKL's ``sqrt``, which the library avoids, agrees (it does not).
 ``ort``
     ONNX Runtime picks its kernels from the CPU itself (AVX-512, AVX2, VNNI), with no switch. This
@@ -43,14 +44,17 @@ KERNEL_PROBE = (
     "import json; from mldeploy import reproducibility as r; r.pin_compute_path(); "
     "print(json.dumps(r.kernel_fingerprint()))"
 )
-# A few pinned training steps of each model whose results the notebooks store: a weight digest each.
+# A few pinned training steps of each model whose results the notebooks store, and 5.3's GPTQ,
+# AWQ and QAT applied to one of them: a weight digest each.
 TRAINING_PROBE = """
 import hashlib, json, torch
 from mldeploy import reproducibility
 reproducibility.pin_compute_path()
 from mldeploy import training
 from mldeploy.llm import model as llama, training as llama_training
-from mldeploy.quant import charlm
+from mldeploy.quant import charlm, qat
+from mldeploy.quant.fake_quant import QuantSpec
+from mldeploy.quant.weight_only import quantize_model
 
 def digest(module):
     return hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in module.parameters()))
@@ -59,8 +63,14 @@ out = {"capability": torch.backends.cpu.get_cpu_capability()}
 torch.set_num_threads(1)
 training.set_seed(0)
 lm = charlm.CharMLP(hidden=128)
-charlm.fit(lm, charlm.load_corpus().train, steps=40, batch_size=64)
+corpus = charlm.load_corpus()
+charlm.fit(lm, corpus.train, steps=40, batch_size=64)
 out["charlm"] = digest(lm).hexdigest()[:16]
+spec = QuantSpec(bits=2, group_size=128)
+calibration, _ = charlm.sample_windows(corpus.train, lm.context, 256, seed=0)
+for method in ("gptq", "awq"):
+    out[method] = digest(quantize_model(lm, spec, method, calibration)[0]).hexdigest()[:16]
+out["qat"] = digest(qat.qat_finetune(lm, corpus.train, spec, steps=10)[0]).hexdigest()[:16]
 out["two_moons"] = digest(training.train_two_moons(epochs=3).model).hexdigest()[:16]
 cfg = llama_training.TrainConfig(steps=3, batch_size=2, seq_len=32)
 training.set_seed(0)
