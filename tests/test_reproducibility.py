@@ -19,17 +19,7 @@ from mldeploy.book.nbval_tolerance import Tolerance, ToleranceError, reconcile, 
 
 def _probe(**env: str) -> dict[str, str]:
     # a few pinned training steps of each model (``make second-machine`` runs it under QEMU too)
-    full = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "MKL_CBWR")}
-    full.update(env)
-    proc = subprocess.run(
-        [sys.executable, "-c", second_machine.TRAINING_PROBE],
-        capture_output=True,
-        text=True,
-        env=full,
-        timeout=timeouts.scaled(300),
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return second_machine.probe(second_machine.TRAINING_PROBE, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -87,16 +77,7 @@ PINNED_KERNELS = {
 
 def _kernels(**env: str) -> dict[str, str]:
     # the probe ``make second-machine`` runs; MLDEPLOY_NATIVE_CPU=1 makes its pin a no-op
-    full = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "MKL_CBWR")}
-    proc = subprocess.run(
-        [sys.executable, "-c", second_machine.KERNEL_PROBE],
-        capture_output=True,
-        text=True,
-        env={**full, **env},
-        timeout=timeouts.scaled(120),
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return json.loads(proc.stdout)
+    return second_machine.probe(second_machine.KERNEL_PROBE, env=env)
 
 
 def test_pinned_kernels_give_the_same_bits_on_every_cpu():

@@ -1,21 +1,21 @@
 """A second machine on one machine: do the stored outputs hold where the CPU differs?
 
-Two checks, each against the notebooks as committed (``make second-machine`` runs both):
+Three checks (``make second-machine`` runs all three):
 
 ``notebooks``
     nbval over every notebook in a process that looks like another runner to everything that can
     be steered from outside: one visible core (``taskset``: other default thread counts in PyTorch
-    and ONNX Runtime), MKL and oneDNN capped at AVX2 as on a CPU without AVX-512, and a caller's
-    shell that asks for PyTorch's scalar kernels (``ATEN_CPU_CAPABILITY=default``) and two OpenMP
-    threads. The pin (``mldeploy.reproducibility``) must win; the largest drift per notebook is
+    and ONNX Runtime), MKL, oneDNN and NumPy on their AVX2 code as on a CPU without AVX-512, and a
+    caller's shell that asks for PyTorch's scalar kernels (``ATEN_CPU_CAPABILITY=default``) and
+    two OpenMP threads. The pin (``mldeploy.reproducibility``) must win; the largest drift per notebook is
     written to ``_build/second-machine/drift.json``.
 ``kernels``
     MKL picks its kernels by vendor as well as by instruction set. This check computes
     ``reproducibility.kernel_fingerprint()``, a few training steps of each of the chapter's
     models and 5.3's GPTQ, AWQ and QAT on one of them (``TRAINING_PROBE``) under the pin,
     natively and inside ``qemu-x86_64`` as an Intel Haswell and as an AMD EPYC (Rome), and fails
-    unless all three agree bit for bit. It also
-    prints whether MKL's ``sqrt``, which the library avoids, agrees (it does not).
+    unless all three agree bit for bit. It also prints whether MKL's ``sqrt``, which the library
+    avoids, agrees (it does not).
 ``ort``
     ONNX Runtime picks its kernels from the CPU itself (AVX-512, AVX2, VNNI), with no switch. This
     check evaluates the chapter's ONNX models natively and inside ``qemu-x86_64 -cpu Haswell``
@@ -32,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from mldeploy import reproducibility, timeouts
@@ -225,8 +226,8 @@ def run_kernels() -> int:
     runs, sqrt = {}, {}
     for cpu in ("native", *QEMU_VENDORS):
         prefix = [] if cpu == "native" else [qemu, "-cpu", cpu]
-        runs[cpu] = {**_probe(prefix, KERNEL_PROBE), **_probe(prefix, TRAINING_PROBE)}
-        sqrt[cpu] = _probe(prefix, MKL_SQRT_PROBE)["mkl_sqrt"]
+        runs[cpu] = {**probe(KERNEL_PROBE, prefix), **probe(TRAINING_PROBE, prefix)}
+        sqrt[cpu] = probe(MKL_SQRT_PROBE, prefix)["mkl_sqrt"]
         print(f"  {cpu:<11} " + "  ".join(f"{k} {v}" for k, v in runs[cpu].items()))
     same = all(digests == runs["native"] for digests in runs.values())
     print(
@@ -238,13 +239,18 @@ def run_kernels() -> int:
     return 0 if same else 1
 
 
-def _probe(prefix: list[str], code: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in reproducibility.PINNED_ENV}
+def probe(
+    code: str, prefix: Sequence[str] = (), env: dict[str, str] | None = None
+) -> dict[str, str]:
+    """Run a probe (``KERNEL_PROBE``, ``TRAINING_PROBE``, ...) in a fresh process, after
+    ``prefix`` (e.g. ``qemu-x86_64 -cpu Haswell-v4``), without the caller's pin variables and with
+    ``env`` added; return the JSON it prints last."""
+    clean = {k: v for k, v in os.environ.items() if k not in reproducibility.PINNED_ENV}
     proc = subprocess.run(
         [*prefix, sys.executable, "-c", code],
         capture_output=True,
         text=True,
-        env=env,
+        env={**clean, **(env or {})},
         timeout=timeouts.scaled(1200),
     )
     if proc.returncode != 0:

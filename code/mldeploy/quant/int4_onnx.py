@@ -143,11 +143,9 @@ def compare_codes(
     for layer, qw in weights.items():
         tie = qw.rounding_ties(floats[layer]).numpy()
         differ = theirs[layer] != qw.codes.numpy()
-        total, ties, other = (
-            total + differ.size,
-            ties + int(tie.sum()),
-            other + int((differ & ~tie).sum()),
-        )
+        total += differ.size
+        ties += int(tie.sum())
+        other += int((differ & ~tie).sum())
     return total, ties, other
 
 
