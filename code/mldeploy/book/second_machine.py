@@ -7,8 +7,8 @@ Three checks (``make second-machine`` runs all three):
     be steered from outside: one visible core (``taskset``: other default thread counts in PyTorch
     and ONNX Runtime), MKL, oneDNN and NumPy on their AVX2 code as on a CPU without AVX-512, and a
     caller's shell that asks for PyTorch's scalar kernels (``ATEN_CPU_CAPABILITY=default``) and
-    two OpenMP threads. The pin (``mldeploy.reproducibility``) must win; the largest drift per notebook is
-    written to ``_build/second-machine/drift.json``.
+    two OpenMP threads. The pin (``mldeploy.reproducibility``) must win; the largest drift per
+    notebook is written to ``_build/second-machine/drift.json``.
 ``kernels``
     MKL picks its kernels by vendor as well as by instruction set. This check computes
     ``reproducibility.kernel_fingerprint()``, a few training steps of each of the chapter's
