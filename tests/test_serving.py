@@ -9,6 +9,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 
 import httpx
 import numpy as np
@@ -356,3 +357,20 @@ def test_a_model_that_cannot_load_stops_start_up_with_its_reason(tmp_path):
     with pytest.raises(RuntimeError, match="could not load the model"):
         with TestClient(create_app(lambda: OnnxPredictor(broken))):
             pass
+
+
+def test_requests_never_leave_the_event_loop_except_for_the_model(onnx_path):
+    """FastAPI runs a plain ``def`` endpoint or dependency in its thread pool: a hop to another
+    thread and back on every request. Only the model may run off the loop (in its own thread)."""
+    app = create_app(lambda: OnnxPredictor(onnx_path))
+    sample = {"features": [0.5, -0.3]}
+    before = set(threading.enumerate())
+    with BackgroundServer(app) as server, httpx.Client(base_url=server.url) as http:
+        for _ in range(5):
+            assert http.post("/predict", json=sample).status_code == 200
+            assert http.post("/predict_batch", json={"items": [sample] * 3}).status_code == 200
+            assert http.post("/validate", json=sample).status_code == 200
+            for path in ("/health", "/ready", "/metrics"):
+                assert http.get(path).status_code == 200
+        pool = [t.name for t in set(threading.enumerate()) - before if "AnyIO" in t.name]
+    assert pool == []
