@@ -125,6 +125,29 @@ def test_cancel_frees_the_slot_within_one_step(net):
     assert first.finish_reason == "cancelled" and first.cache is None
 
 
+def test_a_sequence_leaves_the_queues_only_once_it_is_counted(net):
+    """Other threads (``/metrics``, a draining server, a test) read ``running``, ``waiting``
+    and ``stats`` without the lock: a sequence gone from both queues is already counted and
+    its slot is back. The finish signal is the last moment to look, so it still sees it queued."""
+    engine = Engine(net, max_running=1)
+    seen = []
+
+    def on_token(seq, token):
+        if token is None:
+            queued = seq in engine.running or seq in engine.waiting
+            seen.append((seq.id, seq.finish_reason, queued))
+
+    running, waiting, short = (
+        engine.submit(p, n, on_token=on_token) for p, n in (([3, 4], 50), ([5], 50), ([6], 2))
+    )
+    engine.step()  # one runs, two wait
+    engine.cancel(running)
+    engine.cancel(waiting)
+    engine.run_until_idle()
+    assert seen == [(0, "cancelled", True), (1, "cancelled", True), (2, "length", True)]
+    assert engine.stats.cancelled == 2 and engine.stats.finished == 1
+
+
 def _live_caches() -> int:
     return sum(type(o) is KVCache for o in gc.get_objects())
 

@@ -244,12 +244,15 @@ class Engine:
                 for s in itertools.chain(self.waiting, self.running)
                 if s.cancelled or (s.deadline is not None and now > s.deadline)
             }
-            if not gone:
-                return
-            self.waiting = collections.deque(s for s in self.waiting if s not in gone)
-            self.running = [s for s in self.running if s not in gone]
+        if not gone:
+            return
+        # count them and free their slots first: other threads read the queues without the
+        # lock, and a sequence out of both queues must already be counted
         for seq in sorted(gone, key=lambda s: s.id):
             self._finish(seq, "cancelled" if seq.cancelled else "timeout")
+        with self._cond:
+            self.waiting = collections.deque(s for s in self.waiting if s not in gone)
+            self.running = [s for s in self.running if s not in gone]
 
     def admit(self) -> list[Sequence]:
         """Move waiting sequences into the batch, as the policy allows; give each a slot."""
@@ -342,9 +345,10 @@ class Engine:
                 self.step()
             except Exception:  # a bug must not kill the worker: fail the batch, keep serving
                 log.exception("engine step failed; finishing the running sequences")
-                failed, self.running = self.running, []
-                for seq in failed:
-                    self._finish(seq, "error")
+                for seq in self.running:  # finished first, then out of the queue, as above
+                    if seq.finish_reason is None:
+                        self._finish(seq, "error")
+                self.running = []
 
     def metrics(self) -> dict:
         """Recent TTFT/TPOT medians, tokens/s since the first token, running and waiting counts."""
