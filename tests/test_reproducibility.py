@@ -193,6 +193,22 @@ def test_nbval_passes_within_the_declared_tolerance_and_fails_outside(tmp_path, 
     assert measured["within.ipynb"] == pytest.approx(0.7e-3 / 10.186, rel=1e-3)
 
 
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_a_failed_cell_shows_the_stream_nbval_only_names(tmp_path, workers):
+    """nbval says "Unexpected output fields: {'stderr'}"; the report must also say what it was."""
+    _notebook(tmp_path / "warns.ipynb", "fine", "fine", None)
+    nb = nbformat.read(tmp_path / "warns.ipynb", as_version=4)
+    nb.cells[0].source = "import sys\nprint('fine')\nprint('a late warning', file=sys.stderr)"
+    nbformat.write(nb, tmp_path / "warns.ipynb")
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "--nbval", "-p", "no:cacheprovider", "-q",
+         "-n", workers, "warns.ipynb"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=timeouts.scaled(300),
+    )  # fmt: skip
+    assert run.returncode == 1 and "Unexpected output fields" in run.stdout, run.stdout
+    assert "what the cell printed" in run.stdout and "[stderr] a late warning" in run.stdout
+
+
 def test_e_notation_is_compared_relatively_fixed_decimals_absolutely():
     tol = Tolerance(rel=0.01, abs=2e-4, reason="test")
     # 8.6e-06 -> 1.0e-04 is inside abs 2e-4 but a 12-fold change: refused

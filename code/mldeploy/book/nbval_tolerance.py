@@ -298,6 +298,19 @@ def pytest_configure(config: pytest.Config) -> None:
         install(_LOG)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """A failed cell shows what it printed: nbval names an unexpected stream ("Unexpected output
+    fields from running code: {'stderr'}") but not its text, and the text is the cause."""
+    outcome = yield
+    report = outcome.get_result()
+    outputs = getattr(item, "test_outputs", None)  # nbval's cells: the outputs of this run
+    if report.failed and call.when == "call" and outputs:
+        streams = [f"[{o.name}] {o.text}" for o in outputs if o.get("output_type") == "stream"]
+        if streams:
+            report.sections.append(("what the cell printed", "".join(streams)[-4000:]))
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
     _LOG.write()
 
