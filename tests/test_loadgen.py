@@ -1,10 +1,12 @@
 """The course's load generator: wrk paced to a fixed rate (open loop) and honoring Retry-After,
-and the Python client with backoff and jitter, against tiny stand-in servers."""
+the Python client with backoff and jitter, against tiny stand-in servers, and the per-thread
+CPU reading that says which thread bounds a server."""
 
 from __future__ import annotations
 
 import asyncio
 import http.server
+import os
 import random
 import sys
 import threading
@@ -14,6 +16,7 @@ import httpx
 import pytest
 
 from mldeploy.loadtest import loadgen
+from mldeploy.loadtest.cpu import loop_and_worker_cores
 
 needs_wrk = pytest.mark.skipif(not loadgen.have_wrk(), reason="wrk is not installed")
 
@@ -109,3 +112,33 @@ def test_post_with_retries_gives_up_after_its_tries(refusing):
 
     answer, seconds = asyncio.run(run())
     assert answer.status_code == 503 and seconds < 0.5  # no wait after the last try
+
+
+def _spin(seconds: float) -> None:
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:  # CPU time, so a crowded machine still spins this long
+        pass
+
+
+@pytest.mark.parametrize("busy", ["loop", "worker"])
+def test_the_busy_thread_is_the_one_reported_busy(busy):
+    """The benchmark names the thread that bounds throughput: the main thread (the event loop) or
+    another (the model worker). Spin one of them, let the other wait, and read both."""
+    done, finish = threading.Event(), threading.Event()
+
+    def work() -> None:  # stays alive until read: /proc forgets a thread once it ends
+        _spin(0.4) if busy == "worker" else time.sleep(0.4)
+        done.set()
+        finish.wait()
+
+    worker = threading.Thread(target=work)
+    with loop_and_worker_cores(os.getpid()) as cores:
+        worker.start()
+        if busy == "loop":
+            _spin(0.4)
+        done.wait()
+    finish.set()
+    worker.join()
+    idle = "worker" if busy == "loop" else "loop"
+    assert cores[busy] >= 0.2, cores
+    assert cores[idle] <= 0.05, cores

@@ -21,6 +21,7 @@ import numpy as np
 from mldeploy import serving
 from mldeploy.loadtest import loadgen
 from mldeploy.loadtest.background import BackgroundServer
+from mldeploy.loadtest.cpu import loop_and_worker_cores
 from mldeploy.loadtest.models import WIDE, two_moons_onnx, wide_onnx
 from mldeploy.loadtest.scrape import metric
 from mldeploy.paths import artifacts_dir
@@ -165,9 +166,13 @@ def batching_rows(seconds: float) -> tuple[list[Row], dict]:
             batched.url + "/predict", connections=64, seconds=seconds, body=BODY
         )
         time.sleep(0.5)  # let /predict saturate first
-        measured["health"] = loadgen.run_wrk(
-            batched.admin_url + "/health", connections=1, seconds=(seconds - 1) / 2, method="GET"
-        )
+        with loop_and_worker_cores(batched.proc.pid) as measured["cores"]:
+            measured["health"] = loadgen.run_wrk(
+                batched.admin_url + "/health",
+                connections=1,
+                seconds=(seconds - 1) / 2,
+                method="GET",
+            )
         measured["health_api"] = loadgen.run_wrk(
             batched.url + "/health", connections=1, seconds=(seconds - 1) / 2, method="GET"
         )
@@ -175,7 +180,8 @@ def batching_rows(seconds: float) -> tuple[list[Row], dict]:
         capacity = _median(at64[True], "throughput")
         measured["overload"], measured["probe"] = _overload(batched.url, seconds)
         measured["polite"] = _overload(batched.url, seconds, retry_after=True)[0]
-        measured["open"] = _overload(batched.url, seconds, rate=2 * capacity)
+        with loop_and_worker_cores(batched.proc.pid) as measured["open_cores"]:
+            measured["open"] = _overload(batched.url, seconds, rate=2 * capacity)
         measured["flood"] = _batch_flood(batched.url, seconds)
     measured.update(at64=at64, at1=at1)
     speedup = _median_ratio(at64[True], at64[False])
@@ -218,6 +224,7 @@ def batching_rows(seconds: float) -> tuple[list[Row], dict]:
             "within 0.3 ms",
             abs(p50_1[True] - p50_1[False]) <= 0.3,
         ),
+        _cores_row("batched, 64 clients", measured["cores"]),
         Row(
             "/health p50 / p99 (admin port) while /predict is saturated (64 clients)",
             f"{measured['health'].p50_ms:.2f} ms / {measured['health'].p99_ms:.2f} ms",
@@ -234,8 +241,19 @@ def batching_rows(seconds: float) -> tuple[list[Row], dict]:
     rows += _overload_rows(measured["overload"], measured["probe"], p99[True])
     rows += _polite_rows(measured["polite"], capacity)
     rows += _open_loop_rows(*measured["open"], capacity, _median(at1[True], "p99_ms"))
+    rows.append(_cores_row("open loop at 2× capacity", measured["open_cores"]))
     rows += _flood_rows(*measured["flood"])
     return rows, measured
+
+
+def _cores_row(load: str, cores: dict[str, float]) -> Row:
+    """Which thread bounds the throughput: the one near a whole core."""
+    return Row(
+        f"{load}: cores used by the event loop / the model thread",
+        f"{cores['loop']:.2f} / {cores['worker']:.2f}",
+        "",
+        None,
+    )
 
 
 FLOOD_BODY = json.dumps({"items": [{"features": [0.5, -0.3]}] * 256})
