@@ -15,7 +15,7 @@ import time
 import httpx
 import pytest
 
-from mldeploy.loadtest import loadgen
+from mldeploy.loadtest import bench, cpu, loadgen
 from mldeploy.loadtest.cpu import loop_and_worker_cores
 
 needs_wrk = pytest.mark.skipif(not loadgen.have_wrk(), reason="wrk is not installed")
@@ -142,3 +142,14 @@ def test_the_busy_thread_is_the_one_reported_busy(busy):
     idle = "worker" if busy == "loop" else "loop"
     assert cores[busy] >= 0.2, cores
     assert cores[idle] <= 0.05, cores
+
+
+def test_without_proc_the_split_is_empty_not_an_error(monkeypatch):
+    """macOS has no /proc: the benchmark prints "n/a" instead of failing."""
+    missing = cpu.Path("/nonexistent/proc/task")
+    monkeypatch.setattr(cpu, "Path", lambda _: missing)
+    assert cpu.thread_cpu_seconds(os.getpid()) == {}
+    with loop_and_worker_cores(os.getpid()) as cores:
+        pass
+    assert cores == {}
+    assert bench._cores_row("open loop", cores).measured == "n/a (needs Linux /proc)"

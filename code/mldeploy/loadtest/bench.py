@@ -250,7 +250,7 @@ def _cores_row(load: str, cores: dict[str, float]) -> Row:
     """Which thread bounds the throughput: the one near a whole core."""
     return Row(
         f"{load}: cores used by the event loop / the model thread",
-        f"{cores['loop']:.2f} / {cores['worker']:.2f}",
+        f"{cores['loop']:.2f} / {cores['worker']:.2f}" if cores else "n/a (needs Linux /proc)",
         "",
         None,
     )

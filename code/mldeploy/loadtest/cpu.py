@@ -13,10 +13,14 @@ from pathlib import Path
 
 
 def thread_cpu_seconds(pid: int) -> dict[int, float]:
-    """CPU seconds (user + system) each thread of process ``pid`` has used so far."""
+    """CPU seconds (user + system) each thread of process ``pid`` has used so far; empty where
+    there is no ``/proc`` (macOS) or no such process."""
+    tasks = Path(f"/proc/{pid}/task")
+    if not tasks.is_dir():
+        return {}
     tick = os.sysconf("SC_CLK_TCK")
     used = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
+    for task in tasks.iterdir():
         with contextlib.suppress(OSError):  # a thread may end while we read
             fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
             used[int(task.name)] = (int(fields[11]) + int(fields[12])) / tick
@@ -26,12 +30,15 @@ def thread_cpu_seconds(pid: int) -> dict[int, float]:
 @contextlib.contextmanager
 def loop_and_worker_cores(pid: int) -> Iterator[dict[str, float]]:
     """Cores used while the block runs by the main thread (``"loop"``) and by the busiest other
-    thread (``"worker"``) of process ``pid``; the dict is filled when the block ends. A thread
-    that ends inside the block is not counted (``/proc`` forgets it)."""
+    thread (``"worker"``) of process ``pid``; the dict is filled when the block ends, and stays
+    empty where threads cannot be read. A thread that ends inside the block is not counted
+    (``/proc`` forgets it)."""
     before, start = thread_cpu_seconds(pid), time.perf_counter()
     cores: dict[str, float] = {}
     yield cores
     after, seconds = thread_cpu_seconds(pid), time.perf_counter() - start
+    if not before or not after:
+        return
     used = {tid: (t - before.get(tid, 0.0)) / seconds for tid, t in after.items()}
     cores["loop"] = used.pop(pid, 0.0)
     cores["worker"] = max(used.values(), default=0.0)
