@@ -4,11 +4,13 @@ the worker carries on, deadlines hold, SIGTERM drains without resetting a reques
 setting stops start-up with one line. Loopback only, free ports, every server stopped."""
 
 import asyncio
+import json
 import socket
 import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
@@ -25,6 +27,7 @@ from mldeploy.serving import (
     ServiceSettings,
     create_app,
 )
+from mldeploy.serving.hardening import whole_request
 
 SAMPLE = {"features": [0.5, -0.3]}
 
@@ -94,6 +97,140 @@ async def _flood(url: str, batch_clients: int, single_clients: int) -> tuple[lis
         singles = [c.post("/predict", json=SAMPLE) for _ in range(single_clients)]
         answers = await asyncio.gather(*batches, *singles)
     return list(answers[:batch_clients]), list(answers[batch_clients:])
+
+
+class GatedPredictor:
+    """The real model, held at a gate while ``hold`` is set: a test decides when it answers."""
+
+    def __init__(self, path):
+        self.inner, self.model_format, self.n_features = OnnxPredictor(path), "ONNX", 2
+        self.hold, self.gate = threading.Event(), threading.Event()
+
+    def predict_proba(self, x):
+        if self.hold.is_set():
+            self.gate.wait(30)
+        return self.inner.predict_proba(x)
+
+
+BODY = b'{"features": [0.5, -0.3]}'
+REQUEST = (
+    b"POST /predict HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+    b"Content-Length: %d\r\n\r\n%s" % (len(BODY), BODY)
+)
+
+
+class Responses:
+    """Reads HTTP/1.1 responses off a socket one at a time, each to its Content-Length."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock, self.data = sock, b""
+
+    def _fill(self, enough) -> None:
+        while not enough():
+            chunk = self.sock.recv(65536)
+            assert chunk, f"closed by the server after {self.data!r}"
+            self.data += chunk
+
+    def next(self) -> tuple[int, bytes, bytes]:
+        """(status, head in lower case, body)."""
+        self._fill(lambda: b"\r\n\r\n" in self.data)
+        head, _, rest = self.data.partition(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        self.data = rest
+        self._fill(lambda: len(self.data) >= length)
+        body, self.data = self.data[:length], self.data[length:]
+        return int(head.split()[1]), head.lower(), body
+
+
+@pytest.mark.parametrize("how", ["whole", "split", "pipelined"])
+def test_past_the_admission_limit_requests_are_refused_in_order_on_a_live_connection(
+    onnx_path, how
+):
+    """/predict admits max_queue + max_batch_size requests at once (2 here); the next gets a 503
+    with Retry-After, whether it came in one read (refused at the door, before uvicorn parses it),
+    in pieces or pipelined (refused before the app). Answers keep their order, the keep-alive
+    connection outlives the idle timeout while it is refused, and no slot leaks."""
+    model = GatedPredictor(onnx_path)
+    settings = ServiceSettings(max_queue=1, max_batch_size=1, header_timeout_s=1.0, keep_alive_s=1)
+    app = create_app(lambda: model, settings)
+    with (
+        BackgroundServer(app) as server,
+        socket.create_connection((server.host, server.port), timeout=10) as sock,
+    ):
+        responses = Responses(sock)
+        sock.sendall(REQUEST)
+        assert responses.next()[0] == 200  # a keep-alive connection, answered once
+        model.hold.set()
+        pool = ThreadPoolExecutor(2)
+        held = [pool.submit(httpx.post, server.url + "/predict", json=SAMPLE, timeout=30)]
+        time.sleep(0.3)  # the first is in the model: the second waits in the queue
+        held.append(pool.submit(httpx.post, server.url + "/predict", json=SAMPLE, timeout=30))
+        time.sleep(0.3)
+        statuses = []
+        for _ in range(6):  # 6 × 0.3 s: longer than the 1 s idle timeout
+            if how == "split":
+                sock.sendall(REQUEST[:40])
+                time.sleep(0.05)
+                sock.sendall(REQUEST[40:])
+            else:
+                sock.sendall(REQUEST * (2 if how == "pipelined" else 1))
+            for _ in range(2 if how == "pipelined" else 1):
+                status, head, body = responses.next()
+                assert status == 503 and b"retry-after: 1" in head, head
+                assert json.loads(body) == {"detail": "server overloaded (queue full); retry later"}
+                statuses.append(status)
+            time.sleep(0.3)
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")  # probes are not limited
+        assert responses.next()[0] == 200
+        model.gate.set()
+        assert [f.result().status_code for f in held] == [200, 200]
+        sock.sendall(REQUEST)  # room again, on the same connection
+        assert responses.next()[0] == 200
+        metrics = httpx.get(server.admin_url + "/metrics").text
+        time.sleep(0.2)
+        assert app.state.service.admission.inflight == {"/predict": 0, "/predict_batch": 0}
+    assert metric(metrics, "mldeploy_shed_total") == len(statuses)
+
+
+def test_a_request_sent_before_the_previous_answer_is_answered_after_it(onnx_path):
+    """A client that sends its next request while the previous one is being served (pipelining
+    over two writes) gets its answers in order: the door must not answer the second first."""
+    model = GatedPredictor(onnx_path)
+    app = create_app(lambda: model, ServiceSettings(max_queue=1, max_batch_size=1))
+    with BackgroundServer(app) as server:
+        model.hold.set()
+        pool = ThreadPoolExecutor(1)
+        held = pool.submit(httpx.post, server.url + "/predict", json=SAMPLE, timeout=30)
+        time.sleep(0.3)  # one request in the model: room for one more
+        with socket.create_connection((server.host, server.port), timeout=10) as sock:
+            sock.sendall(REQUEST)  # admitted: it waits for the model
+            time.sleep(0.3)
+            sock.sendall(REQUEST)  # over the limit now, but its answer must come second
+            threading.Timer(0.5, model.gate.set).start()
+            responses = Responses(sock)
+            first, second = responses.next()[0], responses.next()[0]
+        assert held.result().status_code == 200
+    assert first == 200 and second in (200, 503)  # the second ran once the first had finished
+
+
+@pytest.mark.parametrize(
+    ("data", "path"),
+    [
+        (REQUEST, "/predict"),
+        (b"GET /health?x=1 HTTP/1.1\r\nHost: t\r\n\r\n", "/health"),
+        (REQUEST[:-1], None),  # body not all here
+        (REQUEST[:30], None),  # head not all here
+        (REQUEST + REQUEST, None),  # pipelined
+        (REQUEST.replace(b"HTTP/1.1", b"HTTP/1.0"), None),
+        (REQUEST.replace(b"Host: t", b"Transfer-Encoding: chunked"), None),
+        (REQUEST.replace(b"Host: t", b"Expect: 100-continue"), None),
+        (REQUEST.replace(b"Host: t", b"Connection: close"), None),
+        (REQUEST.replace(b"Host: t", b"Content-Length: 25"), None),  # two lengths
+        (REQUEST.replace(b"Host: t", b"Connection: keep-alive"), "/predict"),
+    ],
+)
+def test_the_door_acts_only_on_one_whole_plain_request(data, path):
+    assert whole_request(data) == path
 
 
 def test_a_batch_flood_is_shed_and_predict_is_still_answered(onnx_path):

@@ -47,7 +47,7 @@ class ServiceSettings(PathSettings):
     batching: bool = True
     max_batch_size: Annotated[int, Field(ge=1, le=4096)] = 32
     max_wait_ms: Annotated[float, Field(ge=0, le=1000, allow_inf_nan=False)] = 2.0
-    max_queue: Count = 64  # /predict samples waiting: two full batches
+    max_queue: Count = 64  # /predict samples waiting (two full batches); admitted: this + a batch
     max_batch_jobs: Count = 2  # /predict_batch requests waiting for the model
     max_batch_items: Annotated[int, Field(ge=1, le=4096)] = 256
     max_body_bytes: Annotated[int, Field(ge=64, le=64 * 1024 * 1024)] = 64 * 1024

@@ -12,6 +12,7 @@ from typing import Any
 # Imported on first use: ``python -m mldeploy.serving.healthcheck`` runs in the image's HEALTHCHECK
 # and must not pay for (or need) FastAPI and ONNX Runtime.
 _EXPORTS = {
+    "Admission": "mldeploy.serving.hardening",
     "AdminServer": "mldeploy.serving.hardening",
     "BackgroundServer": "mldeploy.loadtest.background",
     "BodySizeLimit": "mldeploy.serving.hardening",
@@ -31,7 +32,6 @@ _EXPORTS = {
     "QueueFull": "mldeploy.serving.batching",
     "Service": "mldeploy.serving.service",
     "ServiceSettings": "mldeploy.settings",
-    "LoadShedding": "mldeploy.serving.hardening",
     "TorchScriptPredictor": "mldeploy.serving.predictors",
     "Unavailable": "mldeploy.serving.batching",
     "create_app": "mldeploy.serving.app",

@@ -251,7 +251,7 @@ def create_app(
     for exc in ERRORS:
         app.add_exception_handler(exc, on_error)
     # innermost first: the body limit, then the access log around it all (load shedding sits
-    # outside the app, in front of everything: ``server.draining_server``)
+    # outside the app, at the door: ``server.draining_server``)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     known = {route.path for route in app.routes}
     app.add_middleware(

@@ -1,12 +1,13 @@
 """Defenses for a service that faces the network, each a named piece beside the core.
 
 - ``ConnectionGuard``: a header/idle timeout (a whole request must arrive within
-  ``header_timeout_s``), a connection cap refused with a canned 503 before anything is parsed,
-  and ``TCP_NODELAY`` on every connection. It wraps uvicorn's own protocol (``http=`` setting).
+  ``timeout_s``), a connection cap refused with a canned 503 before anything is parsed,
+  ``TCP_NODELAY`` on every connection, and load shedding at the door (``Admission``). It wraps
+  uvicorn's own protocol (``http=`` setting).
+- ``Admission``: at most so many requests to a model path inside the service at once; one more is
+  refused with 503 and ``Retry-After``, before uvicorn parses it when it arrived whole.
 - ``BodySizeLimit``: 413 for a request body over the limit, declared or streamed; 400 for a
   broken ``Content-Length``.
-- ``LoadShedding``: 503 with ``Retry-After`` before the body is read, while the queue that the
-  request needs is full.
 - ``AdminServer``: ``/health``, ``/ready`` and ``/metrics`` on a port of their own, answered by a
   thread, so probes never queue behind requests; ``/health`` fails if the event loop stalls.
 
@@ -57,29 +58,72 @@ def nodelay(transport: asyncio.BaseTransport) -> None:
 
 
 # --- header/idle timeout, connection cap, cheap refusal --------------------------------------
-_REFUSAL_BODY = b'{"detail": "too many connections; retry later"}'
-REFUSAL = (
-    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
-    b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(_REFUSAL_BODY), _REFUSAL_BODY)
-)
+def canned_503(detail: str, close: bool) -> bytes:
+    """A whole 503 response with ``Retry-After``, written straight to the socket."""
+    body = json.dumps({"detail": detail}).encode()
+    head = "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1"
+    head += "\r\nconnection: close" if close else ""
+    return b"%s\r\ncontent-length: %d\r\n\r\n%s" % (head.encode(), len(body), body)
+
+
+TOO_MANY_CONNECTIONS = canned_503("too many connections; retry later", close=True)
+OVERLOADED_DETAIL = "server overloaded (queue full); retry later"
+OVERLOADED = canned_503(OVERLOADED_DETAIL, close=False)
+
+
+def whole_request(data: bytes) -> str | None:
+    """The path of ``data`` if it is exactly one whole HTTP/1.1 request, its body as long as its
+    one ``Content-Length`` says (no chunked body, no ``Expect``, no ``Connection: close``)."""
+    head_end, line_end = data.find(b"\r\n\r\n"), data.find(b"\r\n")
+    method_path_version = data[:line_end].split(b" ")
+    if head_end < 0 or len(method_path_version) != 3 or method_path_version[2] != b"HTTP/1.1":
+        return None
+    length = None
+    for line in data[line_end + 2 : head_end].split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        name, value = name.lower(), value.strip()
+        if name == b"content-length" and length is None and value.isdigit():
+            length = int(value)
+        elif name in (b"content-length", b"transfer-encoding", b"expect"):
+            return None
+        elif name == b"connection" and b"close" in value.lower():
+            return None
+    if len(data) != head_end + 4 + (length or 0):
+        return None
+    return method_path_version[1].partition(b"?")[0].decode("latin-1")
+
+
 # The connection whose bytes uvicorn is parsing: uvicorn starts a request's task inside
 # data_received, and a task starts with a copy of the current context, so it sees its connection.
 _connection: contextvars.ContextVar[Connection | None] = contextvars.ContextVar("connection")
 
 
 class ConnectionGuard:
-    """What uvicorn lacks: a deadline for a whole request to arrive, and a connection cap.
+    """What uvicorn lacks: a deadline for a whole request to arrive, a connection cap, and a
+    refusal that costs less than parsing the request.
 
     uvicorn arms no timer on a new connection and resets its keep-alive timer on every byte, so
     a client that sends nothing, or one byte a second, holds a socket forever. Here a request's
-    headers and body must arrive within ``header_timeout_s`` of the connection opening or of the
-    previous response; arriving bytes do not reset the clock. Serve ``wrap(app)`` with
-    ``http=guard.protocol``: the protocol owns the timer, the app side says when a request is
-    in (disarm) and when its response is out (arm again)."""
+    headers and body must arrive within ``timeout_s`` of the connection opening or of the
+    previous response; arriving bytes do not reset the clock. This is also the idle timeout of a
+    keep-alive connection (give uvicorn none of its own: it never sees the requests refused at
+    the door). Serve ``wrap(app)`` with ``http=guard.protocol``: the protocol owns the timer, the
+    app side says when a request is in (disarm) and when its response is out (arm again).
 
-    def __init__(self, header_timeout_s: float, max_connections: int, metrics: Any = None):
-        self.header_timeout_s, self.max_connections = header_timeout_s, max_connections
+    With an ``admission``, a request that arrives whole in one read (the usual case) is admitted
+    or refused at the door, before uvicorn parses it; any other request is admitted in ``wrap``,
+    before the app reads its body."""
+
+    def __init__(
+        self,
+        timeout_s: float,
+        max_connections: int,
+        metrics: Any = None,
+        admission: Admission | None = None,
+    ):
+        self.timeout_s, self.max_connections = timeout_s, max_connections
         self.metrics = metrics  # counts refused and timed-out connections, if given
+        self.admission = admission
         self.open: set[Connection] = set()
 
     def protocol(self, **uvicorn_args: Any) -> Connection:
@@ -108,7 +152,18 @@ class ConnectionGuard:
 
             # lets the batcher skip work for a client that has gone
             scope.setdefault("extensions", {})["mldeploy.client_gone"] = conn.gone
-            await app(scope, receive_, send_)
+            admitted, conn.admitted = conn.admitted, None  # the door admitted this request
+            try:
+                if admitted is None and self.admission is not None:  # it came in pieces
+                    if not self.admission.enter(scope["path"]):
+                        await send_json(send_, 503, {"detail": OVERLOADED_DETAIL}, RETRY_AFTER)
+                        return
+                    admitted = scope["path"]
+                await app(scope, receive_, send_)
+            finally:
+                conn.busy = False
+                if admitted is not None and self.admission is not None:
+                    self.admission.leave(admitted)
 
         return guarded
 
@@ -121,6 +176,10 @@ class Connection(asyncio.Protocol):
         self.transport: Any = None
         self.timer: asyncio.TimerHandle | None = None
         self.closed = self.refused = False
+        # the door: while every read has been one whole request, and none is being served, a
+        # request can be refused without uvicorn (whose answers would otherwise come out of order)
+        self.whole, self.busy = True, False
+        self.admitted: str | None = None  # counted by the door, not yet taken by ``wrap``
 
     def gone(self) -> bool:
         return self.closed
@@ -132,7 +191,7 @@ class Connection(asyncio.Protocol):
             self.refused = True  # refuse fast, before reading: no parsing, no app
             if self.guard.metrics is not None:
                 self.guard.metrics.connections_refused.inc()
-            transport.write(REFUSAL)
+            transport.write(TOO_MANY_CONNECTIONS)
             transport.close()
             return
         self.guard.open.add(self)
@@ -140,9 +199,23 @@ class Connection(asyncio.Protocol):
         self.arm()
 
     def data_received(self, data: bytes) -> None:
-        if not self.refused:
-            _connection.set(self)
-            self.inner.data_received(data)  # type: ignore[attr-defined]
+        if self.refused:
+            return
+        admission = self.guard.admission
+        if admission is not None and self.whole and not self.busy:
+            path = whole_request(data)
+            if path is None:
+                self.whole = False  # from now on uvicorn alone reads this connection
+            elif not admission.enter(path):
+                self.transport.write(OVERLOADED)  # refused without parsing; the next may come
+                self.arm()
+                return
+            else:
+                self.busy, self.admitted = True, path
+        else:
+            self.whole = False
+        _connection.set(self)
+        self.inner.data_received(data)  # type: ignore[attr-defined]
 
     def eof_received(self) -> bool | None:
         return None if self.refused else self.inner.eof_received()  # type: ignore[attr-defined]
@@ -150,6 +223,9 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.disarm()
+        if self.admitted is not None:  # admitted, but uvicorn never started it
+            self.guard.admission.leave(self.admitted)  # type: ignore[union-attr]
+            self.admitted = None
         if not self.refused:
             self.guard.open.discard(self)
             self.inner.connection_lost(exc)
@@ -163,9 +239,7 @@ class Connection(asyncio.Protocol):
     def arm(self) -> None:
         self.disarm()
         if not self.closed:
-            self.timer = asyncio.get_running_loop().call_later(
-                self.guard.header_timeout_s, self._too_slow
-            )
+            self.timer = asyncio.get_running_loop().call_later(self.guard.timeout_s, self._too_slow)
 
     def disarm(self) -> None:
         if self.timer is not None:
@@ -231,20 +305,31 @@ class BodySizeLimit:
 
 
 # --- load shedding -----------------------------------------------------------------------------
-class LoadShedding:
-    """503 with ``Retry-After`` before the body is read while ``full(path)`` says the queue this
-    request needs is full: under overload, time spent on a request that will be refused is taken
+class Admission:
+    """At most ``limits[path]`` requests to each listed path inside the service at once, counted
+    from admission to the end of the response; one more is refused (``enter`` is False).
+
+    Bound every request in the server, not only the model's queue: a request the event loop has
+    read but not yet queued waits too, and under overload most of the waiting happens there.
+    Refusing early is what keeps serving: time spent on a request that will be refused is taken
     from the ones that will be served."""
 
-    def __init__(self, app: ASGIApp, full: Callable[[str], bool]):
-        self.app, self.full = app, full
+    def __init__(self, limits: dict[str, int], on_refuse: Callable[[], None] = lambda: None):
+        self.limits, self.on_refuse = limits, on_refuse
+        self.inflight = dict.fromkeys(limits, 0)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and self.full(scope["path"]):
-            detail = {"detail": "server overloaded (queue full); retry later"}
-            await send_json(send, 503, detail, RETRY_AFTER)
-            return
-        await self.app(scope, receive, send)
+    def enter(self, path: str) -> bool:
+        if path not in self.limits:
+            return True
+        if self.inflight[path] >= self.limits[path]:
+            self.on_refuse()
+            return False
+        self.inflight[path] += 1
+        return True
+
+    def leave(self, path: str) -> None:
+        if path in self.limits:
+            self.inflight[path] -= 1
 
 
 # --- probes ------------------------------------------------------------------------------------

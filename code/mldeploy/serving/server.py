@@ -17,7 +17,7 @@ from typing import Any
 
 import uvicorn
 
-from mldeploy.serving.hardening import AdminServer, ASGIApp, ConnectionGuard, LoadShedding
+from mldeploy.serving.hardening import AdminServer, ASGIApp, ConnectionGuard
 from mldeploy.settings import ServiceSettings
 
 
@@ -67,24 +67,24 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def draining_server(app: ASGIApp) -> DrainingServer:
-    """The uvicorn server (not started) for ``app``, behind a ``ConnectionGuard`` and, for a
-    service with a ``queue_full`` check, ``LoadShedding`` in front of the app: a refusal skips
-    the whole app stack."""
+    """The uvicorn server (not started) for ``app``, behind a ``ConnectionGuard`` that sheds
+    load at the door for a service with an ``admission``: a refusal skips the whole app stack."""
     service = getattr(getattr(app, "state", None), "service", None)
     settings = service.settings if service is not None else ServiceSettings()
     guard = ConnectionGuard(
-        settings.header_timeout_s, settings.max_connections, getattr(service, "metrics", None)
+        min(settings.header_timeout_s, settings.keep_alive_s),
+        settings.max_connections,
+        getattr(service, "metrics", None),
+        getattr(service, "admission", None),
     )
-    full = getattr(service, "queue_full", None)  # a service that can say its queue is full
-    shielded = app if full is None else LoadShedding(app, full)
     config = uvicorn.Config(
-        guard.wrap(shielded),
+        guard.wrap(app),
         http=guard.protocol,  # type: ignore[arg-type]
         loop=settings.loop,
         lifespan="on",
         log_level="warning",
         access_log=False,
-        timeout_keep_alive=settings.keep_alive_s,
+        timeout_keep_alive=24 * 3600,  # the guard's timer closes idle connections (see there)
         timeout_graceful_shutdown=settings.shutdown_timeout_s,
         backlog=2048,
     )

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from mldeploy.serving.batching import Hooks, MicroBatcher
+from mldeploy.serving.hardening import Admission
 from mldeploy.serving.metrics import ServiceMetrics
 from mldeploy.serving.predictors import Predictor
 from mldeploy.serving.schemas import N_FEATURES
@@ -26,6 +27,12 @@ class Service:
         self.batcher: MicroBatcher | None = None
         self.executor: ThreadPoolExecutor | None = None
         self.draining = False  # set on SIGTERM: /ready answers 503 while requests still flow
+        # as many requests as the batcher can hold: a full queue plus the batch being computed
+        limits = {
+            "/predict": settings.max_queue + settings.max_batch_size,
+            "/predict_batch": settings.max_batch_jobs + 1,
+        }
+        self.admission = Admission(limits, on_refuse=self.metrics.shed.inc)
 
     def load(self) -> None:
         """Load the model in the model thread, check it against the API and warm it up."""
@@ -90,14 +97,3 @@ class Service:
 
     def metrics_page(self) -> tuple[int, bytes, str]:
         return 200, self.metrics.render(), self.metrics.content_type
-
-    def queue_full(self, path: str) -> bool:
-        """For ``hardening.LoadShedding``: is the queue this request needs already full?"""
-        b = self.batcher
-        full = b is not None and (
-            (path == "/predict" and b.queue_depth >= b.max_queue)
-            or (path == "/predict_batch" and b.jobs_depth >= b.max_jobs)
-        )
-        if full:
-            self.metrics.shed.inc()
-        return full
