@@ -227,6 +227,7 @@ def test_a_request_sent_before_the_previous_answer_is_answered_after_it(onnx_pat
         (REQUEST.replace(b"Host: t", b"Connection: close"), None),
         (REQUEST.replace(b"Host: t", b"Content-Length: 25"), None),  # two lengths
         (REQUEST.replace(b"Host: t", b"Connection: keep-alive"), "/predict"),
+        (REQUEST.replace(b"/predict", b"/%70redict"), None),  # uvicorn decodes it to /predict
     ],
 )
 def test_the_door_acts_only_on_one_whole_plain_request(data, path):

@@ -73,7 +73,8 @@ OVERLOADED = canned_503(OVERLOADED_DETAIL, close=False)
 
 def whole_request(data: bytes) -> str | None:
     """The path of ``data`` if it is exactly one whole HTTP/1.1 request, its body as long as its
-    one ``Content-Length`` says (no chunked body, no ``Expect``, no ``Connection: close``)."""
+    one ``Content-Length`` says (no chunked body, no ``Expect``, no ``Connection: close``), and
+    its path plain (no percent-encoding, which uvicorn would decode into another path)."""
     head_end, line_end = data.find(b"\r\n\r\n"), data.find(b"\r\n")
     method_path_version = data[:line_end].split(b" ")
     if head_end < 0 or len(method_path_version) != 3 or method_path_version[2] != b"HTTP/1.1":
@@ -88,9 +89,10 @@ def whole_request(data: bytes) -> str | None:
             return None
         elif name == b"connection" and b"close" in value.lower():
             return None
-    if len(data) != head_end + 4 + (length or 0):
+    path = method_path_version[1].partition(b"?")[0]
+    if len(data) != head_end + 4 + (length or 0) or b"%" in path:  # uvicorn would decode it
         return None
-    return method_path_version[1].partition(b"?")[0].decode("latin-1")
+    return path.decode("latin-1")
 
 
 # The connection whose bytes uvicorn is parsing: uvicorn starts a request's task inside
