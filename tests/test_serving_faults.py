@@ -192,6 +192,13 @@ def test_past_the_admission_limit_requests_are_refused_in_order_on_a_live_connec
     assert metric(metrics, "mldeploy_shed_total") == len(statuses)
 
 
+@pytest.mark.parametrize(("batching", "admitted"), [(True, 64 + 32), (False, 64 + 1)])
+def test_predict_admits_what_the_batcher_can_hold(onnx_path, batching, admitted):
+    """A full queue plus the batch being computed: one sample at a time without batching."""
+    app = create_app(lambda: OnnxPredictor(onnx_path), ServiceSettings(batching=batching))
+    assert app.state.service.admission.limits["/predict"] == admitted
+
+
 def test_a_request_sent_before_the_previous_answer_is_answered_after_it(onnx_path):
     """A client that sends its next request while the previous one is being served (pipelining
     over two writes) gets its answers in order: the door must not answer the second first."""

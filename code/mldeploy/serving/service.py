@@ -27,9 +27,10 @@ class Service:
         self.batcher: MicroBatcher | None = None
         self.executor: ThreadPoolExecutor | None = None
         self.draining = False  # set on SIGTERM: /ready answers 503 while requests still flow
+        self.batch_size = settings.max_batch_size if settings.batching else 1
         # as many requests as the batcher can hold: a full queue plus the batch being computed
         limits = {
-            "/predict": settings.max_queue + settings.max_batch_size,
+            "/predict": settings.max_queue + self.batch_size,
             "/predict_batch": settings.max_batch_jobs + 1,
         }
         self.admission = Admission(limits, on_refuse=self.metrics.shed.inc)
@@ -66,7 +67,7 @@ class Service:
         self.batcher = MicroBatcher(
             self.predictor.predict_proba,  # type: ignore[union-attr]
             self.executor,  # type: ignore[arg-type]
-            max_batch_size=s.max_batch_size if s.batching else 1,
+            max_batch_size=self.batch_size,
             max_wait_s=s.max_wait_ms / 1e3 if s.batching else 0.0,
             max_queue=s.max_queue,
             max_jobs=s.max_batch_jobs,
