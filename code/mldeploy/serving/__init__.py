@@ -1,7 +1,8 @@
 """The chapter's inference service (section 5.2): FastAPI + ONNX Runtime, dynamic micro-batching.
 
-Imports no torch (the slim serving image has none); ``TorchScriptPredictor`` imports it lazily.
 ``python -m mldeploy.serving`` serves the model named by the environment (``mldeploy.settings``).
+Names are imported on first use: the image's HEALTHCHECK (``mldeploy.serving.healthcheck``) must
+not pay for FastAPI and ONNX Runtime, nor the slim image for torch.
 """
 
 from __future__ import annotations
@@ -9,36 +10,20 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-# Imported on first use: ``python -m mldeploy.serving.healthcheck`` runs in the image's HEALTHCHECK
-# and must not pay for (or need) FastAPI and ONNX Runtime.
-_EXPORTS = {
-    "Admission": "mldeploy.serving.hardening",
-    "AdminServer": "mldeploy.serving.hardening",
-    "BackgroundServer": "mldeploy.loadtest.background",
-    "BodySizeLimit": "mldeploy.serving.hardening",
-    "ConnectionGuard": "mldeploy.serving.hardening",
-    "BatchRequest": "mldeploy.serving.schemas",
-    "BatchResponse": "mldeploy.serving.schemas",
-    "BatchResult": "mldeploy.serving.batching",
-    "DeadlineExceeded": "mldeploy.serving.batching",
-    "DelayedPredictor": "mldeploy.loadtest.models",
-    "DrainingServer": "mldeploy.serving.server",
-    "MicroBatcher": "mldeploy.serving.batching",
-    "ModelError": "mldeploy.serving.batching",
-    "OnnxPredictor": "mldeploy.serving.predictors",
-    "PredictRequest": "mldeploy.serving.schemas",
-    "PredictResponse": "mldeploy.serving.schemas",
-    "Predictor": "mldeploy.serving.predictors",
-    "QueueFull": "mldeploy.serving.batching",
-    "Service": "mldeploy.serving.service",
-    "ServiceSettings": "mldeploy.settings",
-    "TorchScriptPredictor": "mldeploy.serving.predictors",
-    "Unavailable": "mldeploy.serving.batching",
-    "create_app": "mldeploy.serving.app",
-    "create_app_from_env": "mldeploy.serving.app",
-    "enable_access_log": "mldeploy.serving.app",
+_MODULES = {
+    "mldeploy.serving.app": "create_app create_app_from_env enable_access_log",
+    "mldeploy.serving.batching": "BatchResult DeadlineExceeded MicroBatcher ModelError QueueFull"
+    " Unavailable",
+    "mldeploy.serving.hardening": "Admission AdminServer BodySizeLimit ConnectionGuard",
+    "mldeploy.serving.predictors": "OnnxPredictor Predictor TorchScriptPredictor",
+    "mldeploy.serving.schemas": "BatchRequest BatchResponse PredictRequest PredictResponse",
+    "mldeploy.serving.server": "DrainingServer",
+    "mldeploy.serving.service": "Service",
+    "mldeploy.settings": "ServiceSettings",
+    "mldeploy.loadtest.background": "BackgroundServer",
+    "mldeploy.loadtest.models": "DelayedPredictor",
 }
-
+_EXPORTS = {name: module for module, names in _MODULES.items() for name in names.split()}
 __all__ = sorted(_EXPORTS)
 
 

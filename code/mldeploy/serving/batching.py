@@ -117,10 +117,6 @@ class MicroBatcher:
         return len(self._samples)
 
     @property
-    def jobs_depth(self) -> int:
-        return len(self._jobs)
-
-    @property
     def healthy(self) -> bool:
         """The worker is running (a dead worker would leave every request hanging)."""
         return self._task is not None and not self._task.done()

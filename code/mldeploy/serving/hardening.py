@@ -1,17 +1,7 @@
-"""Defenses for a service that faces the network, each a named piece beside the core.
-
-- ``ConnectionGuard``: a header/idle timeout (a whole request must arrive within
-  ``timeout_s``), a connection cap refused with a canned 503 before anything is parsed,
-  ``TCP_NODELAY`` on every connection, and load shedding at the door (``Admission``). It wraps
-  uvicorn's own protocol (``http=`` setting).
-- ``Admission``: at most so many requests to a model path inside the service at once; one more is
-  refused with 503 and ``Retry-After``, before uvicorn parses it when it arrived whole.
-- ``BodySizeLimit``: 413 for a request body over the limit, declared or streamed; 400 for a
-  broken ``Content-Length``.
-- ``AdminServer``: ``/health``, ``/ready`` and ``/metrics`` on a port of their own, answered by a
-  thread, so probes never queue behind requests; ``/health`` fails if the event loop stalls.
-
-Production often puts the first two in a proxy or ingress too (nginx ``client_header_timeout``).
+"""Defenses for a service that faces the network, each a named piece beside the core:
+``ConnectionGuard`` (header/idle timeout, connection cap, ``TCP_NODELAY``, refusal at the door),
+``Admission`` (load shedding with ``Retry-After``), ``BodySizeLimit`` (413) and ``AdminServer``
+(probes and metrics answered by a thread). Production often puts the first in a proxy too.
 """
 
 from __future__ import annotations
@@ -25,16 +15,11 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Callable
 from typing import Any
 
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 RETRY_AFTER = [(b"retry-after", b"1")]
 STALE_S = 5.0  # an event loop that has not turned for this long fails liveness

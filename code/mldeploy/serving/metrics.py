@@ -4,74 +4,44 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
+import prometheus_client as prom
 
-LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+SECONDS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+SAMPLES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class ServiceMetrics:
     """Requests by path and status, latency, batches, queue wait, faults, shed load, connections."""
 
-    content_type = CONTENT_TYPE_LATEST
+    content_type = prom.CONTENT_TYPE_LATEST
 
     def __init__(self, queue_depth: Callable[[], float] = lambda: 0.0):
-        self.registry = r = CollectorRegistry()
-        self.requests = Counter(
-            "mldeploy_requests", "HTTP requests", ["method", "path", "status"], registry=r
+        self.registry = r = prom.CollectorRegistry()
+
+        def counter(name: str, text: str, labels: tuple = ()) -> prom.Counter:
+            return prom.Counter(f"mldeploy_{name}", text, labels, registry=r)
+
+        def histogram(
+            name: str, text: str, buckets: tuple = SECONDS, labels: tuple = ()
+        ) -> prom.Histogram:
+            return prom.Histogram(f"mldeploy_{name}", text, labels, buckets=buckets, registry=r)
+
+        self.requests = counter("requests", "HTTP requests", ("method", "path", "status"))
+        self.latency = histogram("request_seconds", "Latency inside the server", labels=("path",))
+        self.batch_size = histogram("batch_size", "Samples per model call", SAMPLES)
+        self.model_seconds = histogram("model_seconds", "One model call, hand-off included")
+        self.queue_wait = histogram("queue_wait_seconds", "Wait in the queue before the model")
+        self.shed = counter("shed", "Requests answered 503 because the service was full")
+        self.model_errors = counter("model_errors", "Model calls that failed (answered 500)")
+        self.timed_out = counter("timed_out", "Requests that ran past the request timeout")
+        self.abandoned = counter("abandoned", "Queued requests not computed: the client left")
+        self.connections_refused = counter(
+            "connections_refused", "Connections refused at once: the connection cap was reached"
         )
-        self.latency = Histogram(
-            "mldeploy_request_seconds",
-            "Request latency inside the server",
-            ["path"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+        self.connections_timed_out = counter(
+            "connections_timed_out", "Connections closed: a request did not arrive in time"
         )
-        self.batch_size = Histogram(
-            "mldeploy_batch_size", "Samples per model call", buckets=BATCH_BUCKETS, registry=r
-        )
-        self.model_seconds = Histogram(
-            "mldeploy_model_seconds",
-            "Time of one model call, as the event loop waits for it (hand-off included)",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.queue_wait = Histogram(
-            "mldeploy_queue_wait_seconds",
-            "Time a request waited in the queue before its model call",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.shed = Counter(
-            "mldeploy_shed", "Requests answered 503 because a queue was full", registry=r
-        )
-        self.model_errors = Counter(
-            "mldeploy_model_errors", "Model calls that failed (answered 500)", registry=r
-        )
-        self.timed_out = Counter(
-            "mldeploy_timed_out", "Requests that ran past the request timeout", registry=r
-        )
-        self.abandoned = Counter(
-            "mldeploy_abandoned", "Queued requests not computed because the client left", registry=r
-        )
-        self.connections_refused = Counter(
-            "mldeploy_connections_refused",
-            "Connections refused at once because the connection cap was reached",
-            registry=r,
-        )
-        self.connections_timed_out = Counter(
-            "mldeploy_connections_timed_out",
-            "Connections closed because a request did not arrive in time (slow or idle client)",
-            registry=r,
-        )
-        self.queue = Gauge("mldeploy_queue_depth", "Samples waiting for a batch", registry=r)
+        self.queue = prom.Gauge("mldeploy_queue_depth", "Samples waiting for a batch", registry=r)
         self.queue.set_function(queue_depth)
 
     def observe_request(self, method: str, path: str, status: int, seconds: float) -> None:
@@ -83,4 +53,4 @@ class ServiceMetrics:
         self.model_seconds.observe(seconds)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return prom.generate_latest(self.registry)

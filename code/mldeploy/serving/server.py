@@ -1,10 +1,5 @@
-"""Running the service: uvicorn behind the connection guard, a graceful drain, an admin port.
-
-- ``DrainingServer``: on SIGTERM, /ready turns 503 at once while traffic still flows for
-  ``drain_s``; then uvicorn closes the listener, finishes in-flight requests (bounded by
-  ``shutdown_timeout_s``) and the process exits 0.
-- ``serve``: what ``python -m mldeploy.serving`` runs: the app on one socket, probes and metrics
-  on the admin socket (``hardening.AdminServer``, a thread that answers while the loop is busy).
+"""Running the service: uvicorn behind the connection guard (``hardening``), a graceful drain
+(``DrainingServer``), and probes on an admin port of their own (``hardening.AdminServer``).
 """
 
 from __future__ import annotations
