@@ -26,6 +26,7 @@ from mldeploy.serving import (
     OnnxPredictor,
     ServiceSettings,
     create_app,
+    hardening,
 )
 from mldeploy.serving.hardening import whole_request
 
@@ -192,6 +193,29 @@ def test_past_the_admission_limit_requests_are_refused_in_order_on_a_live_connec
     assert metric(metrics, "mldeploy_shed_total") == len(statuses)
 
 
+def test_a_request_the_door_misreads_is_counted_under_the_path_uvicorn_routes(
+    onnx_path, monkeypatch
+):
+    """Whatever path the door reads, a request is counted under the one uvicorn routes."""
+    monkeypatch.setattr(hardening, "whole_request", lambda data: "/elsewhere")
+    model = GatedPredictor(onnx_path)
+    app = create_app(lambda: model, ServiceSettings(max_queue=1, max_batch_size=1))
+    admission = app.state.service.admission
+    with BackgroundServer(app) as server, ThreadPoolExecutor(2) as pool:
+        model.hold.set()
+        post = lambda: httpx.post(server.url + "/predict", json=SAMPLE, timeout=30)  # noqa: E731
+        held = [pool.submit(post)]
+        time.sleep(0.3)
+        held.append(pool.submit(post))
+        time.sleep(0.3)
+        assert admission.inflight["/predict"] == 2  # read as /elsewhere, counted as /predict
+        assert post().status_code == 503
+        model.gate.set()
+        assert [f.result().status_code for f in held] == [200, 200]
+        time.sleep(0.2)
+        assert admission.inflight["/predict"] == 0
+
+
 @pytest.mark.parametrize(("batching", "admitted"), [(True, 64 + 32), (False, 64 + 1)])
 def test_predict_admits_what_the_batcher_can_hold(onnx_path, batching, admitted):
     """A full queue plus the batch being computed: one sample at a time without batching."""
@@ -235,6 +259,9 @@ def test_a_request_sent_before_the_previous_answer_is_answered_after_it(onnx_pat
         (REQUEST.replace(b"Host: t", b"Content-Length: 25"), None),  # two lengths
         (REQUEST.replace(b"Host: t", b"Connection: keep-alive"), "/predict"),
         (REQUEST.replace(b"/predict", b"/%70redict"), None),  # uvicorn decodes it to /predict
+        (REQUEST.replace(b"/predict", b"http://t/predict"), None),  # uvicorn routes /predict
+        (b"OPTIONS * HTTP/1.1\r\nHost: t\r\n\r\n", None),
+        (REQUEST.replace(b"/predict", b"/predict#x"), "/predict"),  # the fragment is no path
     ],
 )
 def test_the_door_acts_only_on_one_whole_plain_request(data, path):

@@ -59,7 +59,8 @@ OVERLOADED = canned_503(OVERLOADED_DETAIL, close=False)
 def whole_request(data: bytes) -> str | None:
     """The path of ``data`` if it is exactly one whole HTTP/1.1 request, its body as long as its
     one ``Content-Length`` says (no chunked body, no ``Expect``, no ``Connection: close``), and
-    its path plain (no percent-encoding, which uvicorn would decode into another path)."""
+    its path plain: ``/`` first (not ``http://host/path``) and no percent-encoding, either of
+    which uvicorn would read as another path than these bytes say."""
     head_end, line_end = data.find(b"\r\n\r\n"), data.find(b"\r\n")
     method_path_version = data[:line_end].split(b" ")
     if head_end < 0 or len(method_path_version) != 3 or method_path_version[2] != b"HTTP/1.1":
@@ -74,8 +75,8 @@ def whole_request(data: bytes) -> str | None:
             return None
         elif name == b"connection" and b"close" in value.lower():
             return None
-    path = method_path_version[1].partition(b"?")[0]
-    if len(data) != head_end + 4 + (length or 0) or b"%" in path:  # uvicorn would decode it
+    path = method_path_version[1].partition(b"?")[0].partition(b"#")[0]
+    if len(data) != head_end + 4 + (length or 0) or b"%" in path or not path.startswith(b"/"):
         return None
     return path.decode("latin-1")
 
@@ -140,6 +141,9 @@ class ConnectionGuard:
             # lets the batcher skip work for a client that has gone
             scope.setdefault("extensions", {})["mldeploy.client_gone"] = conn.gone
             admitted, conn.admitted = conn.admitted, None  # the door admitted this request
+            if admitted is not None and admitted != scope["path"]:  # uvicorn read another path
+                self.admission.leave(admitted)  # type: ignore[union-attr]
+                admitted = None
             try:
                 if admitted is None and self.admission is not None:  # it came in pieces
                     if not self.admission.enter(scope["path"]):
