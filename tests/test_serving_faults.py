@@ -193,6 +193,27 @@ def test_past_the_admission_limit_requests_are_refused_in_order_on_a_live_connec
     assert metric(metrics, "mldeploy_shed_total") == len(statuses)
 
 
+UPGRADE = (
+    b"GET /predict HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+def test_a_websocket_upgrade_is_answered_as_http_and_leaks_nothing(onnx_path):
+    """An upgraded connection would leave the guard: its admission slot and its place under the
+    connection cap would never be given back. The service has no WebSockets: it answers as HTTP."""
+    settings = ServiceSettings(max_queue=1, max_batch_size=1, max_connections=3)
+    app = create_app(lambda: OnnxPredictor(onnx_path), settings)
+    with BackgroundServer(app) as server:
+        for _ in range(6):  # more than the admission limit (2) and the connection cap (3)
+            with socket.create_connection((server.host, server.port), timeout=10) as sock:
+                sock.sendall(UPGRADE)
+                assert Responses(sock).next()[0] == 405  # GET /predict, as plain HTTP
+        time.sleep(0.2)
+        assert app.state.service.admission.inflight["/predict"] == 0
+        assert httpx.post(server.url + "/predict", json=SAMPLE, timeout=10).status_code == 200
+
+
 def test_a_request_the_door_misreads_is_counted_under_the_path_uvicorn_routes(
     onnx_path, monkeypatch
 ):

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import socket
 import sys
@@ -75,6 +76,8 @@ def draining_server(app: ASGIApp) -> DrainingServer:
     config = uvicorn.Config(
         guard.wrap(app),
         http=guard.protocol,  # type: ignore[arg-type]
+        # no WebSockets: an upgraded connection would leave the guard (and its admission count)
+        ws="none",
         loop=settings.loop,
         lifespan="on",
         log_level="warning",
@@ -83,7 +86,14 @@ def draining_server(app: ASGIApp) -> DrainingServer:
         timeout_graceful_shutdown=settings.shutdown_timeout_s,
         backlog=2048,
     )
+    logging.getLogger("uvicorn.error").addFilter(_no_websocket_hint)
     return DrainingServer(config, service, settings.drain_s)
+
+
+def _no_websocket_hint(record: logging.LogRecord) -> bool:
+    """Drop uvicorn's advice to install a WebSocket library after an upgrade request: this
+    service has none on purpose (it logs "Unsupported upgrade request." and answers as HTTP)."""
+    return "WebSocket library" not in record.getMessage()
 
 
 def admin_server(app: ASGIApp, sock: socket.socket) -> AdminServer | None:
