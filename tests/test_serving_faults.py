@@ -5,13 +5,16 @@ setting stops start-up with one line. Loopback only, free ports, every server st
 
 import asyncio
 import json
+import random
 import socket
 import subprocess
 import sys
 import threading
 import time
+import types
 from concurrent.futures import ThreadPoolExecutor
 
+import httptools
 import httpx
 import numpy as np
 import onnx
@@ -212,6 +215,67 @@ def test_a_websocket_upgrade_is_answered_as_http_and_leaks_nothing(onnx_path):
         time.sleep(0.2)
         assert app.state.service.admission.inflight["/predict"] == 0
         assert httpx.post(server.url + "/predict", json=SAMPLE, timeout=10).status_code == 200
+
+
+def _random_request(rng: random.Random) -> bytes:
+    """A request with a random method, target, version, headers and body; sometimes a bare LF
+    or a folded line in its head, sometimes cut short or sent twice."""
+    body = rng.choice([b"", BODY, b"x" * rng.randint(1, 40)])
+    length = rng.choice([b"%d" % len(body)] * 3 + [b"%d" % (len(body) + 1), b"+%d" % len(body)])
+    heads = [b"Host: t"] + ([b"Content-Length: " + length] if rng.random() < 0.9 else [])
+    for extra in (
+        b"Content-Length: 3", b"Content-Length : 3", b"Transfer-Encoding: chunked", b"X-A: b",
+        b"Connection: close", b"Connection: keep-alive", b"Expect: 100-continue",
+        b"Connection: Upgrade\r\nUpgrade: websocket",
+    ):  # fmt: skip
+        if rng.random() < 0.12:
+            heads.insert(rng.randrange(len(heads) + 1), extra)
+    method = rng.choice([b"GET", b"POST", b"HEAD", b"OPTIONS"])
+    target = rng.choice(
+        [b"/predict", b"/predict?x=1", b"/predict#f", b"http://h/predict", b"*", b"/%70redict"]
+        + [b"//predict", b"/predict/", b"/health", b"/predict?a#b"]
+    )
+    version = rng.choice([b"HTTP/1.1"] * 4 + [b"HTTP/1.0", b"http/1.1"])
+    lines = [b"%s %s %s" % (method, target, version), *heads]
+    if rng.random() < 0.15:  # a folded header line
+        k = rng.randrange(1, len(lines))
+        lines[k] = b" " + lines[k]
+    ends = [rng.choice([b"\r\n"] * 6 + [b"\n"]) for _ in lines]
+    data = b"".join(line + end for line, end in zip(lines, ends)) + b"\r\n" + body
+    cut = rng.random()
+    return data[: rng.randrange(len(data))] if cut < 0.1 else data * 2 if cut < 0.2 else data
+
+
+def _uvicorn_reads(data: bytes) -> tuple[str | None, int] | None:
+    """(path, whole requests) as uvicorn's parser (httptools) reads ``data``; None if it refuses."""
+    seen = {"url": b"", "done": 0}
+    callbacks = types.SimpleNamespace(
+        on_url=lambda url: seen.update(url=seen["url"] + url),
+        on_message_complete=lambda: seen.update(done=seen["done"] + 1),
+    )
+    try:
+        httptools.HttpRequestParser(callbacks).feed_data(data)
+    except httptools.HttpParserUpgrade:
+        pass  # the service answers it as plain HTTP (ws="none")
+    except httptools.HttpParserError:
+        return None  # uvicorn answers 400 and closes: an admitted slot is given back
+    path = httptools.parse_url(seen["url"]).path.decode("latin-1") if seen["url"] else None
+    return path, seen["done"]
+
+
+def test_the_door_reads_a_request_as_uvicorn_does():
+    """Whenever the door takes bytes for one whole request to a path, uvicorn's parser reads
+    exactly one request there, to that path (or refuses the bytes outright)."""
+    rng, admitted = random.Random(0), 0
+    for _ in range(5000):
+        data = _random_request(rng)
+        path = whole_request(data)
+        if path is None:
+            continue
+        admitted += 1
+        uvicorn = _uvicorn_reads(data)
+        assert uvicorn in (None, (path, 1)), (data, path, uvicorn)
+    assert admitted > 200  # the generator does reach the door's yes
 
 
 def test_a_request_the_door_misreads_is_counted_under_the_path_uvicorn_routes(
