@@ -58,9 +58,9 @@ OVERLOADED = canned_503(OVERLOADED_DETAIL, close=False)
 
 def whole_request(data: bytes) -> str | None:
     """The path of ``data`` if it is exactly one whole HTTP/1.1 request, its body as long as its
-    one ``Content-Length`` says (no chunked body, no ``Expect``, no ``Connection: close``), and
-    its path plain: ``/`` first (not ``http://host/path``) and no percent-encoding, either of
-    which uvicorn would read as another path than these bytes say."""
+    one ``Content-Length`` says (no chunked body, no ``Expect``, no ``Connection: close``), its
+    path plain: ``/`` first (not ``http://host/path``) and no percent-encoding, either of which
+    uvicorn would read as another path than these bytes say. Query and fragment are dropped."""
     head_end, line_end = data.find(b"\r\n\r\n"), data.find(b"\r\n")
     method_path_version = data[:line_end].split(b" ")
     if head_end < 0 or len(method_path_version) != 3 or method_path_version[2] != b"HTTP/1.1":

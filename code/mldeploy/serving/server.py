@@ -76,7 +76,7 @@ def draining_server(app: ASGIApp) -> DrainingServer:
     config = uvicorn.Config(
         guard.wrap(app),
         http=guard.protocol,  # type: ignore[arg-type]
-        # no WebSockets: an upgraded connection would leave the guard (and its admission count)
+        # no WebSockets: an upgrade would take the connection, with its slots, out of the guard
         ws="none",
         loop=settings.loop,
         lifespan="on",
