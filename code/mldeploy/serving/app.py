@@ -30,7 +30,7 @@ from mldeploy.serving.batching import (
     QueueFull,
     Unavailable,
 )
-from mldeploy.serving.hardening import BodySizeLimit
+from mldeploy.serving.hardening import OVERLOADED_DETAIL, BodySizeLimit
 from mldeploy.serving.middleware import AccessLog, access_logger
 from mldeploy.serving.predictors import OnnxPredictor, Predictor, TorchScriptPredictor
 from mldeploy.serving.schemas import (
@@ -156,7 +156,7 @@ async def prometheus_metrics(service: ServiceDep) -> Response:
 # Every server-side refusal and fault: its status and the one line the client sees.
 ERRORS: dict[type[Exception], tuple[int, str]] = {
     NotReady: (503, "model not loaded yet"),
-    QueueFull: (503, "server overloaded (queue full); retry later"),
+    QueueFull: (503, OVERLOADED_DETAIL),  # the same words as a refusal at the door
     Unavailable: (503, "service unavailable (shutting down); retry later"),
     ClientGone: (503, "client disconnected"),  # nobody reads it; the access log records it
     DeadlineExceeded: (504, "request timed out in the server; retry later"),
