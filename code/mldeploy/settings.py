@@ -42,6 +42,7 @@ class ServiceSettings(PathSettings):
     port: Port = 8000
     admin_port: Port = 8081  # /health, /ready, /metrics on their own thread
     loop: Literal["asyncio", "uvloop"] = "asyncio"  # uvloop starved new connections in 5.2
+    gc_freeze: bool = True  # start-up objects out of the garbage collector's sight (5.2.7)
     access_log: bool = True
     # batching and back-pressure
     batching: bool = True

@@ -10,6 +10,7 @@ import argparse
 import ast
 import asyncio
 import json
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -155,13 +156,18 @@ def batching_rows(seconds: float) -> tuple[list[Row], dict]:
         )
     ]
     measured: dict = {}
-    # both servers run side by side (an idle one costs nothing: no spinning threads)
-    with _server(model, batching=True) as batched, _server(model, batching=False) as unbatched:
+    # the servers run side by side (an idle one costs nothing: no spinning threads)
+    with (
+        _server(model, batching=True) as batched,
+        _server(model, batching=False) as unbatched,
+        _server(model, batching=True, MLDEPLOY_GC_FREEZE="0") as unfrozen,
+    ):
         urls = {True: batched.url + "/predict", False: unbatched.url + "/predict"}
-        for url in urls.values():
+        for url in [*urls.values(), unfrozen.url + "/predict"]:
             _wrk(url, 64, 1.0)  # warm-up
         at64 = _paired(urls, 64, 2 * seconds)
         at1 = _paired(urls, 1, 2 * seconds)
+        measured["gc"] = _paired({True: urls[True], False: unfrozen.url + "/predict"}, 64, seconds)
         load = loadgen.start_wrk(
             batched.url + "/predict", connections=64, seconds=seconds, body=BODY
         )
@@ -182,6 +188,9 @@ def batching_rows(seconds: float) -> tuple[list[Row], dict]:
         with loop_and_worker_cores(batched.proc.pid) as measured["open_cores"]:
             measured["open"] = _overload(batched.url, seconds, rate=2 * capacity)
         measured["flood"] = _batch_flood(batched.url, seconds)
+        with loop_and_worker_cores(batched.proc.pid) as measured["closed_cores"]:
+            measured["closed"] = _wrk(urls[True], 64, seconds / 2)
+    measured["refusal_us"] = _loop_us_per_refusal(model, seconds / 2)
     measured.update(at64=at64, at1=at1)
     speedup = _median_ratio(at64[True], at64[False])
     p99 = {k: _median(at64[k], "p99_ms") for k in (True, False)}
@@ -237,10 +246,12 @@ def batching_rows(seconds: float) -> tuple[list[Row], dict]:
             None,
         ),
     ]
+    rows += _gc_rows(measured["gc"])
     rows += _overload_rows(measured["overload"], measured["probe"], p99[True])
     rows += _polite_rows(measured["polite"], capacity)
-    rows += _open_loop_rows(*measured["open"], capacity, _median(at1[True], "p99_ms"))
+    rows += _open_loop_rows(*measured["open"], capacity, _median(at1[True], "p99_ms"), seconds)
     rows.append(_cores_row("open loop at 2× capacity", measured["open_cores"]))
+    rows.append(_loop_cost_row(measured, seconds))
     rows += _flood_rows(*measured["flood"])
     return rows, measured
 
@@ -435,16 +446,47 @@ def _polite_rows(wrk: loadgen.WrkResult, capacity: float) -> list[Row]:
     ]
 
 
+def _gc_rows(runs: dict) -> list[Row]:
+    """The service as it ships (``gc.freeze()`` at start-up) against the same service without."""
+    p99 = {k: _median(runs[k], "p99_ms") for k in (True, False)}
+    return [
+        Row(
+            "64 clients, start-up objects frozen (gc.freeze) ÷ not: throughput (median of 5)",
+            f"{_median_ratio(runs[True], runs[False]):.2f}x",
+            "",
+            None,
+        ),
+        Row(
+            "64 clients p99 (median of 5), start-up objects frozen / not",
+            f"{p99[True]:.2f} ms / {p99[False]:.2f} ms",
+            "frozen < not",
+            p99[True] < p99[False],
+        ),
+    ]
+
+
+def _accepted_per_s(wrk: loadgen.WrkResult, probe: loadgen.ProbeResult, seconds: float) -> float:
+    """Requests answered 200 per second, wrk's and the probe clients' (they run ``seconds - 1``)."""
+    return wrk.ok / wrk.seconds + len(probe.latencies(200)) / (seconds - 1)
+
+
 def _open_loop_rows(
-    wrk: loadgen.WrkResult, probe: loadgen.ProbeResult, capacity: float, p99_unloaded: float
+    wrk: loadgen.WrkResult,
+    probe: loadgen.ProbeResult,
+    capacity: float,
+    p99_unloaded: float,
+    seconds: float,
 ) -> list[Row]:
-    offered, accepted = wrk.requests / wrk.seconds, wrk.ok / wrk.seconds
+    offered = wrk.requests / wrk.seconds + len(probe.samples) / (seconds - 1)
+    accepted = _accepted_per_s(wrk, probe, seconds)
     ok = probe.latencies(200) * 1e3
     p99 = float(np.percentile(ok, 99)) if len(ok) else float("inf")
     return [
         Row(
-            f"open loop at 2× capacity ({2 * capacity:,.0f} req/s asked): offered / accepted",
-            f"{offered:,.0f} / {accepted:,.0f} req/s ({wrk.codes.get(503, 0):,} answered 503)",
+            f"open loop at 2× capacity ({2 * capacity:,.0f} req/s asked) + 16 probe clients:"
+            " offered / accepted",
+            f"{offered:,.0f} / {accepted:,.0f} req/s"
+            f" ({wrk.codes.get(503, 0) + len(probe.latencies(503)):,} answered 503)",
             "",
             None,
         ),
@@ -461,6 +503,51 @@ def _open_loop_rows(
             p99 <= 10 * p99_unloaded,
         ),
     ]
+
+
+def _loop_us_per_refusal(model: str, seconds: float) -> float | None:
+    """Event-loop time per request refused at the door (µs): a service whose two admission slots
+    for /predict are held by requests whose bodies never finish, so it refuses every other one."""
+    slow = {"MLDEPLOY_HEADER_TIMEOUT_S": "300", "MLDEPLOY_KEEP_ALIVE_S": "300"}
+    limits = {"MLDEPLOY_MAX_QUEUE": "1", "MLDEPLOY_MAX_BATCH_SIZE": "1"}
+    with _server(model, batching=True, **slow, **limits) as server:
+        host, port = "127.0.0.1", int(server.url.rsplit(":", 1)[1])
+        head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 99\r\n\r\n{"
+        holders = [socket.create_connection((host, port)) for _ in range(2)]
+        try:
+            for sock in holders:
+                sock.sendall(head)
+            time.sleep(0.3)  # both admitted, waiting for the rest of their bodies
+            with loop_and_worker_cores(server.proc.pid) as cores:
+                wrk = loadgen.run_wrk(
+                    server.url + "/predict", connections=512, seconds=seconds, body=BODY
+                )
+        finally:
+            for sock in holders:
+                sock.close()
+    if set(wrk.codes) != {503} or wrk.errors:
+        raise RuntimeError(f"the refusing service answered {wrk.codes}, {wrk.errors} errors")
+    return 1e6 * cores["loop"] / wrk.throughput if cores else None
+
+
+def _loop_cost_row(measured: dict, seconds: float) -> Row:
+    """Event-loop time per request served (closed loop of 64, and the open loop, its refusals
+    taken out) and per request refused at the door: what the open loop's share comes from."""
+    closed, cores, refusal = measured["closed"], measured["closed_cores"], measured["refusal_us"]
+    if not cores or refusal is None or not measured["open_cores"]:
+        return Row("event-loop time per request", "n/a (needs Linux /proc)", "", None)
+    wrk, probe = measured["open"]
+    refused = wrk.codes.get(503, 0) / wrk.seconds + len(probe.latencies(503)) / (seconds - 1)
+    open_s = measured["open_cores"]["loop"] - refused * refusal / 1e6
+    served_open = 1e6 * open_s / _accepted_per_s(wrk, probe, seconds)
+    return Row(
+        "event-loop time per request: served (64 clients, closed loop) / served (open loop at"
+        " 2×) / refused at the door",
+        f"{1e6 * cores['loop'] / closed.throughput:.0f} µs / ≈ {served_open:.0f} µs"
+        f" / {refusal:.0f} µs",
+        "",
+        None,
+    )
 
 
 def library_lines() -> Row:
