@@ -7,6 +7,7 @@ import asyncio
 import copy
 import gc
 import json
+import signal
 import time
 
 import httpx
@@ -227,6 +228,24 @@ def test_models_health_metrics(server):
         metrics = client.get("/metrics").json()
     assert metrics["tokens_generated"] >= 3 and metrics["running"] == 0
     assert metrics["waiting"] == 0 and metrics["ttft_ms_p50"] is not None
+
+
+def test_the_served_command_answers_completions_and_probes_in_a_process_of_its_own():
+    # `python -m mldeploy.llm.serving` as make bench-llm runs it; it loads 5.6a's trained model
+    from mldeploy.llm import training
+
+    training.train_or_load()  # built here if missing, so that the child only loads it
+    args = ["--batching", "static", "--max-running", "2"]
+    with BackgroundServer(env={}, module="mldeploy.llm.serving", args=args) as server:
+        assert httpx.get(server.admin_url + "/ready").json() == {"ready": True}
+        body = {"model": "tiny-llama", "prompt": "def", "max_tokens": 4}
+        answer = httpx.post(server.url + "/v1/completions", json=body, timeout=30)
+        metrics = httpx.get(server.admin_url + "/metrics").json()
+        server.proc.send_signal(signal.SIGINT)  # Ctrl+C
+        assert server.proc.wait(timeout=30) == 0
+        assert "Traceback" not in server.stderr()
+    assert answer.status_code == 200 and answer.json()["choices"][0]["text"]
+    assert metrics["tokens_generated"] == 4 and metrics["running"] == 0
 
 
 def test_disconnecting_client_cancels_its_sequence(net):

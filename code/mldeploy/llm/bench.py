@@ -55,10 +55,16 @@ def count_steps(net, tokenizer, jobs: list[loadgen.Job], batching: str, max_runn
     return closed_loop(net, tokenizer, jobs, batching, max_running).steps
 
 
-def measure(net, tokenizer, jobs, batching: str, max_running: int) -> dict:
-    """Load a live server (in a thread, free loopback port) with ``jobs``; always stopped."""
-    app = create_app(net, tokenizer, batching=batching, max_running=max_running)
-    with BackgroundServer(app) as server:
+def our_server(batching: str, max_running: int) -> BackgroundServer:
+    """``python -m mldeploy.llm.serving`` in a child process, as users run it (the model from
+    5.6a's cache, the one this process loaded): the load generator does not share its GIL."""
+    args = ["--batching", batching, "--max-running", str(max_running)]
+    return BackgroundServer(env={}, module="mldeploy.llm.serving", args=args)
+
+
+def measure(jobs, batching: str, max_running: int) -> dict:
+    """Load a live server (a child process, free loopback port) with ``jobs``; always stopped."""
+    with our_server(batching, max_running) as server:
         return asyncio.run(loadgen.run(server.url, jobs))
 
 
@@ -89,9 +95,8 @@ def engines_table(trained, streams=(1, 4, 16), per_stream: int = 2, max_running:
 
     lines = [f"{'streams':>8}{'server':>11}{'tokens/s':>10}{'TTFT p50':>10}{'TTFT p99':>10}"
              f"{'TPOT p50':>10}  (ms)"]  # fmt: skip
-    app = create_app(trained.model, trained.tokenizer, max_running=max_running)
     with (
-        BackgroundServer(app) as ours,
+        our_server("continuous", max_running) as ours,
         llamacpp_server.running(gguf.write_gguf(trained, "Q4_K_M")) as theirs,
     ):
         for n in streams:
@@ -208,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     runs: dict[str, list[dict]] = {p: [] for p in POLICIES}
     for _ in range(args.repeats):  # alternate the policies: a busy spell hits both
         for p in POLICIES:
-            runs[p].append(measure(net, tok, jobs, p, args.max_running))
+            runs[p].append(measure(jobs, p, args.max_running))
     results = {p: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for p, rs in runs.items()}
     n_tokens = sum(j.max_tokens for j in jobs)
     print(

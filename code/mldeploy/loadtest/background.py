@@ -12,6 +12,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 
 from mldeploy.serving.hardening import AdminServer, ASGIApp
 from mldeploy.serving.server import DrainingServer, admin_server, draining_server, listen
@@ -20,7 +21,8 @@ from mldeploy.serving.server import DrainingServer, admin_server, draining_serve
 class BackgroundServer:
     """The service on free loopback ports, always stopped: in a thread of this process
     (``BackgroundServer(app)``) or in a child process (``BackgroundServer(env={...})``, the
-    service configured by ``MLDEPLOY_*`` as ``python -m mldeploy.serving`` runs it).
+    service configured by ``MLDEPLOY_*`` as ``python -m mldeploy.serving`` runs it; ``module``
+    and ``args`` run another server the same way, e.g. ``mldeploy.llm.serving``).
 
     The sockets are bound here before the server starts (port 0: the OS picks), so there is no
     race between choosing a port and using it.
@@ -31,11 +33,14 @@ class BackgroundServer:
         app: ASGIApp | None = None,
         *,
         env: dict[str, str] | None = None,
+        module: str = "mldeploy.serving",
+        args: Sequence[str] = (),
         start_timeout: float = 60.0,
     ):
         if (app is None) == (env is None):
             raise ValueError("give either an app (thread) or env (child process)")
         self.app, self.env, self._start_timeout = app, env, start_timeout
+        self.command = [sys.executable, "-m", module, *args]
         self._sock, self._admin_sock = listen("127.0.0.1", 0), listen("127.0.0.1", 0)
         self.host, self.port = self._sock.getsockname()[:2]
         self.admin_port = self._admin_sock.getsockname()[1]
@@ -80,8 +85,7 @@ class BackgroundServer:
 
     def _start_process(self) -> None:
         fds = [self._sock.fileno(), self._admin_sock.fileno()]
-        cmd = [sys.executable, "-m", "mldeploy.serving", "--fd", str(fds[0])]
-        cmd += ["--admin-fd", str(fds[1])]
+        cmd = [*self.command, "--fd", str(fds[0]), "--admin-fd", str(fds[1])]
         # stderr to a file, not a pipe: nobody reads a pipe while the server runs
         self._stderr = tempfile.TemporaryFile()
         env = {**os.environ, "MLDEPLOY_ACCESS_LOG": "0", **(self.env or {})}

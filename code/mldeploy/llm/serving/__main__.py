@@ -8,12 +8,13 @@ environment variables set the rest of 5.2's server settings (timeouts, connectio
 from __future__ import annotations
 
 import argparse
+import socket
 
 import torch
 
 from mldeploy.llm.serving.api import create_app
 from mldeploy.llm.training import train_or_load
-from mldeploy.serving.server import listen, serve
+from mldeploy.serving.server import admin_server, listen, serve
 from mldeploy.settings import ServiceSettings, load
 
 
@@ -26,10 +27,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-waiting", type=int, default=64)
     parser.add_argument("--request-timeout-s", type=float, default=60.0)
     parser.add_argument("--drain-s", type=float, default=None, help="default: MLDEPLOY_DRAIN_S")
+    parser.add_argument("--fd", type=int, help="serve on this inherited, bound socket")
+    parser.add_argument("--admin-fd", type=int, help="and answer probes on this one")
     args = parser.parse_args(argv)
     settings = load(ServiceSettings, host=args.host, port=args.port, drain_s=args.drain_s)
     torch.set_num_threads(1)
-    sock = listen(settings.host, settings.port)  # a clear one-line error if the port is taken
+    if args.fd is not None:  # family and type are read from the descriptor
+        sock = socket.socket(fileno=args.fd)
+    else:
+        sock = listen(settings.host, settings.port)  # a clear one-line error if the port is taken
     trained = train_or_load()
     app = create_app(
         trained.model,
@@ -40,8 +46,17 @@ def main(argv: list[str] | None = None) -> None:
         request_timeout_s=args.request_timeout_s,
         settings=settings,
     )
-    print(f"serving {args.batching} batching on http://{settings.host}:{settings.port}", flush=True)
-    if not serve(app, sock):
+    host, port = sock.getsockname()[:2]
+    print(f"serving {args.batching} batching on http://{host}:{port}", flush=True)
+    probes = None
+    if args.admin_fd is not None:
+        probes = admin_server(app, socket.socket(fileno=args.admin_fd))
+        probes.start()  # type: ignore[union-attr]
+    try:
+        started = serve(app, sock, probes)
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl+C after its graceful stop
+        started = True
+    if not started:
         raise SystemExit(1)
 
 
