@@ -511,9 +511,8 @@ def _loop_us_per_refusal(model: str, seconds: float) -> float | None:
     slow = {"MLDEPLOY_HEADER_TIMEOUT_S": "300", "MLDEPLOY_KEEP_ALIVE_S": "300"}
     limits = {"MLDEPLOY_MAX_QUEUE": "1", "MLDEPLOY_MAX_BATCH_SIZE": "1"}
     with _server(model, batching=True, **slow, **limits) as server:
-        host, port = "127.0.0.1", int(server.url.rsplit(":", 1)[1])
         head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 99\r\n\r\n{"
-        holders = [socket.create_connection((host, port)) for _ in range(2)]
+        holders = [socket.create_connection((server.host, server.port)) for _ in range(2)]
         try:
             for sock in holders:
                 sock.sendall(head)
