@@ -42,7 +42,10 @@ class ServiceSettings(PathSettings):
     port: Port = 8000
     admin_port: Port = 8081  # /health, /ready, /metrics on their own thread
     loop: Literal["asyncio", "uvloop"] = "asyncio"  # uvloop starved new connections in 5.2
-    gc_freeze: bool = True  # start-up objects out of the garbage collector's sight (5.2.7)
+    # garbage collection (5.2.7): start-up objects out of the collector's sight, and a young
+    # collection every gc_threshold net new objects (Python's default: 700)
+    gc_freeze: bool = True
+    gc_threshold: Annotated[int, Field(ge=100, le=1_000_000)] = 10_000
     access_log: bool = True
     # batching and back-pressure
     batching: bool = True
