@@ -228,14 +228,16 @@ def test_healthcheck_reports_healthy_then_down(exported, monkeypatch):
     assert not ok and message.startswith("unhealthy: no answer")
 
 
-def test_healthcheck_probes_the_admin_port():
-    assert healthcheck.health_url({"MLDEPLOY_ADMIN_PORT": "9100"}) == "http://127.0.0.1:9100/health"
+def test_healthcheck_probes_the_admin_port(monkeypatch):
+    monkeypatch.setenv("MLDEPLOY_ADMIN_PORT", "9100")
+    assert healthcheck.health_url() == "http://127.0.0.1:9100/health"
 
 
 @pytest.mark.parametrize("port", ["http", "0", "70000", ""])
-def test_healthcheck_rejects_a_bad_port_setting(port):
+def test_healthcheck_rejects_a_bad_port_setting(port, monkeypatch):
+    monkeypatch.setenv("MLDEPLOY_ADMIN_PORT", port)
     with pytest.raises(ValueError, match="MLDEPLOY_ADMIN_PORT"):
-        healthcheck.health_url({"MLDEPLOY_ADMIN_PORT": port})
+        healthcheck.health_url()
     proc = subprocess.run(
         [sys.executable, "-m", "mldeploy.serving.healthcheck"],
         env={"MLDEPLOY_ADMIN_PORT": port, "PATH": "/usr/bin"},

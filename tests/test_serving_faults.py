@@ -535,7 +535,7 @@ def _wrong_output_model(path) -> str:
             "MLDEPLOY_MAX_WAIT_MS='inf': Input should be a finite",
         ),
         ({"MLDEPLOY_REQUEST_TIMEOUT_S": "nan"}, [], "MLDEPLOY_REQUEST_TIMEOUT_S='nan'"),
-        ({}, ["--port", "99999"], "MLDEPLOY_PORT='99999': Input should be less than or equal"),
+        ({}, ["--port", "99999"], "--port='99999': Input should be less than or equal"),
         ({}, ["--port", "9100", "--admin-port", "9100"], "MLDEPLOY_PORT and MLDEPLOY_ADMIN_PORT"),
         ({"MLDEPLOY_MODEL": "five"}, [], "the model has 5 inputs"),
         ({"MLDEPLOY_MODEL": "flat"}, [], "for 1 samples it returned shape"),

@@ -140,7 +140,7 @@ def tools(**overrides: object) -> ToolSettings:
     try:
         return ToolSettings(**overrides)
     except ValidationError as exc:
-        raise SettingsError(_lines(exc, ToolSettings)) from None
+        raise SettingsError(_lines(exc, ToolSettings, {})) from None
 
 
 def env_name(cls: type[BaseSettings], field: str) -> str:
@@ -151,8 +151,13 @@ def env_name(cls: type[BaseSettings], field: str) -> str:
     return f"{cls.model_config.get('env_prefix', '')}{field.upper()}"
 
 
-def describe(error: ValidationError, cls: type[BaseSettings] = ServiceSettings) -> list[str]:
-    """One line per bad setting, naming its environment variable: ``MLDEPLOY_PORT=99999: ...``."""
+def describe(
+    error: ValidationError,
+    cls: type[BaseSettings] = ServiceSettings,
+    flags: dict[str, str] | None = None,
+) -> list[str]:
+    """One line per bad setting, naming where it came from: its command-line flag if ``flags``
+    maps the field to one (``--port='99999': ...``), else its environment variable."""
     aliases = {
         info.validation_alias: name
         for name, info in cls.model_fields.items()
@@ -170,17 +175,23 @@ def describe(error: ValidationError, cls: type[BaseSettings] = ServiceSettings) 
         if not field:  # a rule across fields: its message names the variables
             lines.append(message)
             continue
-        lines.append(f"{env_name(cls, field)}{'=' + shown if shown else ''}: {message}")
+        name = (flags or {}).get(field) or env_name(cls, field)
+        lines.append(f"{name}{'=' + shown if shown else ''}: {message}")
     return lines
 
 
-def _lines(error: ValidationError, cls: type[BaseSettings]) -> str:
-    return "bad setting: " + "\nbad setting: ".join(describe(error, cls))
+def _lines(error: ValidationError, cls: type[BaseSettings], flags: dict[str, str]) -> str:
+    return "bad setting: " + "\nbad setting: ".join(describe(error, cls, flags))
 
 
 def load(cls: type[ServiceSettings] = ServiceSettings, **overrides: object) -> ServiceSettings:
-    """Read and validate the settings; bad ones stop the program, one line each, no traceback."""
+    """Read and validate the settings; bad ones stop the program, one line each, no traceback.
+
+    ``overrides`` come from command-line flags (``port`` from ``--port``); an error names the
+    flag."""
+    given = {k: v for k, v in overrides.items() if v is not None}
     try:
-        return cls(**{k: v for k, v in overrides.items() if v is not None})
+        return cls(**given)
     except ValidationError as exc:
-        raise SystemExit(_lines(exc, cls)) from None
+        flags = {k: "--" + k.replace("_", "-") for k in given}
+        raise SystemExit(_lines(exc, cls, flags)) from None

@@ -251,7 +251,8 @@ class _BodyTooLarge(Exception):
 
 
 class BodySizeLimit:
-    """Answer 413 to a request body over ``max_bytes`` (FastAPI has no limit of its own).
+    """Answer 413 to a request body over ``max_bytes``, inside the access log (FastAPI's own
+    ``max_body_size`` wraps the whole app, so its 413s would never be logged).
 
     A declared ``Content-Length`` is checked before reading anything; a chunked body is counted
     as it streams in, so a client cannot get around the limit by not declaring a length."""

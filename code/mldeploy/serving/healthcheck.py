@@ -13,12 +13,11 @@ import json
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
 
 from pydantic import ValidationError
 
 
-def health_url(environ: Mapping[str, str] | None = None) -> str:
+def health_url() -> str:
     """The URL to probe: the admin port the service listens on (``MLDEPLOY_ADMIN_PORT``)."""
     from mldeploy.settings import PathSettings, ServiceSettings, describe
 
@@ -26,14 +25,7 @@ def health_url(environ: Mapping[str, str] | None = None) -> str:
         model_config = {**PathSettings.model_config, "extra": "ignore"}
 
     try:
-        if environ is None:
-            settings = Probe()
-        else:
-            prefix = "MLDEPLOY_"
-            values = {
-                k[len(prefix) :].lower(): v for k, v in environ.items() if k.startswith(prefix)
-            }
-            settings = Probe.model_validate(values)
+        settings = Probe()
     except ValidationError as exc:
         raise ValueError("; ".join(describe(exc))) from None
     if settings.admin_port == 0:

@@ -20,8 +20,9 @@ from mldeploy.settings import ServiceSettings
 
 class DrainingServer(uvicorn.Server):
     """uvicorn that drains before it stops: the first SIGTERM only marks the service as draining
-    (readiness 503, ``Connection: close`` on answers) for ``drain_s``; then it stops as uvicorn
-    does. SIGINT (Ctrl+C) or a second SIGTERM stops without the drain period."""
+    (readiness 503; 5.2's ``AccessLog`` then adds ``Connection: close`` to answers) for
+    ``drain_s``; then it stops as uvicorn does. SIGINT (Ctrl+C) or a second SIGTERM stops without
+    the drain period."""
 
     def __init__(self, config: uvicorn.Config, service: Any, settings: ServiceSettings):
         super().__init__(config)
@@ -114,7 +115,7 @@ def serve(app: ASGIApp, sock: socket.socket, admin: AdminServer | None = None) -
     if server.settings.gc_freeze:
         # the objects alive now (modules, the model session, routes and schemas: tens of
         # thousands) live as long as the process; out of the garbage collector's sight, a full
-        # collection no longer stops the event loop for 20-30 ms to scan them again (5.2.7)
+        # collection no longer stops the event loop for 20-35 ms to scan them again (5.2.7)
         gc.collect()
         gc.freeze()
     # Python collects the young objects every 700 net new ones: under load hundreds of times a

@@ -1,8 +1,10 @@
 """``python -m mldeploy.llm.serving --port 8001 --batching continuous|static``: serve the model.
 
 Runs with 5.2's ``serve``: on SIGTERM /ready turns 503 and new completions are refused while
-running streams finish (``--drain-s``, then uvicorn's graceful shutdown); ``MLDEPLOY_*``
-environment variables set the rest of 5.2's server settings (timeouts, connection cap).
+running streams finish (``--drain-s``, then uvicorn's graceful shutdown). ``MLDEPLOY_*``
+environment variables set 5.2's connection settings (header and keep-alive timeouts, connection
+cap, body limit, shutdown bound); the flags set the address, the batching and the request timeout,
+longer than 5.2's because a stream of tokens takes seconds.
 """
 
 from __future__ import annotations
@@ -30,7 +32,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fd", type=int, help="serve on this inherited, bound socket")
     parser.add_argument("--admin-fd", type=int, help="and answer probes on this one")
     args = parser.parse_args(argv)
-    settings = load(ServiceSettings, host=args.host, port=args.port, drain_s=args.drain_s)
+    # no admin port of its own (probes only on --admin-fd): 0, so that no --port can clash with it
+    settings = load(
+        ServiceSettings, host=args.host, port=args.port, admin_port=0, drain_s=args.drain_s
+    )
     torch.set_num_threads(1)
     if args.fd is not None:  # family and type are read from the descriptor
         sock = socket.socket(fileno=args.fd)
@@ -44,6 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         max_running=args.max_running,
         max_waiting=args.max_waiting,
         request_timeout_s=args.request_timeout_s,
+        max_body_bytes=settings.max_body_bytes,
         settings=settings,
     )
     host, port = sock.getsockname()[:2]
