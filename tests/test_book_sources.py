@@ -3,6 +3,7 @@ exercises with runnable solutions, and a generated verified-with stamp on every 
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import shutil
@@ -556,3 +557,33 @@ def test_summary_and_exercises_headings_are_the_same_in_every_notebook(path: Pat
         if line.startswith("## ") and ("Summary" in line or "Exercises" in line)
     ]
     assert headings == ["## 小结 · Summary", "## 练习 · Exercises"]
+
+
+def _names(source: str) -> tuple[set[str], set[str]]:
+    """The names a cell binds and the names it reads (top-level ``await`` allowed)."""
+    flags = ast.PyCF_ONLY_AST | ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
+    tree = compile(source, "<cell>", "exec", flags=flags)
+    bound, read = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            (read if isinstance(node.ctx, ast.Load) else bound).add(node.id)
+        elif isinstance(node, ast.alias):
+            bound.add((node.asname or node.name).split(".")[0])
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bound.add(node.name)
+    return bound, read
+
+
+def test_every_cell_that_needs_the_image_is_skipped_with_it() -> None:
+    """Without a container engine the cells tagged ``container-engine`` are skipped
+    (``notebooks/conftest.py``); a cell that reads a name only those cells bind must carry the tag
+    too, or it fails with a NameError on a machine without Docker or Podman."""
+    nb = nbformat.read(REPO_ROOT / "notebooks" / "5.4-docker.ipynb", as_version=4)
+    code = [(i, c) for i, c in enumerate(nb.cells) if c.cell_type == "code"]
+    tagged = {i for i, c in code if "container-engine" in c.metadata.get("tags", [])}
+    names = {i: _names(c.source) for i, c in code}
+    only_tagged = set().union(*(names[i][0] for i in tagged)) - set().union(
+        *(names[i][0] for i, _ in code if i not in tagged)
+    )
+    untagged = {i: sorted(names[i][1] & only_tagged) for i, _ in code if i not in tagged}
+    assert {i: n for i, n in untagged.items() if n} == {}

@@ -188,4 +188,19 @@ def test_format_rows_cover_every_onnx_format(trained: training.Trained) -> None:
     rows = int4.format_rows(trained)
     assert [r.engine for r in rows].count("ONNX Runtime") == 4
     assert all(isinstance(r, evaluation.FormatRow) and r.decode_tokens_per_s > 0 for r in rows)
-    assert [r.bits_per_weight for r in rows] == [32.0, 5.125, 5.125, 5.125, 5.0]
+    assert [r.bits_per_weight for r in rows] == [32.0, 5.125, 5.125, 5.125, 32.0, 5.0]
+
+
+def test_every_row_of_the_formats_table_gets_its_own_label() -> None:
+    """The figures of 5.6b and 5.6c name each bar and point by ``format_label``: two rows with one
+    label would share a bar (matplotlib draws equal categories on one row)."""
+    from mldeploy.llm import gguf
+    from mldeploy.llm.plots import format_label
+
+    onnx_formats = [*int4.FORMATS.values()]
+    rows = [("ONNX Runtime", f if f == "FP32" else f"{f} (MatMulNBits)") for f in onnx_formats]
+    rows += [("ONNX Runtime GenAI", "FP32 (builder)")]
+    rows += [("ONNX Runtime GenAI", "INT4 (MatMulNBits, builder)")]
+    rows += [("llama.cpp", f"GGUF {kind}") for kind in gguf.KINDS]
+    labels = [format_label(evaluation.FormatRow(e, f, 4.0, 1, 1.0, 1.0, 1.0)) for e, f in rows]
+    assert len(set(labels)) == len(labels), labels

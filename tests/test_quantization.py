@@ -462,3 +462,18 @@ def test_estimated_size_matches_a_real_packed_file(bench, tmp_path):
     assert (
         abs(estimate - real) / real < 0.05
     )  # the estimate only differs in how zero points are packed
+
+
+def test_a_change_that_rounds_to_zero_prints_without_a_minus_sign():
+    assert f"{benchmark.change_pct(10.1819, 10.1820):+.2f}" == "+0.00"
+    assert benchmark.change_pct(10.2, 10.0) == pytest.approx(2.0)
+
+
+def test_the_int8_perplexity_trend_sees_a_fall_of_a_third_of_a_percent():
+    """The INT8 perplexity moves by tenths of a percent with the calibration size; a ±5% band, right
+    for GPTQ's layer errors, would call any such curve flat."""
+    rows = [(16, {"fc1": 1.0}, 10.216), (256, {"fc1": 0.9}, 10.207), (4096, {"fc1": 0.5}, 10.183)]
+    (_, fc1), (_, ppl) = verdict.calibration_trends(rows)
+    assert fc1.startswith("fc1: falls") and ppl.startswith("INT8 ppl: falls")
+    flat = [(16, {"fc1": 1.0}, 10.216), (4096, {"fc1": 0.5}, 10.2165)]
+    assert "stays within ±0.1%" in verdict.calibration_trends(flat)[1][1]

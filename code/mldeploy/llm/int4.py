@@ -257,7 +257,8 @@ def measure(trained, method: str) -> dict[str, float]:
 
 
 def format_rows(trained) -> list[evaluation.FormatRow]:
-    """One row per ONNX format: FP32, INT4 RTN/GPTQ/AWQ (ONNX Runtime) and GenAI INT4."""
+    """One row per ONNX format: FP32, INT4 RTN/GPTQ/AWQ (ONNX Runtime), and GenAI's FP32 and INT4
+    (its FP32 row tells the C++ loop's speed apart from the bit width's)."""
     from mldeploy.llm import genai
 
     prompt = held_out_rows(trained).reshape(-1)[: evaluation.PREFILL_TOKENS].tolist()
@@ -273,5 +274,5 @@ def format_rows(trained) -> list[evaluation.FormatRow]:
                 prefill, decode,
             )
         )  # fmt: skip
-    rows.append(genai.format_row(trained))
+    rows += [genai.format_row(trained, precision) for precision in ("fp32", "int4")]
     return rows

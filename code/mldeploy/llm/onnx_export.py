@@ -1,9 +1,10 @@
 """The Llama as an ONNX graph with a KV cache, and greedy decoding with ONNX Runtime.
 
-The graph has the form every LLM runtime uses: inputs ``input_ids`` and the past keys and values
-of every layer, outputs ``logits`` and the present keys and values (the past with the new
-positions appended). The caller feeds the present back as the next step's past. Sequence, past
-length and batch are dynamic, so one file serves the prefill and every decode step.
+The graph has the form of decoder models exported to ONNX (ONNX Runtime GenAI's, Hugging Face
+Optimum's): inputs ``input_ids`` and the past keys and values of every layer, outputs ``logits``
+and the present keys and values (the past with the new positions appended). The caller feeds the
+present back as the next step's past. Sequence, past length and batch are dynamic, so one file
+serves the prefill and every decode step.
 """
 
 from __future__ import annotations

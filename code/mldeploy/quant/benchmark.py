@@ -120,15 +120,22 @@ def estimated_bytes(bench: LMBench, spec: QuantSpec) -> int:
     return total
 
 
+def change_pct(value: float, base: float) -> float:
+    """The relative change from ``base`` in percent, rounded to 2 decimals (a change that rounds to
+    zero is +0.00, never -0.00)."""
+    return round(100 * (value / base - 1), 2) + 0.0  # -0.0 + 0.0 is 0.0
+
+
 def points_table(points: list[Point], fp32_bytes: int) -> str:
     """Text table: variant, size, compression, perplexity, change, KL and agreement vs FP32."""
     base = next(p.perplexity for p in points if p.family == "FP32")
     lines = [f"{'variant':<26}{'KiB':>9}{'×':>7}{'ppl':>8}{'Δppl':>8}{'KL':>9}{'agree':>7}"]
     for p in points:
         size = f"{p.bytes / 1024:.1f}" + ("" if p.on_disk else "*")
+        change = change_pct(p.perplexity, base)
         lines.append(
             f"{p.name:<26}{size:>9}{fp32_bytes / p.bytes:>7.2f}{p.perplexity:>8.3f}"
-            f"{100 * (p.perplexity / base - 1):>+7.2f}%{p.kl:>9.4f}{p.agreement:>7.3f}"
+            f"{change:>+7.2f}%{p.kl:>9.4f}{p.agreement:>7.3f}"
         )
     return "\n".join(lines)
 
