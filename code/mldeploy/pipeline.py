@@ -143,7 +143,7 @@ def run_demo(
         fp32_bytes = result.sizes["ONNX (.onnx)"]
         print(f"{PAD}INT8 model size:  {_kib(result.int8_bytes)}")
         print(f"{PAD}FP32 model size:  {_kib(fp32_bytes)}")
-        print(f"{PAD}Compression ratio: {result.int8_bytes / fp32_bytes:.3f}x")
+        print(f"{PAD}INT8 file ÷ FP32 file: {result.int8_bytes / fp32_bytes:.3f}")
         print(f"{PAD}INT8 accuracy ({n} samples):    {result.int8_accuracy:.4f}")
         print(f"{PAD}FP32 accuracy ({n} samples):    {result.onnx_accuracy:.4f}")
 
@@ -208,11 +208,11 @@ def _print_summary(model: models.SimpleMLP, result: DemoResult) -> None:
         ("Model", model.describe()),
         ("Test accuracy", f"{result.test_accuracy:.4f}"),
         ("Native size", _kib(result.sizes["Native PyTorch (.pt)"])),
-        ("TorchScript size", _kib(result.sizes["TorchScript trace (.pt)"])),
+        ("TorchScript trace", _kib(result.sizes["TorchScript trace (.pt)"])),
         ("torch.export size", _kib(result.sizes["torch.export (.pt2)"])),
         ("ONNX FP32 size", _kib(onnx_bytes)),
         ("ONNX INT8 size", _kib(result.int8_bytes)),
-        ("Quant compression", f"{result.int8_bytes / onnx_bytes:.2f}x"),
+        ("INT8 ÷ FP32 size", f"{result.int8_bytes / onnx_bytes:.2f}"),
         ("API format", f"FastAPI + {backend}"),
         ("API test", "PASSED (httpx client)"),
     ]
