@@ -140,7 +140,7 @@ def tools(**overrides: object) -> ToolSettings:
     try:
         return ToolSettings(**overrides)
     except ValidationError as exc:
-        raise SettingsError(_lines(exc, ToolSettings, {})) from None
+        raise SettingsError(_lines(exc, ToolSettings)) from None
 
 
 def env_name(cls: type[BaseSettings], field: str) -> str:
@@ -180,7 +180,9 @@ def describe(
     return lines
 
 
-def _lines(error: ValidationError, cls: type[BaseSettings], flags: dict[str, str]) -> str:
+def _lines(
+    error: ValidationError, cls: type[BaseSettings], flags: dict[str, str] | None = None
+) -> str:
     return "bad setting: " + "\nbad setting: ".join(describe(error, cls, flags))
 
 
