@@ -853,6 +853,28 @@ def figure_problems(path: Path) -> list[str]:
     return problems
 
 
+# What a figure may print in its axis labels, titles and legends: symbols and units, named in the
+# caption in both languages (the guide: "axis labels in both languages or neutral symbols").
+FIGURE_WORDS = {"B", "KiB", "MiB", "MB", "ms", "s", "req", "token", "bit", "w", "log", "KV"}
+FIGURE_WORDS |= {"cache", "CDF", "PPL", "INT8", "GPTQ", "block_q4_K", "FP32", "Q4_K"}
+FIGURE_WORDS |= {"MLDEPLOY_BATCHING"}  # a setting, as the reader types it
+_LABEL = re.compile(
+    r"""(?:set_[xy]label|set_title|\b[xy]label\s*=|\btitle\s*=|\blabel\s*=)\(?\s*f?(["'])(.*?)\1"""
+)
+
+
+def figure_text_problems(name: str, source: str) -> list[str]:
+    """Literal axis labels, titles and legend labels in ``source`` that hold a word other than a
+    symbol or unit (``FIGURE_WORDS``; one-letter names are symbols); f-string fields are skipped."""
+    problems = []
+    for match in _LABEL.finditer(source):
+        text = re.sub(r"\{[^}]*\}", "", match.group(2))
+        words = [w for w in re.findall(r"[A-Za-z][A-Za-z0-9_]+", text) if w not in FIGURE_WORDS]
+        if words:
+            problems.append(f"{name}: figure text {match.group(2)!r} has words {words}")
+    return problems
+
+
 def lift_headings(text: str) -> str:
     """Move every heading found inside a language block to just before that block (idempotent)."""
     out: list[str] = []

@@ -152,6 +152,29 @@ def test_figures_have_alt_text_and_a_numbered_caption_in_both_languages(path: Pa
     assert not problems, "\n".join(problems)
 
 
+def test_figures_label_their_axes_with_symbols_the_caption_names() -> None:
+    plotting = [
+        p for p in (REPO_ROOT / "code" / "mldeploy").rglob("*.py") if "matplotlib" in p.read_text()
+    ]
+    assert len(plotting) >= 4, plotting  # the figure modules of 5.2, 5.3, 5.4 and 5.6
+    problems = [
+        bad for p in plotting for bad in bookcheck.figure_text_problems(p.name, p.read_text())
+    ]
+    for path in NOTEBOOKS:
+        for i, cell in enumerate(json.loads(path.read_text(encoding="utf-8"))["cells"]):
+            if cell["cell_type"] == "code":
+                name = f"{path.name}, cell {i}"
+                problems += bookcheck.figure_text_problems(name, "".join(cell["source"]))
+    assert not problems, "\n".join(problems)
+
+
+def test_figure_text_check_catches_english_words() -> None:
+    source = 'ax.set_xlabel("position")\nax.set(ylabel="ms / token", xlabel="t")\n'
+    source += 'ax.plot(x, y, label="no cache")\nax.set_title(f"t = {t}: {r:.0f}×")\n'
+    problems = bookcheck.figure_text_problems("x.py", source)
+    assert [p.split("words ")[1] for p in problems] == ["['position']", "['no']"]
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS + [SAMPLE], ids=ids(NOTEBOOKS + [SAMPLE]))
 def test_exercises_have_solution_cells_that_run(path: Path) -> None:
     problems = bookcheck.exercise_problems(path)

@@ -23,7 +23,11 @@ Count = Annotated[int, Field(ge=1, le=1_000_000)]
 
 
 class PathSettings(BaseSettings):
-    """Where generated files go (``MLDEPLOY_ARTIFACTS``); the service's settings extend it."""
+    """Where generated files go (``MLDEPLOY_ARTIFACTS``); the service's settings extend it.
+
+    Two folders stay under the repository's own ``artifacts/`` whatever this says: the serving
+    image's files (``artifacts/serve``, which the Dockerfile copies from the build context, the
+    repository) and the container engine's storage (``artifacts/cache``, ``image.engine``)."""
 
     model_config = SettingsConfigDict(env_prefix="MLDEPLOY_", frozen=True, extra="forbid")
 

@@ -12,12 +12,12 @@ from mldeploy.llm.generation import StepTimes
 
 
 def plot_step_times(times: StepTimes, ax: Axes, mark: int = 256) -> None:
-    """Milliseconds per generated token against its position, with and without the KV cache."""
-    ax.plot(times.positions, np.array(times.uncached) * 1e3, label="no cache")
-    ax.plot(times.positions, np.array(times.cached) * 1e3, label="KV cache")
+    """Milliseconds per generated token against its position t, without (✗) and with (✓) the KV
+    cache; labels are symbols, as in every figure of the book (captions carry both languages)."""
+    ax.plot(times.positions, np.array(times.uncached) * 1e3, label="KV cache ✗")
+    ax.plot(times.positions, np.array(times.cached) * 1e3, label="KV cache ✓")
     ax.axvline(mark, color="grey", linestyle=":", linewidth=1)
-    ax.set_xlabel("position")
-    ax.set_ylabel("ms / token")
+    ax.set(xlabel="t", ylabel="ms")  # position, time per token: the caption names them
     ax.legend()
 
 
@@ -38,12 +38,12 @@ def plot_formats(rows: list[FormatRow], size_ax: Axes, speed_ax: Axes) -> None:
         marker = "o" if row.engine == "llama.cpp" else "s"
         mib = row.file_bytes / 2**20
         size_ax.scatter(mib, row.perplexity, marker=marker, color=color, label=format_label(row))
-    size_ax.set(xlabel="file size (MiB, log scale)", ylabel="held-out perplexity", xscale="log")
+    size_ax.set(xlabel="MiB (log)", ylabel="PPL ↓", xscale="log")  # the caption names them
     size_ax.set_xticks([2, 4, 8, 13])
     size_ax.xaxis.set_major_formatter(ScalarFormatter())
     size_ax.xaxis.set_minor_formatter(NullFormatter())
     size_ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     speed_ax.barh([format_label(r) for r in rows], [r.decode_tokens_per_s for r in rows])
-    speed_ax.set(xlabel="decode tokens/s (1 thread, best of 5)")
+    speed_ax.set(xlabel="token/s")
     speed_ax.tick_params(axis="y", labelsize=7)
     speed_ax.invert_yaxis()  # the table's order, top to bottom
