@@ -510,35 +510,64 @@ def _open_loop_rows(
     ]
 
 
-def _loop_us_per_refusal(model: str, seconds: float) -> float | None:
-    """Event-loop time per request refused at the door (µs): a service whose two admission slots
-    for /predict are held by requests whose bodies never finish, so it refuses every other one."""
+def _loop_us_per_refusal(model: str, seconds: float, rate: float = 6000, rounds: int = 4) -> float:
+    """Event-loop time per request refused at the door (µs), refused as in the open loop: arriving
+    at a fixed ``rate`` while the loop is saturated. The admission slots of /predict_batch are held
+    by requests whose bodies never finish, so every paced /predict_batch request is refused, while
+    64 clients keep /predict saturated. The /predict throughput the refusals take, times the loop
+    time per request served, divided by the refusals a second (medians of paired rounds)."""
     slow = {"MLDEPLOY_HEADER_TIMEOUT_S": "300", "MLDEPLOY_KEEP_ALIVE_S": "300"}
-    limits = {"MLDEPLOY_MAX_QUEUE": "1", "MLDEPLOY_MAX_BATCH_SIZE": "1"}
-    with _server(model, batching=True, **slow, **limits) as server:
-        head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 99\r\n\r\n{"
-        holders = [socket.create_connection((server.host, server.port)) for _ in range(2)]
+    jobs = json.dumps({"items": [json.loads(BODY)]})
+    runs: dict[bool, list[tuple[float, float, float]]] = {False: [], True: []}
+    with _server(model, batching=True, **slow) as server:
+        head = b"POST /predict_batch HTTP/1.1\r\nHost: x\r\nContent-Length: 99\r\n\r\n{"
+        slots = serving.ServiceSettings().max_batch_jobs + 1  # ``Service``'s admission limit
+        holders = [socket.create_connection((server.host, server.port)) for _ in range(slots)]
         try:
             for sock in holders:
                 sock.sendall(head)
-            time.sleep(0.3)  # both admitted, waiting for the rest of their bodies
-            with loop_and_worker_cores(server.proc.pid) as cores:
-                wrk = loadgen.run_wrk(
-                    server.url + "/predict", connections=512, seconds=seconds, body=BODY
-                )
+            time.sleep(0.3)  # all admitted, waiting for the rest of their bodies
+            _wrk(server.url + "/predict", 64, 1.0)  # warm-up
+            for _ in range(rounds):
+                for refusing in (False, True):
+                    runs[refusing].append(_beside_refusals(server, jobs, seconds, refusing, rate))
         finally:
             for sock in holders:
                 sock.close()
-    if set(wrk.codes) != {503} or wrk.errors:
-        raise RuntimeError(f"the refusing service answered {wrk.codes}, {wrk.errors} errors")
-    return 1e6 * cores["loop"] / wrk.throughput if cores else None
+    served = {k: float(np.median([r[0] for r in v])) for k, v in runs.items()}
+    loop_per_served = float(np.median([r[1] / r[0] for r in runs[False]]))
+    refused = float(np.median([r[2] for r in runs[True]]))
+    return 1e6 * (served[False] - served[True]) * loop_per_served / refused
+
+
+def _beside_refusals(
+    server: BackgroundServer, jobs: str, seconds: float, refusing: bool, rate: float
+) -> tuple[float, float, float]:
+    """/predict throughput and event-loop cores with 64 clients, and the refusals a second of a
+    paced /predict_batch stream beside it (when ``refusing``)."""
+    stream = None
+    if refusing:
+        url = server.url + "/predict_batch"
+        stream = loadgen.start_wrk(url, connections=256, seconds=seconds + 1, body=jobs, rate=rate)
+        time.sleep(0.5)
+    with loop_and_worker_cores(server.proc.pid) as cores:
+        served = _wrk(server.url + "/predict", 64, seconds)
+    if stream is None:
+        return served.throughput, cores.get("loop", 0.0), 0.0
+    refusals = loadgen.finish_wrk(stream)
+    if set(refusals.codes) != {503} or refusals.errors:
+        raise RuntimeError(
+            f"the refused stream was answered {refusals.codes}, {refusals.errors} errors"
+        )
+    return served.throughput, cores.get("loop", 0.0), refusals.codes[503] / refusals.seconds
 
 
 def _loop_cost_row(measured: dict, seconds: float) -> Row:
     """Event-loop time per request served (closed loop of 64, and the open loop, its refusals
-    taken out) and per request refused at the door: what the open loop's share comes from."""
+    taken out at the cost ``_loop_us_per_refusal`` measures) and per request refused at the door:
+    what the open loop's share comes from."""
     closed, cores, refusal = measured["closed"], measured["closed_cores"], measured["refusal_us"]
-    if not cores or refusal is None or not measured["open_cores"]:
+    if not cores or not measured["open_cores"]:
         return Row("event-loop time per request", "n/a (needs Linux /proc)", "", None)
     wrk, probe = measured["open"]
     refused = wrk.codes.get(503, 0) / wrk.seconds + len(probe.latencies(503)) / (seconds - 1)
@@ -546,7 +575,7 @@ def _loop_cost_row(measured: dict, seconds: float) -> Row:
     served_open = 1e6 * open_s / _accepted_per_s(wrk, probe, seconds)
     return Row(
         "event-loop time per request: served (64 clients, closed loop) / served (open loop at"
-        " 2×) / refused at the door",
+        " 2×) / refused at the door (paced, beside 64 clients: as in the open loop)",
         f"{1e6 * cores['loop'] / closed.throughput:.0f} µs / ≈ {served_open:.0f} µs"
         f" / {refusal:.0f} µs",
         "",
