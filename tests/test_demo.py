@@ -48,7 +48,7 @@ def test_demo_runs_all_eight_steps_and_releases_its_port(tmp_path):
 
 def test_demo_rejects_bad_arguments_with_a_message():
     proc = _run("--epochs", "zero")
-    assert proc.returncode == 2 and "expected a whole number" in proc.stderr
+    assert proc.returncode == 2 and "expected a positive whole number" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 

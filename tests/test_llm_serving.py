@@ -8,6 +8,8 @@ import copy
 import gc
 import json
 import signal
+import subprocess
+import sys
 import time
 
 import httpx
@@ -246,6 +248,36 @@ def test_the_served_command_answers_completions_and_probes_in_a_process_of_its_o
         assert "Traceback" not in server.stderr()
     assert answer.status_code == 200 and answer.json()["choices"][0]["text"]
     assert metrics["tokens_generated"] == 4 and metrics["running"] == 0
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--max-running", "0", "positive whole number"),
+        ("--max-running", "-3", "positive whole number"),
+        ("--max-waiting", "0", "positive whole number"),
+        ("--request-timeout-s", "-1", "seconds above 0"),
+        ("--request-timeout-s", "nan", "seconds above 0"),
+    ],
+)
+def test_the_served_command_rejects_bad_limits_before_it_loads_anything(flag, value, message):
+    proc = subprocess.run(
+        [sys.executable, "-m", "mldeploy.llm.serving", flag, value],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+    assert flag in proc.stderr and "serving" not in proc.stdout
+
+
+def test_engine_and_app_refuse_limits_that_could_serve_nothing(net):
+    for limits in ({"max_running": 0}, {"max_waiting": 0}, {"max_tokens_in_flight": 0}):
+        with pytest.raises(ValueError, match=">= 1"):
+            Engine(net, **limits)
+    for seconds in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="request_timeout_s"):
+            create_app(net, CharTokenizer(), request_timeout_s=seconds)
 
 
 def test_disconnecting_client_cancels_its_sequence(net):

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from mldeploy import data, export, models, reproducibility, runtime, serving, training
+from mldeploy.cli import positive_int
 from mldeploy.export import sizes
 from mldeploy.paths import artifacts_dir
 from mldeploy.quant import int8_ptq
@@ -222,21 +223,11 @@ def _print_summary(model: models.SimpleMLP, result: DemoResult) -> None:
     print(RULE + "\n  All deployment steps completed successfully!\n" + RULE)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the process exit code."""
     parser = argparse.ArgumentParser(description="Run the chapter's end-to-end deployment demo.")
     parser.add_argument(
-        "--epochs", type=_positive_int, default=60, help="training epochs (default 60)"
+        "--epochs", type=positive_int, default=60, help="training epochs (default 60)"
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument(

@@ -20,6 +20,8 @@ import tomllib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from mldeploy.cli import positive_int
+
 ROOT = Path(__file__).resolve().parents[3]
 LIST = Path(__file__).with_name("mutations.toml")
 NBVAL = ["--nbval", "--nbval-sanitize-with", "tests/sanitize.cfg"]
@@ -175,7 +177,7 @@ def report(results: list[Result], out_dir: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", default=None, help="mutation ids to run")
-    parser.add_argument("--timeout", type=int, default=600, help="seconds per check")
+    parser.add_argument("--timeout", type=positive_int, default=600, help="seconds per check")
     parser.add_argument(
         "--no-baseline",
         dest="baseline",

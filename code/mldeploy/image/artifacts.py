@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from mldeploy.cli import positive_int
 from mldeploy.image.checksums import verify_checksum, write_checksum
 
 ONNX_NAME = "model.onnx"
@@ -55,12 +56,6 @@ def train_and_export(out_dir: str | Path, *, epochs: int = 60, seed: int = 0) ->
     return ServeArtifacts(onnx_path, ts_path, accuracy)
 
 
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
-    return int(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit code."""
     from mldeploy.paths import REPO_ROOT
@@ -72,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         "--out", type=Path, default=REPO_ROOT / "artifacts" / "serve", help="output folder"
     )
     parser.add_argument(
-        "--epochs", type=_positive_int, default=60, help="training epochs (default 60)"
+        "--epochs", type=positive_int, default=60, help="training epochs (default 60)"
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     args = parser.parse_args(argv)

@@ -22,6 +22,7 @@ import statistics
 import httpx
 import torch
 
+from mldeploy.cli import positive_int
 from mldeploy.llm.serving import loadgen
 from mldeploy.llm.serving.api import create_app
 from mldeploy.llm.serving.engine import Engine
@@ -197,11 +198,13 @@ def _q4k_row(trained) -> tuple[str, str, str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--streams", type=int, default=16)
-    parser.add_argument("--per-stream", type=int, default=3)
-    parser.add_argument("--max-running", type=int, default=8)
+    parser.add_argument("--streams", type=positive_int, default=16)
+    parser.add_argument("--per-stream", type=positive_int, default=3)
+    parser.add_argument("--max-running", type=positive_int, default=8)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeats", type=int, default=3, help="load runs per policy (medians)")
+    parser.add_argument(
+        "--repeats", type=positive_int, default=3, help="load runs per policy (medians)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     from mldeploy.llm.training import train_or_load

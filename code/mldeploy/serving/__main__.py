@@ -14,6 +14,7 @@ import sys
 import threading
 
 from mldeploy import settings as settings_module
+from mldeploy.cli import socket_fd
 from mldeploy.serving import server
 
 
@@ -22,8 +23,10 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--host", help="address to listen on (MLDEPLOY_HOST)")
     parser.add_argument("--port", help="port for the API (MLDEPLOY_PORT)")
     parser.add_argument("--admin-port", help="port for probes and metrics (MLDEPLOY_ADMIN_PORT)")
-    parser.add_argument("--fd", type=int, help="serve the API on this inherited, bound socket")
-    parser.add_argument("--admin-fd", type=int, help="and the admin listener on this one")
+    parser.add_argument(
+        "--fd", type=socket_fd, help="serve the API on this inherited, bound socket"
+    )
+    parser.add_argument("--admin-fd", type=socket_fd, help="and the admin listener on this one")
     return parser.parse_args(argv)
 
 

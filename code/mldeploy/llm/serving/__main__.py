@@ -14,6 +14,7 @@ import socket
 
 import torch
 
+from mldeploy.cli import positive_int, positive_seconds, socket_fd
 from mldeploy.llm.serving.api import create_app
 from mldeploy.llm.training import train_or_load
 from mldeploy.serving.server import admin_server, listen, serve
@@ -25,12 +26,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--batching", choices=("continuous", "static"), default="continuous")
-    parser.add_argument("--max-running", type=int, default=8)
-    parser.add_argument("--max-waiting", type=int, default=64)
-    parser.add_argument("--request-timeout-s", type=float, default=60.0)
+    parser.add_argument("--max-running", type=positive_int, default=8)
+    parser.add_argument("--max-waiting", type=positive_int, default=64)
+    parser.add_argument("--request-timeout-s", type=positive_seconds, default=60.0)
     parser.add_argument("--drain-s", type=float, default=None, help="default: MLDEPLOY_DRAIN_S")
-    parser.add_argument("--fd", type=int, help="serve on this inherited, bound socket")
-    parser.add_argument("--admin-fd", type=int, help="and answer probes on this one")
+    parser.add_argument("--fd", type=socket_fd, help="serve on this inherited, bound socket")
+    parser.add_argument("--admin-fd", type=socket_fd, help="and answer probes on this one")
     args = parser.parse_args(argv)
     # no admin port of its own (probes only on --admin-fd): 0, so that no --port can clash with it
     settings = load(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -100,6 +101,10 @@ def create_app(
     """The app; the engine's worker thread starts and stops with the app's lifespan.
 
     ``settings``: 5.2's server settings (drain period, shutdown timeout, connection limits)."""
+    if not (math.isfinite(request_timeout_s) and request_timeout_s > 0):
+        raise ValueError(
+            f"request_timeout_s must be a finite number above 0, got {request_timeout_s}"
+        )
     engine = Engine(
         net,
         batching=batching,

@@ -163,6 +163,9 @@ class Engine:
     ) -> None:
         if batching not in ("continuous", "static"):
             raise ValueError("batching must be 'continuous' or 'static'")
+        limits = (max_running, max_waiting, max_tokens_in_flight or max_running)
+        if min(limits) < 1 or max_tokens_in_flight == 0:
+            raise ValueError("max_running, max_waiting and max_tokens_in_flight must be >= 1")
         self.net, self.batching, self.eos_id = net.eval(), batching, eos_id
         self.max_running, self.max_waiting = max_running, max_waiting
         self.max_tokens_in_flight = max_tokens_in_flight or max_running * net.cfg.max_seq_len
