@@ -194,7 +194,9 @@ def batching_rows(seconds: float) -> tuple[list[Row], dict]:
         measured["flood"] = _batch_flood(batched.url, seconds)
         with loop_and_worker_cores(batched.proc.pid) as measured["closed_cores"]:
             measured["closed"] = _wrk(urls[True], 64, seconds / 2)
-    measured["refusal_us"] = _loop_us_per_refusal(model, seconds / 2)
+    wrk, _ = measured["open"]  # refuse as many a second as the open loop did
+    refused = max(1000.0, wrk.codes.get(503, 0) / wrk.seconds)
+    measured["refusal_us"] = _loop_us_per_refusal(model, seconds / 2, rate=refused)
     measured.update(at64=at64, at1=at1)
     speedup = _median_ratio(at64[True], at64[False])
     p99 = {k: _median(at64[k], "p99_ms") for k in (True, False)}
@@ -510,7 +512,7 @@ def _open_loop_rows(
     ]
 
 
-def _loop_us_per_refusal(model: str, seconds: float, rate: float = 6000, rounds: int = 4) -> float:
+def _loop_us_per_refusal(model: str, seconds: float, rate: float, rounds: int = 4) -> float:
     """Event-loop time per request refused at the door (µs), refused as in the open loop: arriving
     at a fixed ``rate`` while the loop is saturated. The admission slots of /predict_batch are held
     by requests whose bodies never finish, so every paced /predict_batch request is refused, while

@@ -3,7 +3,7 @@ windows, and one record per quantized variant (bytes, perplexity, KL and agreeme
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +31,8 @@ class LMBench:
     out_dir: Path
     fp32_onnx: Path
     was_cached: bool
+    # weight-only quantized models by (spec, method): see ``quantized_once``
+    quantized: dict = field(default_factory=dict, repr=False)
 
 
 def lm_bench(
@@ -148,6 +150,21 @@ def latency_ms(path: str | Path, x: np.ndarray, repeats: int = 30) -> float:
     return 1e3 * runtime.median_seconds(lambda: session.run(None, feed), repeats=repeats, warmup=3)
 
 
+def quantized_once(bench: LMBench, spec: QuantSpec, method: str):
+    """``weight_only.awq_model`` for AWQ, ``weight_only.quantize_model`` for RTN and GPTQ, computed
+    once per bench, width and method: the bits curve and the table of 5.3c need the same models,
+    and GPTQ or AWQ takes seconds each."""
+    key = (spec, method)
+    if key not in bench.quantized:
+        if method == "awq":
+            bench.quantized[key] = weight_only.awq_model(bench.model, spec, bench.calibration)
+        else:
+            bench.quantized[key] = weight_only.quantize_model(
+                bench.model, spec, method, bench.calibration
+            )
+    return bench.quantized[key]
+
+
 def weight_only_point(
     bench: LMBench, spec: QuantSpec, method: str, name: str | None = None
 ) -> tuple[Point, torch.nn.Module]:
@@ -159,13 +176,13 @@ def weight_only_point(
     writable = spec.bits in (2, 4, 8) and g is not None and 16 <= g <= 256 and g & (g - 1) == 0
     fp32_onnx, scales = bench.fp32_onnx, {}
     if method == "awq":  # codes of the model with the scales folded in, plus fc1's input scale
-        result = weight_only.awq_model(bench.model, spec, bench.calibration)
+        result = quantized_once(bench, spec, "awq")
         quantized, codes = result.quantized, result.codes
         if writable:
             fp32_onnx = bench_for(bench, result.folded, f"awq-folded-{spec.bits}-{g}").fp32_onnx
             scales = {"fc1": result.input_scale.numpy()}
     else:
-        quantized, codes = weight_only.quantize_model(bench.model, spec, method, bench.calibration)
+        quantized, codes = quantized_once(bench, spec, method)
     if writable:
         path = int4_onnx.write_nbits(
             fp32_onnx, bench.out_dir / f"{method}_{spec.bits}bit_g{g}.onnx", codes, scales
@@ -202,7 +219,8 @@ def bits_curve(
     for b in bits:
         spec = QuantSpec(b, group_size)
         for method in weight_only.METHODS:
-            model_q, _ = weight_only.quantize_model(bench.model, spec, method, bench.calibration)
+            result = quantized_once(bench, spec, method)
+            model_q = result.quantized if method == "awq" else result[0]
             ppl = torch_point(bench, "", "", model_q, 1).perplexity
             points.append(
                 BitsPoint(method.upper(), f"{b}-bit g{group_size}", group_bits(spec), ppl)
