@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -15,6 +16,7 @@ import pytest
 from mldeploy import timeouts
 from mldeploy.book import second_machine
 from mldeploy.book.nbval_tolerance import Tolerance, ToleranceError, reconcile, relative_drift
+from mldeploy.paths import REPO_ROOT
 
 
 def _probe(**env: str) -> dict[str, str]:
@@ -234,3 +236,19 @@ def test_audit_counts_numbers_a_tolerance_lets_move_more_than_5_percent(tmp_path
     # 10.387 may move 0.7 %, 8.6e-06 0.5 %; KL 0.0040 may move 5.5 %; the duration is masked
     assert audit([path], 0.05, cfg) == {"x.ipynb": (3, 1)}
     assert audit([path], 0.05) == {"x.ipynb": (4, 1)}  # unmasked: "3" is compared too
+
+
+def test_the_sanitizer_masks_a_right_aligned_rate_whatever_its_digits():
+    from nbval.plugin import get_sanitize_patterns
+
+    patterns = get_sanitize_patterns((REPO_ROOT / "tests" / "sanitize.cfg").read_text())
+
+    def sanitized(text: str) -> str:
+        for regex, replace in patterns:
+            text = re.sub(regex, replace, text)
+        return text
+
+    row = "llama.cpp           GGUF F32      43.49{:>9.0f} tokens/s{:>9.0f} tokens/s"
+    assert sanitized(row.format(5084, 1259)) == sanitized(row.format(5084, 946))
+    assert sanitized(row.format(5084, 946)).endswith("43.49 <N> tokens/s <N> tokens/s")
+    assert sanitized("43.49 ppl") != sanitized("43.50 ppl")  # what is not a rate stays compared
