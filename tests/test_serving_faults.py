@@ -5,7 +5,9 @@ setting stops start-up with one line. Loopback only, free ports, every server st
 
 import asyncio
 import json
+import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -492,6 +494,31 @@ def test_sigterm_under_load_drains_without_resetting_a_request(onnx_path, scaled
     assert 1.4 <= result.listener_closed_after < 1.5 + scaled(2)
     assert result.exited_after is not None and result.exited_after < 1.5 + scaled(10)
     assert code == 0
+
+
+def test_a_connection_queued_while_the_server_stalls_at_the_end_of_its_drain_is_answered(
+    onnx_path, scaled
+):
+    # the process is stopped across the end of its drain period (a stall: CPU starvation, a
+    # long pause); meanwhile the kernel queues a new connection on the listener. Closing the
+    # listener at once would reset it: the server must accept it and answer it first
+    env = {"MLDEPLOY_MODEL": str(onnx_path), "MLDEPLOY_DRAIN_S": "0.6"}
+    request = loadgen.http_request("http://x/predict", b'{"features": [0.5, -0.3]}')
+    with BackgroundServer(env=env) as server:
+        server.terminate()
+        time.sleep(0.3)
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        try:
+            time.sleep(0.6)  # past the end of the drain
+            client = socket.create_connection((server.host, server.port), timeout=scaled(10))
+            client.sendall(request)
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        with client:
+            answer = client.recv(4096)
+        assert server.proc.wait(timeout=scaled(30)) == 0
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"connection: close" in answer.lower()
 
 
 def _five_input_model(path) -> str:

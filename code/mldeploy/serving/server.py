@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import select
 import signal
 import socket
 import sys
@@ -28,6 +29,7 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.service, self.settings, self.drain_s = service, settings, settings.drain_s
         self.drain_started: float | None = None
+        self.listeners_closed = False
         self.last_tick: float | None = None  # when the event loop last ran on_tick (~10 Hz)
 
     def handle_exit(self, sig: int, frame: Any) -> None:
@@ -45,9 +47,24 @@ class DrainingServer(uvicorn.Server):
 
     async def on_tick(self, counter: int) -> bool:
         self.last_tick = time.monotonic()
-        if self.drain_started is not None and time.monotonic() - self.drain_started >= self.drain_s:
-            self.should_exit = True
+        if self.drain_started is not None and self.last_tick - self.drain_started >= self.drain_s:
+            self.should_exit = self.should_exit or self.close_listeners()
         return await super().on_tick(counter)
+
+    def close_listeners(self) -> bool:
+        """Stop accepting, at a tick when no connection waits in a listener's queue: closing a
+        listener resets the connections the kernel queued on it (a stalled loop can have some).
+        True a tick later, when the connections accepted last have had their requests read:
+        uvicorn's shutdown closes a connection whose request it has not read yet."""
+        if self.listeners_closed:
+            return True
+        queued = any(select.select(s.sockets, [], [], 0)[0] for s in self.servers)
+        if queued and time.monotonic() - self.drain_started < self.drain_s + 1.0:
+            return False  # the loop accepts them first; a flood of them waits 1 s at most
+        for listener in self.servers:
+            listener.close()
+        self.listeners_closed = True
+        return False
 
 
 def listen(host: str, port: int) -> socket.socket:
