@@ -426,7 +426,8 @@ def test_qat_and_budget_matched_ptq_over_seeds(bench, tmp_path):
     """The robust facts, over two seeds: at 2 bits both QAT and budget-matched GPTQ stay far below
     budget-matched RTN, and the extra FP32 steps alone improve the model."""
     spec, steps = QuantSpec(2, 128), 100
-    runs = qat.qat_vs_ptq(bench, spec, steps=steps, seeds=(1, 2))
+    runs, seconds = qat.qat_vs_ptq(bench, spec, steps=steps, seeds=(1, 2))
+    assert seconds["QAT"] > 0 and seconds["FP32 fine-tuning"] > 0
     base = benchmark.torch_point(bench, "fp32", "FP32", bench.model, 1).perplexity
     assert max(runs["FP32 fine-tuned"]) < base
     for better in ("QAT", "PTQ GPTQ"):

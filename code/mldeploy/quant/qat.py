@@ -8,6 +8,7 @@ The fake quantizer is attached with ``torch.nn.utils.parametrize``: ``layer.weig
 from __future__ import annotations
 
 import copy
+import time
 
 import numpy as np
 from torch import nn
@@ -73,18 +74,24 @@ def float_finetune(
 
 def qat_vs_ptq(
     bench, spec: QuantSpec, *, steps: int, seeds: tuple[int, ...]
-) -> dict[str, list[float]]:
+) -> tuple[dict[str, list[float]], dict[str, float]]:
     """Held-out perplexity per seed of: the FP32 model fine-tuned ``steps`` more steps, PTQ (RTN and
-    GPTQ) of that fine-tuned model, and QAT with the same steps, data order and learning rate."""
+    GPTQ) of that fine-tuned model, and QAT with the same steps, data order and learning rate; and
+    the mean seconds of one FP32 fine-tuning and of one QAT run."""
     from mldeploy.quant import benchmark, weight_only  # benchmark imports this module's users
 
     runs: dict[str, list[float]] = {"FP32 fine-tuned": [], "PTQ RTN": [], "PTQ GPTQ": [], "QAT": []}
+    seconds = {"FP32 fine-tuning": 0.0, "QAT": 0.0}
     for seed in seeds:
+        start = time.perf_counter()
         tuned = float_finetune(bench.model, bench.corpus.train, steps=steps, seed=seed)
+        seconds["FP32 fine-tuning"] += (time.perf_counter() - start) / len(seeds)
         runs["FP32 fine-tuned"].append(benchmark.torch_point(bench, "", "", tuned, 1).perplexity)
         for method, label in (("rtn", "PTQ RTN"), ("gptq", "PTQ GPTQ")):
             model_q, _ = weight_only.quantize_model(tuned, spec, method, bench.calibration)
             runs[label].append(benchmark.torch_point(bench, "", "", model_q, 1).perplexity)
+        start = time.perf_counter()
         qat_model, _ = qat_finetune(bench.model, bench.corpus.train, spec, steps=steps, seed=seed)
+        seconds["QAT"] += (time.perf_counter() - start) / len(seeds)
         runs["QAT"].append(benchmark.torch_point(bench, "", "", qat_model, 1).perplexity)
-    return runs
+    return runs, seconds
