@@ -22,8 +22,8 @@ from mldeploy.settings import ServiceSettings
 class DrainingServer(uvicorn.Server):
     """uvicorn that drains before it stops: the first SIGTERM only marks the service as draining
     (readiness 503; 5.2's ``AccessLog`` then adds ``Connection: close`` to answers) for
-    ``drain_s``; then it stops as uvicorn does. SIGINT (Ctrl+C) or a second SIGTERM stops without
-    the drain period."""
+    ``drain_s``; then it closes its listeners (``close_listeners``) and stops as uvicorn does.
+    SIGINT (Ctrl+C) or a second SIGTERM stops without the drain period."""
 
     def __init__(self, config: uvicorn.Config, service: Any, settings: ServiceSettings):
         super().__init__(config)
