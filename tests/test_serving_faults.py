@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import random
+import resource
 import signal
 import socket
 import subprocess
@@ -34,6 +35,7 @@ from mldeploy.serving import (
     hardening,
 )
 from mldeploy.serving.hardening import whole_request
+from mldeploy.serving.server import _connection_waits
 
 SAMPLE = {"features": [0.5, -0.3]}
 
@@ -519,6 +521,23 @@ def test_a_connection_queued_while_the_server_stalls_at_the_end_of_its_drain_is_
         assert server.proc.wait(timeout=scaled(30)) == 0
     assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
     assert b"connection: close" in answer.lower()
+
+
+def test_the_drain_sees_a_queued_connection_on_a_listener_of_any_descriptor_number():
+    # a process with many connections open can hold its listener above select's limit of 1,024
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2100:
+        pytest.skip(f"the descriptor limit ({hard}) is below the number this test needs")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2100), hard))
+    try:
+        with socket.create_server(("127.0.0.1", 0)) as sock:
+            listener = socket.socket(fileno=os.dup2(sock.fileno(), 2048))
+            with listener, socket.create_connection(listener.getsockname()):
+                _wait_for(lambda: _connection_waits(listener), "the connection to be queued")
+                listener.accept()[0].close()
+                assert not _connection_waits(listener)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def _five_input_model(path) -> str:

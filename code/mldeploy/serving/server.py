@@ -58,13 +58,21 @@ class DrainingServer(uvicorn.Server):
         uvicorn's shutdown closes a connection whose request it has not read yet."""
         if self.listeners_closed:
             return True
-        queued = any(select.select(s.sockets, [], [], 0)[0] for s in self.servers)
+        queued = any(_connection_waits(sock) for server in self.servers for sock in server.sockets)
         if queued and time.monotonic() - self.drain_started < self.drain_s + 1.0:
             return False  # the loop accepts them first; a flood of them waits 1 s at most
         for listener in self.servers:
             listener.close()
         self.listeners_closed = True
         return False
+
+
+def _connection_waits(listener: Any) -> bool:
+    """Whether the kernel has queued a connection on ``listener`` that nobody accepted yet
+    (``poll``, not ``select``: it takes descriptors of any number)."""
+    poller = select.poll()
+    poller.register(listener, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def listen(host: str, port: int) -> socket.socket:
