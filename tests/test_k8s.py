@@ -9,6 +9,7 @@ import yaml
 from mldeploy import serving
 from mldeploy.image import dockerfile
 from mldeploy.paths import REPO_ROOT
+from mldeploy.serving.server import DrainingServer
 from mldeploy.settings import ServiceSettings
 
 K8S = REPO_ROOT / "deploy" / "k8s"
@@ -85,7 +86,8 @@ def test_probes_use_the_admin_port_and_the_grace_period_covers_the_drain(manifes
     # the drain must outlast the readiness probe noticing, and everything must fit the grace period
     probe = container["readinessProbe"]
     assert settings.drain_s >= probe["periodSeconds"] * probe["failureThreshold"]
-    assert settings.drain_s + settings.shutdown_timeout_s < pod["terminationGracePeriodSeconds"]
+    stopping = settings.drain_s + DrainingServer.LISTENER_WAIT_S + settings.shutdown_timeout_s
+    assert stopping < pod["terminationGracePeriodSeconds"]
 
 
 def test_every_probe_hits_a_get_route_of_the_app(manifests, exported, monkeypatch):

@@ -25,6 +25,8 @@ class DrainingServer(uvicorn.Server):
     ``drain_s``; then it closes its listeners (``close_listeners``) and stops as uvicorn does.
     SIGINT (Ctrl+C) or a second SIGTERM stops without the drain period."""
 
+    LISTENER_WAIT_S = 1.0  # the longest a flood of new connections delays closing the listeners
+
     def __init__(self, config: uvicorn.Config, service: Any, settings: ServiceSettings):
         super().__init__(config)
         self.service, self.settings, self.drain_s = service, settings, settings.drain_s
@@ -59,8 +61,8 @@ class DrainingServer(uvicorn.Server):
         if self.listeners_closed:
             return True
         queued = any(_connection_waits(sock) for server in self.servers for sock in server.sockets)
-        if queued and time.monotonic() - self.drain_started < self.drain_s + 1.0:
-            return False  # the loop accepts them first; a flood of them waits 1 s at most
+        if queued and time.monotonic() - self.drain_started < self.drain_s + self.LISTENER_WAIT_S:
+            return False  # the loop accepts them first
         for listener in self.servers:
             listener.close()
         self.listeners_closed = True
