@@ -4,6 +4,7 @@ the worker carries on, deadlines hold, SIGTERM drains without resetting a reques
 setting stops start-up with one line. Loopback only, free ports, every server stopped."""
 
 import asyncio
+import fcntl
 import json
 import os
 import random
@@ -531,7 +532,9 @@ def test_the_drain_sees_a_queued_connection_on_a_listener_of_any_descriptor_numb
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2100), hard))
     try:
         with socket.create_server(("127.0.0.1", 0)) as sock:
-            listener = socket.socket(fileno=os.dup2(sock.fileno(), 2048))
+            # the lowest free descriptor from 2048 on (dup2 would close one in use)
+            listener = socket.socket(fileno=fcntl.fcntl(sock.fileno(), fcntl.F_DUPFD, 2048))
+            assert listener.fileno() >= 2048
             with listener, socket.create_connection(listener.getsockname()):
                 _wait_for(lambda: _connection_waits(listener), "the connection to be queued")
                 listener.accept()[0].close()
