@@ -153,3 +153,16 @@ def test_without_proc_the_split_is_empty_not_an_error(monkeypatch):
         pass
     assert cores == {}
     assert bench._cores_row("open loop", cores).measured == "n/a (needs Linux /proc)"
+
+
+@needs_wrk
+def test_the_floor_server_answers_with_the_services_canned_503_and_its_cost_is_measured():
+    """bench-serve's floor under a refusal: a bare asyncio server writing the service's own 503."""
+    from mldeploy.loadtest.background import BackgroundServer
+    from mldeploy.serving.hardening import OVERLOADED
+
+    with BackgroundServer(env={}, module="mldeploy.loadtest.floor") as bare:
+        answer = httpx.post(bare.url + "/predict", content=b"{}")
+        assert (answer.status_code, answer.headers["retry-after"]) == (503, "1")
+        assert answer.content == OVERLOADED.partition(b"\r\n\r\n")[2]
+        assert 0 < bench._loop_us_per_answer(bare, "/predict", "{}", 1.0, rate=300) < 1e6

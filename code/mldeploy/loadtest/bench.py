@@ -29,6 +29,7 @@ from mldeploy.paths import artifacts_dir
 from mldeploy.runtime import make_session, median_seconds, run_session
 
 BODY = json.dumps({"features": [0.5, -0.3]})
+JOB = json.dumps({"items": [json.loads(BODY)]})  # /predict_batch with that one sample
 
 
 @dataclass(frozen=True)
@@ -196,7 +197,10 @@ def batching_rows(seconds: float) -> tuple[list[Row], dict]:
             measured["closed"] = _wrk(urls[True], 64, seconds / 2)
     wrk, _ = measured["open"]  # refuse as many a second as the open loop did
     refused = max(1000.0, wrk.codes.get(503, 0) / wrk.seconds)
-    measured["refusal_us"] = _loop_us_per_refusal(model, seconds / 2, rate=refused)
+    measured["refusal_us"], measured["refusal_alone_us"] = _loop_us_per_refusal(
+        model, seconds / 2, rate=refused
+    )
+    measured["floor_us"] = _floor_us_per_answer(seconds / 2, rate=refused)
     measured.update(at64=at64, at1=at1)
     speedup = _median_ratio(at64[True], at64[False])
     p99 = {k: _median(at64[k], "p99_ms") for k in (True, False)}
@@ -258,6 +262,15 @@ def batching_rows(seconds: float) -> tuple[list[Row], dict]:
     rows += _open_loop_rows(*measured["open"], capacity, _median(at1[True], "p99_ms"), seconds)
     rows.append(_cores_row("open loop at 2× capacity", measured["open_cores"]))
     rows.append(_loop_cost_row(measured, seconds))
+    rows.append(
+        Row(
+            "a refusal at the door, the same paced stream alone: loop CPU per refusal, the service"
+            " / a bare asyncio server writing the same canned 503 (the floor)",
+            f"{measured['refusal_alone_us']:.0f} µs / {measured['floor_us']:.0f} µs",
+            "",
+            None,
+        )
+    )
     rows += _flood_rows(*measured["flood"])
     return rows, measured
 
@@ -512,14 +525,16 @@ def _open_loop_rows(
     ]
 
 
-def _loop_us_per_refusal(model: str, seconds: float, rate: float, rounds: int = 4) -> float:
+def _loop_us_per_refusal(
+    model: str, seconds: float, rate: float, rounds: int = 4
+) -> tuple[float, float]:
     """Event-loop time per request refused at the door (µs), refused as in the open loop: arriving
     at a fixed ``rate`` while the loop is saturated. The admission slots of /predict_batch are held
     by requests whose bodies never finish, so every paced /predict_batch request is refused, while
     64 clients keep /predict saturated. The /predict throughput the refusals take, times the loop
-    time per request served, divided by the refusals a second (medians of paired rounds)."""
+    time per request served, divided by the refusals a second (medians of paired rounds).
+    Second: the loop's CPU per refusal of the same stream alone, nothing else running."""
     slow = {"MLDEPLOY_HEADER_TIMEOUT_S": "300", "MLDEPLOY_KEEP_ALIVE_S": "300"}
-    jobs = json.dumps({"items": [json.loads(BODY)]})
     runs: dict[bool, list[tuple[float, float, float]]] = {False: [], True: []}
     with _server(model, batching=True, **slow) as server:
         head = b"POST /predict_batch HTTP/1.1\r\nHost: x\r\nContent-Length: 99\r\n\r\n{"
@@ -532,14 +547,39 @@ def _loop_us_per_refusal(model: str, seconds: float, rate: float, rounds: int = 
             _wrk(server.url + "/predict", 64, 1.0)  # warm-up
             for _ in range(rounds):
                 for refusing in (False, True):
-                    runs[refusing].append(_beside_refusals(server, jobs, seconds, refusing, rate))
+                    runs[refusing].append(_beside_refusals(server, JOB, seconds, refusing, rate))
+            alone = _loop_us_per_answer(server, "/predict_batch", JOB, seconds, rate)
         finally:
             for sock in holders:
                 sock.close()
     served = {k: float(np.median([r[0] for r in v])) for k, v in runs.items()}
     loop_per_served = float(np.median([r[1] / r[0] for r in runs[False]]))
     refused = float(np.median([r[2] for r in runs[True]]))
-    return 1e6 * (served[False] - served[True]) * loop_per_served / refused
+    return 1e6 * (served[False] - served[True]) * loop_per_served / refused, alone
+
+
+def _loop_us_per_answer(
+    server: BackgroundServer, path: str, body: str, seconds: float, rate: float
+) -> float:
+    """The main thread's CPU per answer (µs) of a stream paced at ``rate`` over 256 connections,
+    every answer a 503, nothing else running (the median of three runs)."""
+    runs = []
+    for _ in range(3):
+        with loop_and_worker_cores(server.proc.pid) as cores:  # type: ignore[union-attr]
+            stream = loadgen.run_wrk(
+                server.url + path, connections=256, seconds=seconds, body=body, rate=rate
+            )
+        if set(stream.codes) != {503} or stream.errors or not cores:
+            raise RuntimeError(f"the paced stream was answered {stream.codes}, {stream.errors}")
+        runs.append(1e6 * cores["loop"] / (stream.codes[503] / stream.seconds))
+    return float(np.median(runs))
+
+
+def _floor_us_per_answer(seconds: float, rate: float) -> float:
+    """``_loop_us_per_answer`` of a bare asyncio server writing the same canned 503
+    (``loadtest.floor``): what reading a request and writing an answer costs any asyncio server."""
+    with BackgroundServer(env={}, module="mldeploy.loadtest.floor") as bare:
+        return _loop_us_per_answer(bare, "/predict_batch", JOB, seconds, rate)
 
 
 def _beside_refusals(
