@@ -11,6 +11,7 @@ import contextvars
 import http.server
 import json
 import logging
+import math
 import socket
 import sys
 import threading
@@ -95,12 +96,16 @@ class ConnectionGuard:
     headers and body must arrive within ``timeout_s`` of the connection opening or of the
     previous response; arriving bytes do not reset the clock. This is also the idle timeout of a
     keep-alive connection (give uvicorn none of its own: it never sees the requests refused at
-    the door). Serve ``wrap(app)`` with ``http=guard.protocol``: the protocol owns the timer, the
-    app side says when a request is in (disarm) and when its response is out (arm again).
+    the door). Serve ``wrap(app)`` with ``http=guard.protocol``: each connection holds its
+    deadline, the app side says when a request is in (disarm) and when its response is out (arm
+    again), and one watch, every ``WATCH_S``, closes the connections past theirs.
 
     With an ``admission``, a request that arrives whole in one read (the usual case) is admitted
     or refused at the door, before uvicorn parses it; any other request is admitted in ``wrap``,
     before the app reads its body."""
+
+    # how often the watch runs: a connection closes up to this long after its deadline
+    WATCH_S = 0.1
 
     def __init__(
         self,
@@ -113,9 +118,22 @@ class ConnectionGuard:
         self.metrics = metrics  # counts refused and timed-out connections, if given
         self.admission = admission
         self.open: set[Connection] = set()
+        self.watching = False
 
     def protocol(self, **uvicorn_args: Any) -> Connection:
+        if not self.watching:  # the first connection starts the watch, on the server's loop
+            self.watching = True
+            self.close_expired()
         return Connection(self, AutoHTTPProtocol(**uvicorn_args))
+
+    def close_expired(self) -> None:
+        """Close the connections past their deadline, and come back in ``WATCH_S``. One timer for
+        all connections: a deadline is a number each response sets, where a timer per connection
+        would be scheduled and cancelled on every request, each refusal at the door included."""
+        now = time.monotonic()
+        for conn in [conn for conn in self.open if conn.deadline < now]:
+            conn.too_slow()
+        asyncio.get_running_loop().call_later(self.WATCH_S, self.close_expired)
 
     def wrap(self, app: ASGIApp) -> ASGIApp:
         async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
@@ -160,12 +178,12 @@ class ConnectionGuard:
 
 
 class Connection(asyncio.Protocol):
-    """One client connection: uvicorn's protocol inside, a deadline timer around it."""
+    """One client connection: uvicorn's protocol inside, a deadline around it."""
 
     def __init__(self, guard: ConnectionGuard, inner: asyncio.Protocol):
         self.guard, self.inner = guard, inner
         self.transport: Any = None
-        self.timer: asyncio.TimerHandle | None = None
+        self.deadline = math.inf  # the guard's watch closes the connection once this has passed
         self.closed = self.refused = False
         # the door: while every read has been one whole request, and none is being served, a
         # request can be refused without uvicorn (whose answers would otherwise come out of order)
@@ -228,17 +246,13 @@ class Connection(asyncio.Protocol):
         self.inner.resume_writing()
 
     def arm(self) -> None:
-        self.disarm()
-        if not self.closed:
-            self.timer = asyncio.get_running_loop().call_later(self.guard.timeout_s, self._too_slow)
+        self.deadline = time.monotonic() + self.guard.timeout_s
 
     def disarm(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.deadline = math.inf
 
-    def _too_slow(self) -> None:
-        self.timer = None
+    def too_slow(self) -> None:
+        self.disarm()
         if not self.transport.is_closing():
             if self.guard.metrics is not None:
                 self.guard.metrics.connections_timed_out.inc()

@@ -111,7 +111,7 @@ def draining_server(app: ASGIApp) -> DrainingServer:
         lifespan="on",
         log_level="warning",
         access_log=False,
-        timeout_keep_alive=24 * 3600,  # the guard's timer closes idle connections (see there)
+        timeout_keep_alive=24 * 3600,  # the guard's watch closes idle connections (see there)
         timeout_graceful_shutdown=settings.shutdown_timeout_s,
         backlog=2048,
     )
