@@ -8,6 +8,7 @@ import asyncio
 import http.server
 import os
 import random
+import subprocess
 import sys
 import threading
 import time
@@ -166,3 +167,26 @@ def test_the_floor_server_answers_with_the_services_canned_503_and_its_cost_is_m
         assert (answer.status_code, answer.headers["retry-after"]) == (503, "1")
         assert answer.content == OVERLOADED.partition(b"\r\n\r\n")[2]
         assert 0 < bench._loop_us_per_answer(bare, "/predict", "{}", 1.0, rate=300) < 1e6
+
+
+def test_a_thread_that_always_wants_a_cpu_is_on_one_or_waiting_for_one():
+    """The wait for a CPU, read beside the CPU time: a spinning main thread is always runnable,
+    so the two add up to its whole time; sharing its one CPU with a spinning process, it waits
+    for it about half of that time."""
+    allowed = os.sched_getaffinity(0)
+    cpu_ = min(allowed)
+    hog = subprocess.Popen(
+        [sys.executable, "-c", "while True: pass"],
+        preexec_fn=lambda: os.sched_setaffinity(0, {cpu_}),
+    )
+    os.sched_setaffinity(0, {cpu_})  # this thread only
+    try:
+        time.sleep(0.3)
+        with loop_and_worker_cores(os.getpid()) as cores:
+            _spin(1.0)
+    finally:
+        os.sched_setaffinity(0, allowed)
+        hog.kill()
+        hog.wait()
+    assert 0.25 <= cores["loop_waiting"] <= 0.75, cores
+    assert 0.8 <= cores["loop"] + cores["loop_waiting"] <= 1.1, cores

@@ -276,10 +276,14 @@ def batching_rows(seconds: float) -> tuple[list[Row], dict]:
 
 
 def _cores_row(load: str, cores: dict[str, float]) -> Row:
-    """Which thread bounds the throughput: the one near a whole core."""
+    """Which thread bounds the throughput: the one near a whole core; and how long the event loop
+    waited for a CPU that other threads had (the load generators', the model's)."""
+    waiting = f"{cores['loop_waiting']:.2f}" if "loop_waiting" in cores else "n/a"
     return Row(
-        f"{load}: cores used by the event loop / the model thread",
-        f"{cores['loop']:.2f} / {cores['worker']:.2f}" if cores else "n/a (needs Linux /proc)",
+        f"{load}: cores used by the event loop / the model thread; the loop waiting for a CPU",
+        f"{cores['loop']:.2f} / {cores['worker']:.2f}; {waiting}"
+        if cores
+        else "n/a (needs Linux /proc)",
         "",
         None,
     )

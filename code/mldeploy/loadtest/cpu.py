@@ -27,13 +27,23 @@ def thread_cpu_seconds(pid: int) -> dict[int, float]:
     return used
 
 
+def waiting_seconds(pid: int) -> float | None:
+    """Seconds the main thread of process ``pid`` has spent runnable but waiting for a CPU (the
+    scheduler's run delay, ``/proc/PID/task/PID/schedstat``); None where Linux does not say."""
+    try:
+        return int(Path(f"/proc/{pid}/task/{pid}/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 @contextlib.contextmanager
 def loop_and_worker_cores(pid: int) -> Iterator[dict[str, float]]:
     """Cores used while the block runs by the main thread (``"loop"``) and by the busiest other
-    thread (``"worker"``) of process ``pid``; the dict is filled when the block ends, and stays
-    empty where threads cannot be read. A thread that ends inside the block is not counted
-    (``/proc`` forgets it)."""
-    before, start = thread_cpu_seconds(pid), time.perf_counter()
+    thread (``"worker"``) of process ``pid``, and the share of the time the main thread waited
+    for a CPU (``"loop_waiting"``: other threads had them); the dict is filled when the block
+    ends, and stays empty where threads cannot be read. A thread that ends inside the block is
+    not counted (``/proc`` forgets it)."""
+    before, waited, start = thread_cpu_seconds(pid), waiting_seconds(pid), time.perf_counter()
     cores: dict[str, float] = {}
     yield cores
     after, seconds = thread_cpu_seconds(pid), time.perf_counter() - start
@@ -42,3 +52,6 @@ def loop_and_worker_cores(pid: int) -> Iterator[dict[str, float]]:
     used = {tid: (t - before.get(tid, 0.0)) / seconds for tid, t in after.items()}
     cores["loop"] = used.pop(pid, 0.0)
     cores["worker"] = max(used.values(), default=0.0)
+    waited_after = waiting_seconds(pid)
+    if waited is not None and waited_after is not None:
+        cores["loop_waiting"] = (waited_after - waited) / seconds
