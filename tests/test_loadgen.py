@@ -171,15 +171,20 @@ def test_the_floor_server_answers_with_the_services_canned_503_and_its_cost_is_m
 
 def test_a_thread_that_always_wants_a_cpu_is_on_one_or_waiting_for_one():
     """The wait for a CPU, read beside the CPU time: a spinning main thread is always runnable,
-    so the two add up to its whole time; sharing its one CPU with a spinning process, it waits
-    for it about half of that time."""
+    so the two add up to its whole time. It shares its one CPU with a spinning process niced by
+    5, which the scheduler weighs about a third as much: it runs about three quarters of the
+    time and waits the rest (two readings that would not tell the wait from the run agree)."""
+    if cpu.waiting_seconds(os.getpid()) is None:
+        pytest.skip("this kernel does not report the run delay (/proc/PID/task/PID/schedstat)")
     allowed = os.sched_getaffinity(0)
-    cpu_ = min(allowed)
-    hog = subprocess.Popen(
-        [sys.executable, "-c", "while True: pass"],
-        preexec_fn=lambda: os.sched_setaffinity(0, {cpu_}),
-    )
-    os.sched_setaffinity(0, {cpu_})  # this thread only
+    one = min(allowed)
+
+    def pin_and_nice() -> None:
+        os.sched_setaffinity(0, {one})
+        os.nice(5)
+
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"], preexec_fn=pin_and_nice)
+    os.sched_setaffinity(0, {one})  # this thread only
     try:
         time.sleep(0.3)
         with loop_and_worker_cores(os.getpid()) as cores:
@@ -188,5 +193,5 @@ def test_a_thread_that_always_wants_a_cpu_is_on_one_or_waiting_for_one():
         os.sched_setaffinity(0, allowed)
         hog.kill()
         hog.wait()
-    assert 0.25 <= cores["loop_waiting"] <= 0.75, cores
+    assert 0.1 <= cores["loop_waiting"] <= 0.4, cores
     assert 0.8 <= cores["loop"] + cores["loop_waiting"] <= 1.1, cores
