@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import math
 import os
 import random
 import subprocess
@@ -173,7 +174,7 @@ def test_a_thread_that_always_wants_a_cpu_is_on_one_or_waiting_for_one():
     """The wait for a CPU, read beside the CPU time: a spinning main thread is always runnable,
     so the two add up to its whole time. It shares its one CPU with a spinning process niced by
     5, which the scheduler weighs about a third as much: it runs about three quarters of the
-    time and waits the rest (two readings that would not tell the wait from the run agree)."""
+    time and waits the rest (so a reading that took the run for the wait would fail)."""
     if cpu.waiting_seconds(os.getpid()) is None:
         pytest.skip("this kernel does not report the run delay (/proc/PID/task/PID/schedstat)")
     allowed = os.sched_getaffinity(0)
@@ -195,3 +196,14 @@ def test_a_thread_that_always_wants_a_cpu_is_on_one_or_waiting_for_one():
         hog.wait()
     assert 0.1 <= cores["loop_waiting"] <= 0.4, cores
     assert 0.8 <= cores["loop"] + cores["loop_waiting"] <= 1.1, cores
+
+
+@needs_wrk
+def test_without_proc_the_refusal_alone_is_nan_not_an_error(monkeypatch):
+    """macOS has no /proc: bench-serve's floor row then prints "n/a" instead of failing."""
+    from mldeploy.loadtest.background import BackgroundServer
+
+    with BackgroundServer(env={}, module="mldeploy.loadtest.floor") as bare:
+        missing = cpu.Path("/nonexistent/proc/task")
+        monkeypatch.setattr(cpu, "Path", lambda _: missing)
+        assert math.isnan(bench._loop_us_per_answer(bare, "/predict", "{}", 0.5, rate=200))
