@@ -9,6 +9,7 @@ import http.server
 import math
 import os
 import random
+import socket
 import subprocess
 import sys
 import threading
@@ -207,3 +208,24 @@ def test_without_proc_the_refusal_alone_is_nan_not_an_error(monkeypatch):
         missing = cpu.Path("/nonexistent/proc/task")
         monkeypatch.setattr(cpu, "Path", lambda _: missing)
         assert math.isnan(bench._loop_us_per_answer(bare, "/predict", "{}", 0.5, rate=200))
+
+
+def test_async_load_counts_refusals_as_failures_and_rounds_pool(refusing):
+    url, handler = refusing
+    handler.refusals = 3
+    body = {"features": [0.5, -0.3]}
+    runs = [asyncio.run(loadgen.async_load(url, [body] * 5, concurrency=2)) for _ in range(2)]
+    assert [(len(r.latencies), r.failures) for r in runs] == [(2, 3), (5, 0)]
+    pooled = loadgen.LoadResult.pooled(runs)
+    assert (len(pooled.latencies), pooled.failures) == (7, 3)
+    assert pooled.seconds == runs[0].seconds + runs[1].seconds
+    assert pooled.throughput == 7 / pooled.seconds
+
+
+def test_async_load_raises_when_it_cannot_connect_rather_than_waiting():
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    load = loadgen.async_load(url, [{"features": [0.5, -0.3]}], concurrency=3)
+    with pytest.raises(httpx.ConnectError):
+        asyncio.run(asyncio.wait_for(load, timeout=10))

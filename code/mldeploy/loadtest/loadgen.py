@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import random
@@ -248,6 +249,16 @@ class LoadResult:
     def percentile_ms(self, q: float) -> float:
         return float(np.percentile(self.latencies, q) * 1e3)
 
+    @classmethod
+    def pooled(cls, runs: list[LoadResult]) -> LoadResult:
+        """Several runs at one concurrency as one: every latency, the time of all of them."""
+        return cls(
+            runs[0].concurrency,
+            np.concatenate([r.latencies for r in runs]),
+            sum(r.seconds for r in runs),
+            sum(r.failures for r in runs),
+        )
+
 
 async def async_load(
     url: str, payloads: list[dict], *, concurrency: int, path: str = "/predict"
@@ -265,7 +276,10 @@ async def async_load(
         async with httpx.AsyncClient(
             base_url=url, timeout=30.0, limits=httpx.Limits(max_connections=1)
         ) as client:
-            await client.get("/health")  # connect before the clock starts
+            try:
+                await client.get("/health")  # connect before the clock starts
+            finally:
+                connected.release()  # connected, or failed: gather below raises its error
             await ready.wait()
             while queue:
                 payload = queue.pop()
@@ -276,13 +290,23 @@ async def async_load(
                 else:
                     failures += 1
 
-    ready = asyncio.Event()
+    connected, ready = asyncio.Semaphore(0), asyncio.Event()
     tasks = [asyncio.ensure_future(worker()) for _ in range(concurrency)]
-    await asyncio.sleep(0.2)
-    start = time.perf_counter()
-    ready.set()
-    await asyncio.gather(*tasks)
-    return LoadResult(concurrency, np.array(latencies), time.perf_counter() - start, failures)
+    for _ in tasks:
+        await connected.acquire()
+    # The client's garbage collector stops every worker at once (a full collection of a
+    # notebook kernel takes tens of ms, 5.2.7), and its pause would be measured as the server's.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        start = time.perf_counter()
+        ready.set()
+        await asyncio.gather(*tasks)
+        seconds = time.perf_counter() - start
+    finally:
+        if collecting:
+            gc.enable()
+    return LoadResult(concurrency, np.array(latencies), seconds, failures)
 
 
 async def post_with_retries(

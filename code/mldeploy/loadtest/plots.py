@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
 from mldeploy.loadtest.loadgen import LoadResult
 
@@ -22,10 +23,14 @@ def batching_figure(results: dict[tuple[bool, int], LoadResult], clients: int = 
         throughput = [results[batched, c].throughput for c in concurrency]
         rate.plot(concurrency, throughput, style + "o", label=label)
     cdf.set(xscale="log", xlabel="ms", ylabel="CDF")
+    cdf.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))  # 10, 20, 50: plain numbers
+    cdf.xaxis.set_major_formatter(ScalarFormatter())
+    cdf.xaxis.set_minor_formatter(NullFormatter())
     rate.set(xscale="log", xlabel="c", ylabel="req/s")
     rate.set_xticks(concurrency, [str(c) for c in concurrency])
     for ax in (cdf, rate):
         ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
+    # one legend for both panels, above them: inside, it would hide part of a curve
+    fig.legend(*rate.get_legend_handles_labels(), loc="upper center", ncol=2, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
     return fig
