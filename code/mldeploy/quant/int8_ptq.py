@@ -27,11 +27,12 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from mldeploy.quant import cache
 from mldeploy.runtime import quiet_logs, require_model
 
-# Weights in 7 bits (−64…63) instead of 8. ONNX Runtime multiplies u8 activations by s8 weights;
+# Weights in 7 bits (−64…64) instead of 8. ONNX Runtime multiplies u8 activations by s8 weights;
 # on CPUs without VNNI (AVX2 only) its kernel adds pairs of products in 16 bits, which saturate for
 # full-range weights, so the same file gave held-out perplexity 9.692 on a VNNI CPU and 9.704 on an
-# emulated AVX2 Haswell (KL to FP32 0.00012 vs 0.00068). With 7-bit weights no sum can saturate and
-# both CPUs compute identical results (``make second-machine``), at a small cost in accuracy.
+# emulated AVX2 Haswell (KL to FP32 0.00012 vs 0.00068; the README's Reproducibility section).
+# With 7-bit weights no sum can saturate, and both CPUs compute identical results (checked by
+# ``make second-machine``); the price is a coarser step for every weight.
 REDUCE_RANGE = True
 
 CALIBRATION_METHODS = {

@@ -97,7 +97,7 @@ def ptq_qat_table(runs: dict[str, list[float]], steps: int):
             ("方法", "method"),
             ("再训练", "retraining"),
             ("留出集困惑度", "held-out ppl"),
-            ("代价", "effort"),
+            ("量化本身的代价", "the quantization's own cost"),
         ],
         [
             ["PTQ (RTN)", fp32, s["PTQ RTN"], ("只做舍入，不需要数据", "rounding only, no data")],
