@@ -92,3 +92,19 @@ def test_cache_key_follows_config_and_training_code() -> None:
     assert training.cache_key(cfg, corpus, edited) != key
     assert training.cache_key(dataclasses.replace(cfg, steps=301), corpus) != key
     assert training.cache_key(cfg, ("train text!", "valid text")) != key
+
+
+def test_training_does_not_depend_on_the_callers_grad_mode() -> None:
+    """5.6d turns gradients off before ``train_or_load``; run first, it must still train."""
+    small = LlamaConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64, max_seq_len=32)
+    cfg = training.TrainConfig(model=small, steps=3, batch_size=2, seq_len=16, warmup=1)
+    ids = torch.arange(200, dtype=torch.int64) % small.vocab_size
+    losses, weights = [], []
+    for grad in (True, False):
+        torch.manual_seed(0)
+        net = Llama(small)
+        with torch.set_grad_enabled(grad):
+            losses.append(training.fit(net, ids, cfg))
+        weights.append(torch.cat([p.detach().flatten() for p in net.parameters()]))
+    assert losses[0] == losses[1]
+    assert torch.equal(weights[0], weights[1])

@@ -89,6 +89,7 @@ def batches(ids: torch.Tensor, cfg: TrainConfig, generator: torch.Generator) -> 
     return ids[starts[:, None] + torch.arange(cfg.seq_len + 1)]
 
 
+@torch.enable_grad()  # a caller that turned gradients off (an inference notebook) still trains
 def fit(net: Llama, ids: torch.Tensor, cfg: TrainConfig) -> float:
     """AdamW with linear warm-up and cosine decay; returns the mean loss of the last 20 steps."""
     generator = torch.Generator().manual_seed(cfg.seed)
