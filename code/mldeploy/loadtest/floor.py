@@ -1,4 +1,7 @@
-"""The floor under a refusal: a bare asyncio server that answers every read with the service's
+"""Bare asyncio servers that measure what the stack itself costs. ``TwoWrites`` answers in two
+writes, as uvicorn does: with and without ``TCP_NODELAY`` it shows the delayed-ACK wait (5.2.8).
+
+The floor under a refusal: a bare asyncio server that answers every read with the service's
 canned 503 (``hardening.OVERLOADED``), parsing nothing and counting nothing. What a request costs
 it is what any asyncio server on this machine pays to read a request and write an answer;
 ``make bench-serve`` sets it beside what a refusal at the service's door costs.
@@ -29,6 +32,25 @@ class Canned(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.transport.write(self.answer)  # type: ignore[attr-defined]
+
+
+class TwoWrites(asyncio.Protocol):
+    """Answers each request (a GET: no body) as uvicorn does, the head and the body in two writes;
+    with ``nodelay`` False, Nagle's algorithm holds the body until the client acknowledges the
+    head (5.2.8)."""
+
+    def __init__(self, nodelay: bool) -> None:
+        self.nodelay = nodelay
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        sock = transport.get_extra_info("socket")
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, int(self.nodelay))
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        for _ in range(data.count(b"\r\n\r\n")):  # one answer per request
+            self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
+            self.transport.write(b"{}")
 
 
 async def serve(api: socket.socket, admin: socket.socket) -> None:

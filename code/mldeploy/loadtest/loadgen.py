@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -503,6 +504,35 @@ async def drain_under_load(
     return out
 
 
+def _median_ms(call: Callable[[], object], n: int) -> float:
+    """The median time (ms) of ``n`` calls, after one that is not counted (it opens the
+    connection)."""
+    call()
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        call()
+        times.append(1e3 * (time.perf_counter() - start))
+    return float(np.median(times))
+
+
+def get_median_ms(url: str, n: int = 20) -> float:
+    """The median time (ms) of ``GET url`` over one keep-alive ``http.client`` connection."""
+    import http.client
+
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+
+    def get() -> None:
+        conn.request("GET", parts.path or "/")
+        conn.getresponse().read()
+
+    try:
+        return _median_ms(get, n)
+    finally:
+        conn.close()
+
+
 def keepalive_medians(url: str, body: str, n: int = 50) -> dict[str, float]:
     """Median ``POST url`` time (ms) of ``n`` requests for curl, httpx, requests and http.client,
     each reusing one connection (the first request, which opens it, is not counted)."""
@@ -513,21 +543,14 @@ def keepalive_medians(url: str, body: str, n: int = 50) -> dict[str, float]:
 
     headers = {"Content-Type": "application/json"}
 
-    def timed(call: object) -> float:
-        call()  # type: ignore[operator]
-        times = []
-        for _ in range(n):
-            start = time.perf_counter()
-            call()  # type: ignore[operator]
-            times.append(1e3 * (time.perf_counter() - start))
-        return statistics.median(times)
-
     medians = {}
     with httpx.Client(headers=headers) as client:
-        medians["httpx.Client"] = timed(lambda: client.post(url, content=body).raise_for_status())
+        medians["httpx.Client"] = _median_ms(
+            lambda: client.post(url, content=body).raise_for_status(), n
+        )
     with requests.Session() as session:
-        medians["requests.Session"] = timed(
-            lambda: session.post(url, data=body, headers=headers).raise_for_status()
+        medians["requests.Session"] = _median_ms(
+            lambda: session.post(url, data=body, headers=headers).raise_for_status(), n
         )
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
@@ -536,7 +559,7 @@ def keepalive_medians(url: str, body: str, n: int = 50) -> dict[str, float]:
         conn.request("POST", parts.path, body=body, headers=headers)
         conn.getresponse().read()
 
-    medians["http.client"] = timed(plain)
+    medians["http.client"] = _median_ms(plain, n)
     conn.close()
     if shutil.which("curl"):  # one invocation, n + 1 URLs: curl reuses its connection
         args = ["curl", "-s"]

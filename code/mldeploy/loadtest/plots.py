@@ -13,8 +13,8 @@ def batching_figure(results: dict[tuple[bool, int], LoadResult], clients: int = 
     """Left: the latency CDF at ``clients`` concurrent clients; right: throughput against the
     number of clients. ``results`` maps (batched, clients) to a load test's result. Axes carry
     units and symbols only: the caption says what they measure, in both languages."""
-    # 85 dpi: the PNG is the largest part of 5.2's page, which must stay under 1 MB
-    fig, (cdf, rate) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=85)
+    # 75 dpi: the PNG is the largest part of 5.2's page, which must stay under 1 MB
+    fig, (cdf, rate) = plt.subplots(1, 2, figsize=(8.4, 3.2), dpi=75)
     concurrency = sorted({c for _, c in results})
     for batched, style in ((True, "-"), (False, "--")):
         label = f"MLDEPLOY_BATCHING={int(batched)}"
