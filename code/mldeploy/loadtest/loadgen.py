@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import http.client
 import json
 import os
 import random
@@ -516,19 +517,19 @@ def _median_ms(call: Callable[[], object], n: int) -> float:
     return float(np.median(times))
 
 
-def get_median_ms(url: str, n: int = 20) -> float:
-    """The median time (ms) of ``GET url`` over one keep-alive ``http.client`` connection."""
-    import http.client
-
+def keepalive_median_ms(
+    url: str, n: int = 20, method: str = "GET", body: str | None = None, headers: dict | None = None
+) -> float:
+    """The median time (ms) of ``n`` requests over one keep-alive ``http.client`` connection."""
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
 
-    def get() -> None:
-        conn.request("GET", parts.path or "/")
+    def request() -> None:
+        conn.request(method, parts.path or "/", body=body, headers=headers or {})
         conn.getresponse().read()
 
     try:
-        return _median_ms(get, n)
+        return _median_ms(request, n)
     finally:
         conn.close()
 
@@ -536,7 +537,6 @@ def get_median_ms(url: str, n: int = 20) -> float:
 def keepalive_medians(url: str, body: str, n: int = 50) -> dict[str, float]:
     """Median ``POST url`` time (ms) of ``n`` requests for curl, httpx, requests and http.client,
     each reusing one connection (the first request, which opens it, is not counted)."""
-    import http.client
     import statistics
 
     import requests
@@ -552,15 +552,7 @@ def keepalive_medians(url: str, body: str, n: int = 50) -> dict[str, float]:
         medians["requests.Session"] = _median_ms(
             lambda: session.post(url, data=body, headers=headers).raise_for_status(), n
         )
-    parts = urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
-
-    def plain() -> None:
-        conn.request("POST", parts.path, body=body, headers=headers)
-        conn.getresponse().read()
-
-    medians["http.client"] = _median_ms(plain, n)
-    conn.close()
+    medians["http.client"] = keepalive_median_ms(url, n, "POST", body, headers)
     if shutil.which("curl"):  # one invocation, n + 1 URLs: curl reuses its connection
         args = ["curl", "-s"]
         for _ in range(n + 1):
