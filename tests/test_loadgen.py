@@ -199,6 +199,50 @@ def test_a_thread_that_always_wants_a_cpu_is_on_one_or_waiting_for_one():
     assert 0.8 <= cores["loop"] + cores["loop_waiting"] <= 1.1, cores
 
 
+def test_separate_cores_gives_the_server_and_the_load_cpus_of_their_own():
+    """bench-serve's open loop on cores of its own: every thread of the server on one half of the
+    CPUs, this process and the load generators it starts on the other; all as before after."""
+    allowed = os.sched_getaffinity(0)
+    if len(allowed) < 2:
+        pytest.skip("needs 2 CPUs")
+    code = "import threading, time; threading.Thread(target=time.sleep, args=(60,)).start(); "
+    server = subprocess.Popen([sys.executable, "-c", code + "time.sleep(60)"])
+
+    def threads() -> list[int]:
+        return [int(t) for t in os.listdir(f"/proc/{server.pid}/task")]
+
+    try:
+        deadline = time.monotonic() + 10
+        while len(threads()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with cpu.separate_cores(server.pid) as split:
+            assert split is not None
+            server_cpus, load_cpus = split
+            assert server_cpus and load_cpus and not server_cpus & load_cpus
+            assert server_cpus | load_cpus == allowed
+            assert [os.sched_getaffinity(t) for t in threads()] == [server_cpus] * 2
+            assert os.sched_getaffinity(0) == load_cpus
+            show = "import os; print(sorted(os.sched_getaffinity(0)))"
+            child = subprocess.run([sys.executable, "-c", show], capture_output=True, text=True)
+            assert child.stdout.strip() == str(sorted(load_cpus))  # as wrk inherits it
+        assert os.sched_getaffinity(0) == allowed
+        assert [os.sched_getaffinity(t) for t in threads()] == [allowed] * 2
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_on_one_cpu_separate_cores_changes_nothing_and_the_rows_say_why(monkeypatch):
+    before = os.sched_getaffinity(0)
+    monkeypatch.setattr(cpu.os, "sched_getaffinity", lambda pid: {0})
+    with cpu.separate_cores(os.getpid()) as split:
+        assert split is None
+    monkeypatch.undo()
+    assert os.sched_getaffinity(0) == before
+    rows = bench._own_cores_rows({"own_cores": None}, 5.0)
+    assert [(r.measured, r.met) for r in rows] == [("n/a (needs 2 CPUs)", None)]
+
+
 @needs_wrk
 def test_without_proc_the_refusal_alone_is_nan_not_an_error(monkeypatch):
     """macOS has no /proc: bench-serve's floor row then prints "n/a" instead of failing."""

@@ -1,4 +1,5 @@
-"""Which thread of a server is busy: CPU time per thread, read from Linux's ``/proc``.
+"""Which thread of a server is busy: CPU time per thread, read from Linux's ``/proc``; and the
+server and its load generators on separate cores (``separate_cores``).
 
 The service runs its event loop on the main thread and the model in one worker thread; under
 load, the one near a whole core is the one that bounds the throughput."""
@@ -55,3 +56,31 @@ def loop_and_worker_cores(pid: int) -> Iterator[dict[str, float]]:
     waited_after = waiting_seconds(pid)
     if waited is not None and waited_after is not None:
         cores["loop_waiting"] = (waited_after - waited) / seconds
+
+
+@contextlib.contextmanager
+def separate_cores(pid: int) -> Iterator[tuple[set[int], set[int]] | None]:
+    """Run the block with every thread of process ``pid`` (the server) on the first half of this
+    process's CPUs, and this process, with the load generators it starts, on the other half: as if
+    the load came from another machine. Yields the two sets of CPUs, or None where that cannot
+    be done (fewer than two CPUs, or no CPU affinity: macOS); the affinities are restored after."""
+    mine = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_setaffinity") else []
+    tasks = Path(f"/proc/{pid}/task")
+    if len(mine) < 2 or not tasks.is_dir():
+        yield None
+        return
+    server, load = set(mine[: len(mine) // 2]), set(mine[len(mine) // 2 :])
+    everywhere = os.sched_getaffinity(pid)
+    _pin_threads(tasks, server)
+    os.sched_setaffinity(0, load)
+    try:
+        yield server, load
+    finally:
+        os.sched_setaffinity(0, set(mine))
+        _pin_threads(tasks, everywhere)  # threads started inside the block too
+
+
+def _pin_threads(tasks: Path, cpus: set[int]) -> None:
+    for task in tasks.iterdir():
+        with contextlib.suppress(OSError):  # a thread may end while we pin it
+            os.sched_setaffinity(int(task.name), cpus)
