@@ -238,6 +238,16 @@ def test_audit_counts_numbers_a_tolerance_lets_move_more_than_5_percent(tmp_path
     assert audit([path], 0.05) == {"x.ipynb": (4, 1)}  # unmasked: "3" is compared too
 
 
+def test_audit_reads_the_real_sanitizer_as_nbval_does():
+    """The audit CONTRIBUTING.md documents, on the suite's own sanitize.cfg: its rules are read as
+    nbval reads them (a regex may start with a space), so a right-aligned rate is masked alike."""
+    from mldeploy.book.nbval_tolerance import sanitizer
+
+    sanitize = sanitizer(REPO_ROOT / "tests" / "sanitize.cfg")
+    assert sanitize("rate:   812.5 tokens/s") == sanitize("rate:  1812.5 tokens/s")
+    assert sanitize("in 3.2 s, 40 ms") == "in <N> s, <N> ms"
+
+
 def test_the_sanitizer_masks_a_right_aligned_rate_whatever_its_digits():
     from nbval.plugin import get_sanitize_patterns
 

@@ -216,12 +216,11 @@ def install(log: DriftLog) -> None:
 
 
 def sanitizer(cfg: Path) -> Any:
-    """The text nbval compares: the regexes of ``cfg`` applied in order, as nbval does."""
-    import configparser
+    """The text nbval compares: the regexes of ``cfg`` applied in order, as nbval does. Read with
+    nbval's own parser: configparser would strip a regex's leading space."""
+    from nbval.plugin import get_sanitize_patterns
 
-    parser = configparser.ConfigParser()
-    parser.read(cfg)
-    rules = [(re.compile(parser[s]["regex"]), parser[s]["replace"]) for s in parser.sections()]
+    rules = [(re.compile(r), s) for r, s in get_sanitize_patterns(cfg.read_text(encoding="utf-8"))]
 
     def sanitize(text: str) -> str:
         for pattern, replacement in rules:
