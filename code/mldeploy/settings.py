@@ -45,7 +45,7 @@ class ServiceSettings(PathSettings):
     host: str = "127.0.0.1"
     port: Port = 8000
     admin_port: Port = 8081  # /health, /ready, /metrics on their own thread
-    loop: Literal["asyncio", "uvloop"] = "asyncio"  # uvloop starved new connections in 5.2
+    loop: Literal["asyncio", "uvloop"] = "asyncio"  # under load uvloop starves new connections
     # garbage collection (5.2.7): start-up objects out of the collector's sight, and a young
     # collection every gc_threshold net new objects (Python's default: 700)
     gc_freeze: bool = True

@@ -60,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl+C after its graceful stop
         started = True
     # a model call that never returns must not keep the process alive past its shutdown bound
-    stuck = [t for t in threading.enumerate() if t.name.startswith("model") and t.is_alive()]
+    from mldeploy.serving.service import MODEL_THREAD
+
+    stuck = [t for t in threading.enumerate() if t.name.startswith(MODEL_THREAD) and t.is_alive()]
     for thread in stuck:
         thread.join(timeout=2)
     if any(t.is_alive() for t in stuck):

@@ -14,6 +14,8 @@ from mldeploy.serving.predictors import Predictor
 from mldeploy.serving.schemas import N_FEATURES
 from mldeploy.settings import ServiceSettings
 
+MODEL_THREAD = "model"  # name prefix of the model thread (``__main__`` waits for it at exit)
+
 
 class Service:
     """The model's life (load, check, warm up, serve, stop) and the answers of the probes."""
@@ -38,7 +40,7 @@ class Service:
     def load(self) -> None:
         """Load the model in the model thread, check it against the API and warm it up."""
         # one model thread: ONNX Runtime releases the GIL, so the event loop keeps serving
-        self.executor = self.executor or ThreadPoolExecutor(1, thread_name_prefix="model")
+        self.executor = self.executor or ThreadPoolExecutor(1, thread_name_prefix=MODEL_THREAD)
         try:
             self.predictor = self.executor.submit(self._load_and_check).result()
         except Exception as exc:
