@@ -102,6 +102,7 @@ def run_demo(
 
     with _step(3, "Exporting models"):
         paths = export.export_all(model, torch.from_numpy(split.x_train[:8]), out_dir)
+        print(f"{PAD}into {_shown(out_dir)}/")
         for name, path in paths.items():
             print(f"{PAD}{name:<28} -> {path.name}")
 
@@ -256,6 +257,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"  Total time: {time.perf_counter() - start:.1f} s")
     return 0
+
+
+def _shown(folder: Path) -> str:
+    """``folder`` as a reader finds it: relative to the repository when inside it."""
+    from mldeploy.paths import REPO_ROOT
+
+    folder = Path(folder).resolve()
+    return str(folder.relative_to(REPO_ROOT) if folder.is_relative_to(REPO_ROOT) else folder)
 
 
 def run_script(out_dir: Path, *args: str, timeout: float = 300) -> str | None:
