@@ -232,6 +232,30 @@ def test_separate_cores_gives_the_server_and_the_load_cpus_of_their_own():
         server.wait()
 
 
+def test_where_the_server_cannot_be_pinned_separate_cores_says_so(monkeypatch):
+    """A system that refuses to pin another process: no rows claim separate cores."""
+    allowed = os.sched_getaffinity(0)
+    if len(allowed) < 2:
+        pytest.skip("needs 2 CPUs")
+    real = os.sched_setaffinity
+
+    def refuse_others(pid: int, cpus: set[int]) -> None:
+        if pid != 0:
+            raise PermissionError("not allowed")
+        real(pid, cpus)
+
+    server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        monkeypatch.setattr(cpu.os, "sched_setaffinity", refuse_others)
+        with cpu.separate_cores(server.pid) as split:
+            assert split is None
+            assert os.sched_getaffinity(0) == allowed
+    finally:
+        monkeypatch.undo()
+        server.kill()
+        server.wait()
+
+
 def test_on_one_cpu_separate_cores_changes_nothing_and_the_rows_say_why(monkeypatch):
     before = os.sched_getaffinity(0)
     monkeypatch.setattr(cpu.os, "sched_getaffinity", lambda pid: {0})
@@ -240,7 +264,9 @@ def test_on_one_cpu_separate_cores_changes_nothing_and_the_rows_say_why(monkeypa
     monkeypatch.undo()
     assert os.sched_getaffinity(0) == before
     rows = bench._own_cores_rows({"own_cores": None}, 5.0)
-    assert [(r.measured, r.met) for r in rows] == [("n/a (needs 2 CPUs)", None)]
+    assert [(r.measured, r.met) for r in rows] == [
+        ("n/a (the server could not be pinned: needs 2 CPUs and CPU affinity)", None)
+    ]
 
 
 @needs_wrk

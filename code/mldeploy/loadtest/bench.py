@@ -565,7 +565,14 @@ def _own_cores_rows(measured: dict, seconds: float) -> list[Row]:
     without the load generators taking its CPU (they send twice as much as at capacity)."""
     cpus = measured["own_cores"]
     if cpus is None:
-        return [Row("open loop, server on cores of its own", "n/a (needs 2 CPUs)", "", None)]
+        return [
+            Row(
+                "open loop, server on cores of its own",
+                "n/a (the server could not be pinned: needs 2 CPUs and CPU affinity)",
+                "",
+                None,
+            )
+        ]
     own = measured["own"]
     where = f"server on {len(cpus[0])} core(s) of its own, load on {len(cpus[1])}"
     rows = [

@@ -63,7 +63,8 @@ def separate_cores(pid: int) -> Iterator[tuple[set[int], set[int]] | None]:
     """Run the block with every thread of process ``pid`` (the server) on the first half of this
     process's CPUs, and this process, with the load generators it starts, on the other half: as if
     the load came from another machine. Yields the two sets of CPUs, or None where that cannot
-    be done (fewer than two CPUs, or no CPU affinity: macOS); the affinities are restored after."""
+    be done (fewer than two CPUs, no CPU affinity as on macOS, or the system refuses to pin the
+    server); the affinities are restored after."""
     mine = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_setaffinity") else []
     tasks = Path(f"/proc/{pid}/task")
     if len(mine) < 2 or not tasks.is_dir():
@@ -72,9 +73,11 @@ def separate_cores(pid: int) -> Iterator[tuple[set[int], set[int]] | None]:
     server, load = set(mine[: len(mine) // 2]), set(mine[len(mine) // 2 :])
     everywhere = os.sched_getaffinity(pid)
     _pin_threads(tasks, server)
-    os.sched_setaffinity(0, load)
+    pinned = os.sched_getaffinity(pid) == server  # not, where the system refuses: say so
+    if pinned:
+        os.sched_setaffinity(0, load)
     try:
-        yield server, load
+        yield (server, load) if pinned else None
     finally:
         os.sched_setaffinity(0, set(mine))
         _pin_threads(tasks, everywhere)  # threads started inside the block too
