@@ -23,7 +23,7 @@ import torch
 from mldeploy import data, export, models, reproducibility, runtime, serving, training
 from mldeploy.cli import positive_int
 from mldeploy.export import sizes
-from mldeploy.paths import artifacts_dir
+from mldeploy.paths import REPO_ROOT, artifacts_dir
 from mldeploy.quant import int8_ptq
 from mldeploy.settings import SettingsError
 
@@ -261,8 +261,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _shown(folder: Path) -> str:
     """``folder`` as a reader finds it: relative to the repository when inside it."""
-    from mldeploy.paths import REPO_ROOT
-
     folder = Path(folder).resolve()
     return str(folder.relative_to(REPO_ROOT) if folder.is_relative_to(REPO_ROOT) else folder)
 
@@ -271,7 +269,6 @@ def run_script(out_dir: Path, *args: str, timeout: float = 300) -> str | None:
     """Run ``code/serve_model.py`` in a child process, as a reader would from a shell; return its
     output, or print one sentence and return ``None`` when it fails or runs out of time."""
     from mldeploy import timeouts
-    from mldeploy.paths import REPO_ROOT
 
     limit = timeouts.scaled(timeout)
     command = [sys.executable, str(REPO_ROOT / "code" / "serve_model.py"), "--out", str(out_dir)]
